@@ -1,0 +1,1 @@
+"""InsightFace iResNet family (being written)."""

@@ -1,0 +1,64 @@
+"""Collectives that carry autograd.
+
+Owns the differentiable all-gather used by Partial FC and by the metric losses that need
+negatives from every rank. Gradient convention (pinned by tests): the backward of
+:func:`all_gather_with_grad` *sums* the gradients that every rank computed for a given
+slice (a reduce-scatter), so a loss that is identical on every rank yields, on each rank,
+``world_size`` × the gradient of that loss. Callers that compute one *global* loss replicated
+on all ranks must therefore divide by ``world_size`` when DDP averages backbone gradients;
+see :class:`dist_train.partial_fc.PartialFC` for how it keeps DDP's averaging exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.sizes = [None] * world
+        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+        ctx.sizes = [int(s.item()) for s in sizes]  # CPU-GPU sync point: ragged batches
+        max_n = max(ctx.sizes)
+        padded = tensor.new_zeros((max_n, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, ctx.sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        # Sum over ranks of each rank's gradient w.r.t. the full gathered tensor, then keep
+        # our own slice: an all-reduce followed by a slice equals a reduce-scatter and works
+        # with ragged sizes on gloo, which lacks reduce_scatter.
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's ``tensor`` along dim 0, differentiable.
+
+    Args:
+        tensor: ``[N_local, ...]``; N_local may differ between ranks.
+
+    Returns:
+        ``[sum of N_local, ...]`` in rank order. Identity at world size 1.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _AllGather.apply(tensor)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Like :func:`all_gather_with_grad` for tensors that need no gradient (labels)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    with torch.no_grad():
+        return _AllGather.apply(tensor.detach())

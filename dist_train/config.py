@@ -1,0 +1,421 @@
+"""Typed configuration: one dataclass per component, nested in :class:`TrainConfig`.
+
+Owns: the schema and defaults, loading YAML, ``--set a.b=c`` overrides, type conversion by the
+declared type (PyYAML reads ``1e-3`` as a string), validation in ``__post_init__``, and writing
+the resolved config. Precedence: command line > YAML > defaults. An unknown key raises naming
+its dotted path and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the dotted path."""
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{path}={value!r} is not one of {list(choices)}{hint}")
+
+
+@dataclass
+class DataConfig:
+    """Training data and its on-the-fly augmentation."""
+
+    root: str = "data/synthetic"
+    """Dataset directory: train.rec/train.idx (InsightFace layout) or an identity/*.jpg folder."""
+    format: str = "auto"
+    """"auto", "recordio", "folder" or "list" (a `path,label` file given as root)."""
+    num_classes: int = 0
+    """Number of identities; 0 derives it from the data (a non-zero value must agree)."""
+    num_images: int = 0
+    """Number of training images; 0 derives it from the data (a non-zero value must agree)."""
+    image_size: int = 112
+    """Side of the square network input in pixels."""
+    batch_size: int = 128
+    """Images per rank per micro-step (B_local)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    sampler: str = "shuffle"
+    """"shuffle", "identity_cap", "identity_ratio" or "m_per_class"."""
+    max_images_per_identity: int = 200
+    """identity_cap sampler: at most this many images of each identity per epoch."""
+    identity_ratio: float = 1.0
+    """identity_ratio sampler: fraction of each identity's images that is used."""
+    m_per_class: int = 2
+    """m_per_class sampler: images of each class in a batch."""
+    hflip: bool = True
+    """Random horizontal flip with probability 0.5."""
+    random_resized_crop: bool = False
+    """Random crop of an area fraction in [crop_area_min, 1] then resize to image_size."""
+    crop_area_min: float = 0.8
+    """Lower bound of the random crop's area fraction."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation factors uniform in [1 - j, 1 + j] (0 disables)."""
+    center_crop: int = 0
+    """Center crop to this side before resizing (0 disables)."""
+    low_light: bool = False
+    """Apply the low-light transform x <- uint8(clip(sqrt(x) * 2))."""
+    mean: float = 0.5
+    """Normalisation mean (on [0, 1] pixels), applied on the device."""
+    std: float = 0.5
+    """Normalisation std (on [0, 1] pixels), applied on the device."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, ("auto", "recordio", "folder", "list"))
+        _check_choice(
+            "data.sampler",
+            self.sampler,
+            ("shuffle", "identity_cap", "identity_ratio", "m_per_class"),
+        )
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.identity_ratio <= 1.0:
+            raise ConfigError(f"data.identity_ratio must be in (0, 1], got {self.identity_ratio}")
+        if not 0.0 < self.crop_area_min <= 1.0:
+            raise ConfigError(f"data.crop_area_min must be in (0, 1], got {self.crop_area_min}")
+        if self.std <= 0:
+            raise ConfigError(f"data.std must be > 0, got {self.std}")
+
+
+@dataclass
+class BackboneConfig:
+    """The network image -> embedding."""
+
+    name: str = "iresnet50"
+    """Registered backbone name (see `python launch/model_info.py --list`)."""
+    embedding_size: int = 512
+    """Embedding dimension D."""
+    checkpointing: str = "none"
+    """Gradient checkpointing granularity: "none", "stage" or "block"."""
+    channels_last: bool = False
+    """Use the channels_last memory format."""
+    dropout: float = 0.0
+    """Dropout before the embedding layer."""
+    init_weights: str = ""
+    """Initialise from a file: a training checkpoint, exported weights or a state dict."""
+    freeze_stages: int = 0
+    """Number of leading stages (stem counts as stage 0) whose parameters are frozen."""
+    params: dict = field(default_factory=dict)
+    """Extra keyword arguments for the backbone builder."""
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone.checkpointing", self.checkpointing, ("none", "stage", "block"))
+
+
+@dataclass
+class HeadConfig:
+    """The loss: a margin head used inside Partial FC, or a metric loss on the global batch."""
+
+    name: str = "arcface"
+    """Registered head name (heads.names())."""
+    params: dict = field(default_factory=dict)
+    """Keyword arguments for the head builder, e.g. {s: 64.0, m: 0.5}."""
+
+
+@dataclass
+class PartialFCConfig:
+    """The sharded classifier."""
+
+    sample_rate: float = 1.0
+    """Fraction of each rank's classes kept per step (all positives always kept)."""
+    update: str = "sparse"
+    """"sparse": only sampled rows change; "dense": partial_fc_v2 semantics."""
+    weight_dtype: str = "float32"
+    """Storage dtype of the weight shard: "float32", "bfloat16" or "float16"."""
+    lr_scale: float = 1.0
+    """Learning rate of the classifier relative to optim.lr."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {self.sample_rate}")
+        _check_choice("partial_fc.update", self.update, ("sparse", "dense"))
+        _check_choice(
+            "partial_fc.weight_dtype", self.weight_dtype, ("float32", "bfloat16", "float16")
+        )
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer of the backbone and the classifier."""
+
+    name: str = "sgd"
+    """"sgd", "adam" or "adamw"."""
+    lr: float = 0.1
+    """Peak learning rate (after warm-up), for the global batch."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    weight_decay: float = 5e-4
+    """Weight decay (decoupled for AdamW)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW betas."""
+    eps: float = 1e-8
+    """Adam/AdamW epsilon."""
+    no_decay_norm_bias: bool = False
+    """Exclude normalisation parameters and biases from weight decay."""
+    grad_clip_norm: float = 0.0
+    """Clip the backbone's gradient norm to this value (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, stepped every optimizer step."""
+
+    name: str = "poly"
+    """"poly" (warm-up then polynomial decay), "cosine_restarts", "step" or "constant"."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (fractions allowed)."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimizer steps (overrides warmup_epochs when > 0)."""
+    power: float = 2.0
+    """poly: exponent of the decay (1 - t)^power."""
+    cycle_epochs: float = 10.0
+    """cosine_restarts: cycle length in epochs."""
+    min_lr: float = 0.0
+    """cosine_restarts/poly: floor of the learning rate."""
+    milestones_epochs: list = field(default_factory=list)
+    """step: epochs at which the learning rate is multiplied by gamma."""
+    gamma: float = 0.1
+    """step: decay factor."""
+
+    def __post_init__(self) -> None:
+        _check_choice("scheduler.name", self.name, ("poly", "cosine_restarts", "step", "constant"))
+
+
+@dataclass
+class EvalConfig:
+    """Verification during and after training."""
+
+    targets: list = field(default_factory=list)
+    """Verification sets: .bin files and/or labelled pair-list CSVs."""
+    every_steps: int = 0
+    """Evaluate every N optimizer steps (0: only at the end and, if every_epoch, per epoch)."""
+    every_epoch: bool = False
+    """Evaluate at the end of every epoch."""
+    batch_size: int = 128
+    """Images per forward pass during evaluation."""
+    flip: bool = True
+    """Flip test-time augmentation (embedding of image + embedding of its mirror)."""
+    low_light: bool = False
+    """Also apply the low-light transform to the evaluation images."""
+    best_metric: str = ""
+    """Keep a best checkpoint by this metric, e.g. "val/eer" (lower is better) or "lfw/accuracy"."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Training-state checkpoints."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps (0 disables step checkpoints)."""
+    at_epoch_end: bool = True
+    """Save at the end of every epoch."""
+    keep_last: int = 3
+    """Number of step/epoch checkpoints kept (older ones are deleted)."""
+    resume: str = ""
+    """"" (fresh run), "auto" (newest valid checkpoint in the run directory) or a file path."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, logs, TensorBoard events, checkpoints, weights."""
+    seed: int = 0
+    """Seed of every random number generator."""
+    num_epochs: float = 1.0
+    """Training length in epochs (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: derived from num_epochs)."""
+    amp: str = "none"
+    """Mixed precision: "none", "bf16" or "fp16" (fp16 uses a GradScaler)."""
+    grad_accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step (the loss is scaled by 1/k)."""
+    log_every_steps: int = 10
+    """Console/TensorBoard log line every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tensorboard."""
+    deterministic: bool = False
+    """Deterministic algorithms (slower; for exact-resume tests)."""
+    max_skipped_steps: int = 10
+    """Stop the run after this many consecutive non-finite steps."""
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("amp", self.amp, ("none", "bf16", "fp16"))
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.num_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("one of num_epochs or max_steps must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts
+
+
+def _convert(path: str, value: Any, tp: Any) -> Any:
+    """``value`` converted to the declared type ``tp``; a value that does not fit raises."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(path, value, args[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=path + ".")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+        if tp is list or origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if value else []
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+        if tp is dict or origin is dict:
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{path}={value!r} is not a valid {name}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instance of dataclass ``cls`` from a nested dict, checking keys and converting types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _convert(prefix + key, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", c)`` with ``c`` parsed as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file, then ``--set`` overrides, validated.
+
+    Args:
+        path: YAML file (``None`` for the defaults).
+        overrides: ``["section.key=value", ...]``.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return from_dict(TrainConfig, data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML (loadable by :func:`load_config`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: RecordIO, datasets, samplers, transforms, synthetic data (being written)."""

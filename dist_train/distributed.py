@@ -1,0 +1,191 @@
+"""Distributed bootstrap and rank bookkeeping.
+
+Owns: reading the launcher's environment (torchrun, SLURM ``srun``, or nothing), creating the
+process group (NCCL on CUDA, gloo on CPU), choosing this rank's device, and pure shard
+arithmetic. Every helper is a no-op at world size 1, so single-process code needs no branches.
+Collectives that carry autograd live in :mod:`dist_train.collectives`, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0 (the rank that logs and writes files)."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous class range ``[start, stop)`` held by ``rank``.
+
+    Rank r holds ``num_classes // world_size + (r < num_classes % world_size)`` classes, the
+    first ``num_classes % world_size`` ranks one more than the others.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as ``gpu[03-05,07],cpu1`` → ``gpu03``."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def env_world_info(environ: dict[str, str] | None = None) -> tuple[int, int, int, str, str]:
+    """(rank, local_rank, world_size, master_addr, master_port) from the launcher's variables.
+
+    torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` win; otherwise SLURM's ``SLURM_PROCID``/
+    ``SLURM_LOCALID``/``SLURM_NTASKS`` with the first host of ``SLURM_JOB_NODELIST`` as master
+    (for jobs started by ``srun`` directly, one task per GPU); otherwise a single process.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        return rank, local, world, env.get("MASTER_ADDR", "127.0.0.1"), env.get(
+            "MASTER_PORT", "29500"
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", "0"))
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(
+            env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        )
+        # A port derived from the job id keeps two jobs on one node apart.
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return rank, local, world, addr, port
+    return 0, 0, 1, "127.0.0.1", "29500"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Creates the process group (when there is more than one process) and picks the device.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; by default NCCL when CUDA is available, else gloo.
+        timeout_s: collective timeout.
+
+    Returns:
+        This process's :class:`DistInfo`; its device is ``cuda:LOCAL_RANK`` when CUDA is
+        available and ``cpu`` otherwise.
+    """
+    rank, local_rank, world_size, addr, port = env_world_info()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", addr)
+        os.environ.setdefault("MASTER_PORT", port)
+        dist.init_process_group(
+            backend=backend or ("nccl" if use_cuda else "gloo"),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def current_info(device: torch.device | None = None) -> DistInfo:
+    """DistInfo of an already initialised process group (or a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return DistInfo(rank, local, world, device or torch.device("cpu"))
+    return DistInfo(device=device or torch.device("cpu"))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum``, ``max``, ``min`` or ``mean``); identity at world size 1."""
+    if not is_initialized():
+        return tensor
+    if op == "mean":
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s Python object on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's Python object, in rank order (a one-element list at world size 1)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup() -> None:
+    """Barrier then destroy the process group (the barrier keeps teardown from aborting)."""
+    if is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for tests and single-node launches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,4 @@
+"""Verification: metrics (pure numpy), targets (.bin sets, pair lists), extraction, reports.
+
+Never trains.
+"""

@@ -1,0 +1,1 @@
+"""Margin heads applied to cosine logits inside Partial FC (being written)."""

@@ -1,0 +1,1 @@
+"""Metric-learning losses on a batch of embeddings (being written)."""
