@@ -23,6 +23,24 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the dotted path."""
 
 
+def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
+    """The valid name a user most likely meant by ``key`` (``None`` if nothing is close)."""
+    def initials(text: str) -> str:
+        return "".join(part[0] for part in text.split("_") if part)
+
+    for name in names:  # abbreviations: learning_rate -> lr, lr -> learning_rate
+        if "_" in key and initials(key) == name or "_" in name and initials(name) == key:
+            return name
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    for name in names:
+        if len(name) > 2 and (name in key or key in name):
+            return name
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.4)
+    return close[0] if close else None
+
+
 def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -213,6 +231,8 @@ class EvalConfig:
     """Evaluate every N optimizer steps (0: only at the end and, if every_epoch, per epoch)."""
     every_epoch: bool = False
     """Evaluate at the end of every epoch."""
+    at_start: bool = False
+    """Also evaluate the untrained (or initial) network before the first step, as a baseline."""
     batch_size: int = 128
     """Images per forward pass during evaluation."""
     flip: bool = True
@@ -342,8 +362,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            near = closest(key, names)
+            hint = f"; did you mean {prefix}{near}?" if near else ""
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = _convert(prefix + key, value, hints[key])
     try:

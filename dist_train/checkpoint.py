@@ -1,0 +1,105 @@
+"""Training-state checkpoints: atomic writes, rotation, and finding the newest valid one.
+
+Owns the file side only (where, how, which). What goes into a checkpoint is assembled by the
+trainer; the Partial FC part is world-size-free (per-class rows tagged with class ranges), so a
+checkpoint written by N processes loads into M processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step_XXXXXXXX.pt``."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Step checkpoints in ``run_dir/checkpoints``, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def rotate(run_dir: str | Path, keep_last: int) -> None:
+    """Deletes all but the newest ``keep_last`` step checkpoints (``keep_last <= 0`` keeps all)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint onto the CPU; a missing or unreadable file raises naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/zip error means a corrupt file
+        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise RuntimeError(f"checkpoint {path} is not a training checkpoint (no 'step' key)")
+    return state
+
+
+def find_resume(run_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from, or ``None`` for a fresh run.
+
+    Args:
+        run_dir: the run directory.
+        resume: ``""`` (fresh), ``"auto"`` (newest checkpoint that loads; corrupt ones are skipped
+            with a warning) or a file path (must load).
+    """
+    if not resume:
+        return None
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None
