@@ -105,8 +105,9 @@ class LabelledImages(Dataset):
 class RecordDataset(LabelledImages):
     """InsightFace-layout ``train.rec``/``train.idx``.
 
-    If record 0 has ``flag > 0`` it is a header: image keys are ``1 .. label[0]-1`` (records
-    after them describe identity ranges). Otherwise every key is an image. The identity is the
+    If record 0 has ``flag > 0`` and an empty payload it is a header: image keys are
+    ``1 .. label[0]-1`` (records after them describe identity ranges). Otherwise every key is
+    an image. The identity is the
     header's label, or its first element for array labels.
     """
 
@@ -122,8 +123,10 @@ class RecordDataset(LabelledImages):
         keys = self.reader.keys
         self.has_header = False
         if 0 in self.reader:
-            header, _ = unpack(self.reader.read(0), path=str(self.rec_path), key=0)
-            if header.flag > 0:
+            header, payload = unpack(self.reader.read(0), path=str(self.rec_path), key=0)
+            # InsightFace's header record: flag > 0 and no image. (Checking the empty payload
+            # too keeps a pack without header whose first image has array labels working.)
+            if header.flag > 0 and not payload:
                 self.has_header = True
                 stop = int(header.label[0])
                 image_keys = [k for k in range(1, stop)]
@@ -150,15 +153,28 @@ class RecordDataset(LabelledImages):
         size = reader.size
         out = np.empty(len(self.keys), dtype=np.float64)
         seg = struct.Struct("<II")
+        ir = struct.Struct("<If")
         for n, key in enumerate(self.keys.tolist()):
             off = reader.offset(key)
             head = os.pread(fd, 8 + IR_SIZE + 4, off) if off < size else b""
-            ok = len(head) >= 8 + IR_SIZE and seg.unpack_from(head)[0] == MAGIC
-            if ok and (seg.unpack_from(head)[1] & ((1 << 29) - 1)) >= IR_SIZE + 4:
-                header, _ = unpack(head[8:], path=str(self.rec_path), key=key)
+            fast = len(head) == 8 + IR_SIZE + 4
+            if fast:
+                magic, lrec = seg.unpack_from(head)
+                # a whole first segment holding the header and one label: read in place
+                length = lrec & ((1 << 29) - 1)
+                fast = (
+                    magic == MAGIC
+                    and lrec >> 29 == 0
+                    and length >= IR_SIZE + 4
+                    and off + 8 + ((length + 3) & ~3) <= size  # a truncated record fails here
+                )
+            if fast:
+                flag, label = ir.unpack_from(head, 8)
+                if flag > 0:
+                    label = struct.unpack_from("<f", head, 8 + IR_SIZE)[0]
             else:  # short, split or damaged record: the full reader gives the precise error
                 header, _ = unpack(reader.read(key), path=str(self.rec_path), key=key)
-            label = header.label if header.flag == 0 else header.label[0]
+                label = header.label if header.flag == 0 else header.label[0]
             out[n] = label
         if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out != np.round(out)):
             bad = int(np.flatnonzero(~np.isfinite(out) | (out < 0) | (out != np.round(out)))[0])
