@@ -1,0 +1,467 @@
+"""Training datasets and the train-data builder.
+
+Owns: the InsightFace RecordIO layout (with or without the header record; scalar or array
+labels), image folders (``identity/*.jpg``), ``path,label`` list files, labelled and unlabelled
+pair lists and LFW-style ``.bin`` verification sets (reading only), contiguous labels
+0..C-1, OpenCV decoding to RGB, and :func:`build_train_data` (dataset + sampler + DataLoader).
+Does not own: the RecordIO byte format, samplers, transforms, or evaluation metrics.
+
+Every dataset opens its files lazily in the process that reads, so each DataLoader worker
+has its own handles (fork- and spawn-safe).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
+from .samplers import EpochSampler, build_sampler
+from .transforms import TrainTransform
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DataError(ValueError):
+    """Unusable data: the message names the file, record or line."""
+
+
+def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
+    """JPEG/PNG/... bytes -> ``[H, W, 3]`` uint8 RGB.
+
+    Raises:
+        DataError: the bytes are not a decodable image (names ``where``).
+    """
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR) if len(buf) else None
+    if img is None:
+        raise DataError(f"{where}: {len(buf)}-byte payload is not a decodable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels mapped onto 0..C-1 (sorted raw values) and the raw value of each class."""
+    if len(raw) == 0:
+        raise DataError(f"{source}: no images found")
+    classes, labels = np.unique(raw, return_inverse=True)
+    if len(classes) != int(classes[-1]) + 1 or classes[0] != 0:
+        log.warning(
+            "%s: labels are not contiguous 0..C-1 (%d distinct values in [%d, %d]); "
+            "they are remapped in sorted order",
+            source,
+            len(classes),
+            classes[0],
+            classes[-1],
+        )
+    return labels.astype(np.int64), classes
+
+
+class LabelledImages(Dataset):
+    """Base class: ``labels [N]`` int64 in 0..C-1, ``load(i) -> RGB uint8`` and a transform.
+
+    ``__getitem__`` takes an index or ``(index, seed...)`` (the sampler's per-sample seed, so
+    augmentation does not depend on the worker that draws it) and returns
+    ``(image [3, H, W] uint8 numpy, label int)``.
+    """
+
+    labels: np.ndarray
+    classes: np.ndarray
+    transform: Any = None
+    base_seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            i, seed = item[0], item[1:]
+        else:
+            i, seed = item, (0,)
+        img = self.load(int(i))
+        if self.transform is not None:
+            img = self.transform(img, np.random.default_rng([self.base_seed, *seed]))
+        return np.ascontiguousarray(img.transpose(2, 0, 1)), int(self.labels[i])
+
+
+class RecordDataset(LabelledImages):
+    """InsightFace-layout ``train.rec``/``train.idx``.
+
+    If record 0 has ``flag > 0`` and an empty payload it is a header: image keys are
+    ``1 .. label[0]-1`` (records after them describe identity ranges). Otherwise every key is
+    an image. The identity is the
+    header's label, or its first element for array labels.
+    """
+
+    def __init__(
+        self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None, transform=None
+    ):
+        self.rec_path = Path(rec_path)
+        if idx_path is None:
+            cand = self.rec_path.with_suffix(".idx")
+            idx_path = cand if cand.is_file() else None
+        self.reader = RecordIOReader(self.rec_path, idx_path)
+        self.transform = transform
+        keys = self.reader.keys
+        self.has_header = False
+        if 0 in self.reader:
+            header, payload = unpack(self.reader.read(0), path=str(self.rec_path), key=0)
+            # InsightFace's header record: flag > 0 and no image. (Checking the empty payload
+            # too keeps a pack without header whose first image has array labels working.)
+            if header.flag > 0 and not payload:
+                self.has_header = True
+                stop = int(header.label[0])
+                image_keys = [k for k in range(1, stop)]
+                missing = [
+                    k
+                    for k in image_keys[:: max(1, len(image_keys) // 1000)]
+                    if k not in self.reader
+                ]
+                if stop < 2 or missing:
+                    raise DataError(
+                        f"{self.rec_path}: header record 0 says image keys 1..{stop - 1} but "
+                        f"{'none' if stop < 2 else f'key {missing[0]}'} is in the index"
+                    )
+                keys = image_keys
+        self.keys = np.asarray(keys, dtype=np.int64)
+        raw = self._read_labels()
+        self.labels, self.classes = _contiguous(raw, str(self.rec_path))
+        self._check_property()
+
+    def _read_labels(self) -> np.ndarray:
+        """Label of every image from its header alone (one small read per record)."""
+        reader = self.reader
+        fd = reader._handle()
+        size = reader.size
+        out = np.empty(len(self.keys), dtype=np.float64)
+        seg = struct.Struct("<II")
+        ir = struct.Struct("<If")
+        for n, key in enumerate(self.keys.tolist()):
+            off = reader.offset(key)
+            head = os.pread(fd, 8 + IR_SIZE + 4, off) if off < size else b""
+            fast = len(head) == 8 + IR_SIZE + 4
+            if fast:
+                magic, lrec = seg.unpack_from(head)
+                # a whole first segment holding the header and one label: read in place
+                length = lrec & ((1 << 29) - 1)
+                fast = (
+                    magic == MAGIC
+                    and lrec >> 29 == 0
+                    and length >= IR_SIZE + 4
+                    and off + 8 + ((length + 3) & ~3) <= size  # a truncated record fails here
+                )
+            if fast:
+                flag, label = ir.unpack_from(head, 8)
+                if flag > 0:
+                    label = struct.unpack_from("<f", head, 8 + IR_SIZE)[0]
+            else:  # short, split or damaged record: the full reader gives the precise error
+                header, _ = unpack(reader.read(key), path=str(self.rec_path), key=key)
+                label = header.label if header.flag == 0 else header.label[0]
+            out[n] = label
+        if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out != np.round(out)):
+            bad = int(np.flatnonzero(~np.isfinite(out) | (out < 0) | (out != np.round(out)))[0])
+            raise DataError(
+                f"{self.rec_path} key {int(self.keys[bad])}: label {out[bad]} is not a "
+                "non-negative integer identity"
+            )
+        return out.astype(np.int64)
+
+    def _check_property(self) -> None:
+        prop = self.rec_path.parent / "property"
+        if prop.is_file():
+            try:
+                declared = int(prop.read_text().split(",")[0])
+            except ValueError:
+                log.warning("%s: cannot parse 'num_classes,H,W'", prop)
+                return
+            if declared != self.num_classes:
+                log.warning(
+                    "%s says %d classes but %s holds %d",
+                    prop,
+                    declared,
+                    self.rec_path,
+                    self.num_classes,
+                )
+
+    def load(self, i: int) -> np.ndarray:
+        key = int(self.keys[i])
+        _, payload = unpack(self.reader.read(key), path=str(self.rec_path), key=key)
+        where = f"{self.rec_path} key {key} at byte offset {self.reader.offset(key)}"
+        return decode_image(payload, where=where)
+
+
+class FileListDataset(LabelledImages):
+    """Images listed as ``(path, raw_label)``; labels mapped onto 0..C-1 in sorted order."""
+
+    def __init__(self, paths: list[Path], raw_labels, source: str, transform=None):
+        self.paths = [str(p) for p in paths]
+        self.labels, self.classes = _contiguous(np.asarray(raw_labels), source)
+        self.transform = transform
+
+    def load(self, i: int) -> np.ndarray:
+        path = self.paths[i]
+        try:
+            buf = Path(path).read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+        return decode_image(buf, where=path)
+
+
+def folder_dataset(root: str | os.PathLike, transform=None) -> FileListDataset:
+    """``root/identity/*.jpg``: one class per sub-folder, classes in sorted name order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder does not exist")
+    paths, labels = [], []
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    for c, name in enumerate(names):
+        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += files
+        labels += [c] * len(files)
+    ds = FileListDataset(paths, labels, str(root), transform)
+    ds.class_names = names
+    return ds
+
+
+def list_dataset(list_file: str | os.PathLike, transform=None) -> FileListDataset:
+    """A ``path,label`` file (relative paths are relative to the file's directory)."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"{list_file}: list file does not exist")
+    paths, labels = [], []
+    with open(list_file, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip() or row[0].startswith("#"):
+                continue
+            try:
+                if len(row) != 2:
+                    raise ValueError
+                label = int(row[1])
+                if label < 0:
+                    raise ValueError
+            except ValueError:
+                if lineno == 1:  # a header line such as "path,label"
+                    continue
+                raise DataError(
+                    f"{list_file} line {lineno}: expected 'path,label' with a non-negative "
+                    f"integer label, got {','.join(row)[:100]!r}"
+                ) from None
+            p = Path(row[0].strip())
+            paths.append(p if p.is_absolute() else list_file.parent / p)
+            labels.append(label)
+    return FileListDataset(paths, labels, str(list_file), transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification sets (reading only; metrics live in eval/)
+
+
+def read_pair_list(path: str | os.PathLike, root: str | os.PathLike | None = None):
+    """Pair list: ``label,path1,path2`` (1 same, 0 different) or unlabelled ``path1,path2``.
+
+    Relative paths are resolved against ``root`` (default: the list file's directory).
+
+    Returns:
+        ``(pairs, issame)``: list of ``(Path, Path)`` and a bool array ``[P]``, or ``None``
+        for an unlabelled list.
+    """
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    pairs, labels = [], []
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            row = [c.strip() for c in row]
+            if not row or not any(row):
+                continue
+            if len(row) == 3 and row[0] in ("0", "1"):
+                labels.append(row[0] == "1")
+                a, b = row[1], row[2]
+            elif len(row) == 2:
+                a, b = row
+            else:
+                if lineno == 1:  # header line
+                    continue
+                raise DataError(
+                    f"{path} line {lineno}: expected 'label,path1,path2' or 'path1,path2'"
+                )
+            pairs.append(tuple(p if p.is_absolute() else base / p for p in (Path(a), Path(b))))
+    if labels and len(labels) != len(pairs):
+        raise DataError(f"{path}: mixes labelled and unlabelled lines")
+    return pairs, (np.asarray(labels, dtype=bool) if labels else None)
+
+
+def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
+    """LFW-style ``.bin``: a pickle of (list of 2P encoded images, list of P bools)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            bins, issame = pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable verification .bin ({exc})") from None
+    bins = [bytes(b) if not isinstance(b, bytes) else b for b in bins]
+    if len(bins) != 2 * len(issame):
+        raise DataError(f"{path}: {len(bins)} images for {len(issame)} pairs (need 2 per pair)")
+    return bins, np.asarray(issame, dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-data builder
+
+
+def open_train_dataset(cfg, transform=None) -> LabelledImages:
+    """The dataset described by ``cfg.root``/``cfg.format`` (``DataConfig``)."""
+    root = Path(cfg.root)
+    fmt = cfg.format
+    if fmt == "auto":
+        if root.is_file():
+            fmt = "recordio" if root.suffix == ".rec" else "list"
+        elif (root / "train.rec").is_file():
+            fmt = "recordio"
+        elif root.is_dir():
+            fmt = "folder"
+        else:
+            raise DataError(f"data.root={str(root)!r} does not exist")
+    if fmt == "recordio":
+        rec = root if root.suffix == ".rec" else root / "train.rec"
+        if not rec.is_file():
+            raise DataError(f"{rec}: RecordIO file does not exist (data.format=recordio)")
+        return RecordDataset(rec, transform=transform)
+    if fmt == "folder":
+        return folder_dataset(root, transform)
+    if fmt == "list":
+        return list_dataset(root, transform)
+    raise DataError(f"unknown data.format {fmt!r}")
+
+
+def _collate(batch):
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return images, labels
+
+
+def _worker_init(_: int) -> None:
+    # one OpenCV thread per worker: the workers are the parallelism
+    cv2.setNumThreads(1)
+
+
+class _SeededOrder(torch.utils.data.Sampler):
+    """Yields ``(index, epoch, rank, position)`` so augmentation is seeded per sample."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        indices = list(iter(s))
+        offset = len(s) - len(indices)  # a resumed epoch starts part-way
+        for pos, i in enumerate(indices, offset):
+            yield (i, s.epoch, s.rank, pos)
+
+
+@dataclass
+class TrainData:
+    """What the trainer needs from the data layer."""
+
+    loader: DataLoader
+    """Iterable of ``(images uint8 [B, 3, H, W], labels int64 [B])``; one epoch per pass."""
+    sampler: EpochSampler
+    """``set_epoch(e)``, ``state_dict(batches_consumed)``, ``load_state_dict(state)``."""
+    num_classes: int
+    num_images: int
+    dataset: LabelledImages
+
+
+def build_train_data(cfg, dist, seed: int) -> TrainData:
+    """Dataset, distributed sampler and DataLoader for ``cfg`` (a ``DataConfig``).
+
+    Args:
+        cfg: data section of the config.
+        dist: ``DistInfo`` of this process (rank, world size, device).
+        seed: run seed (sampling order and augmentation derive from it).
+
+    Raises:
+        ConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
+        DataError: missing or unusable data.
+    """
+    from dist_train.config import ConfigError
+
+    dataset = open_train_dataset(cfg, TrainTransform.from_config(cfg))
+    dataset.base_seed = int(seed)
+    where = str(cfg.root)
+    if cfg.num_classes and cfg.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.num_classes} but {where} holds {dataset.num_classes} "
+            "identities (set 0 to derive it from the data)"
+        )
+    if cfg.num_images and cfg.num_images != len(dataset):
+        raise ConfigError(
+            f"data.num_images={cfg.num_images} but {where} holds {len(dataset)} images "
+            "(set 0 to derive it from the data)"
+        )
+    sampler = build_sampler(
+        cfg.sampler,
+        dataset.labels,
+        cfg.batch_size,
+        dist.rank,
+        dist.world_size,
+        seed,
+        max_images_per_identity=cfg.max_images_per_identity,
+        identity_ratio=cfg.identity_ratio,
+        m_per_class=cfg.m_per_class,
+    )
+    if sampler.num_batches == 0:
+        raise DataError(
+            f"{where}: {sampler.name} sampler yields fewer than one global batch "
+            f"({cfg.batch_size} x {dist.world_size} images) per epoch"
+        )
+    workers = int(cfg.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=_SeededOrder(sampler),
+        num_workers=workers,
+        collate_fn=_collate,
+        drop_last=True,
+        pin_memory=getattr(dist.device, "type", "cpu") == "cuda",
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+    return TrainData(loader, sampler, dataset.num_classes, len(dataset), dataset)
+
+
+__all__ = [
+    "DataError",
+    "FileListDataset",
+    "RecordDataset",
+    "RecordIOError",
+    "TrainData",
+    "build_train_data",
+    "decode_image",
+    "folder_dataset",
+    "list_dataset",
+    "open_train_dataset",
+    "read_bin",
+    "read_pair_list",
+]

@@ -1,0 +1,192 @@
+"""Image transforms on uint8 arrays with OpenCV and numpy (no PIL round trips).
+
+Owns: the training augmentation (center crop, random resized crop, resize, horizontal flip,
+colour jitter), the evaluation transform, the public low-light transform, and normalisation of
+uint8 batches on their device. Does not own: decoding (datasets) or sampling.
+
+Images are ``[H, W, 3]`` uint8 RGB in and out; every random choice comes from the
+``numpy.random.Generator`` passed in, so augmentation is reproducible from the sample's seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+_LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
+
+
+def low_light(img: np.ndarray) -> np.ndarray:
+    """Low-light version of an image: ``x <- uint8(clip(sqrt(x) * 2))`` per channel value.
+
+    Args:
+        img: uint8 array of any shape.
+
+    Returns:
+        uint8 array of the same shape (values 0..31).
+    """
+    if img.dtype != np.uint8:
+        raise TypeError(f"low_light expects uint8, got {img.dtype}")
+    return _LOW_LIGHT_LUT[img]
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Central ``size x size`` window (the image is returned unchanged when smaller)."""
+    h, w = img.shape[:2]
+    if size <= 0 or (size >= h and size >= w):
+        return img
+    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return img[top : top + size, left : left + size]
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``size x size``: area averaging when shrinking, bilinear when growing."""
+    h, w = img.shape[:2]
+    if h == size and w == size:
+        return img
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def random_resized_crop(
+    img: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    area: tuple[float, float] = (0.8, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """Crop of a random area fraction and aspect ratio (log-uniform), resized to ``size``.
+
+    Falls back to the whole image when no crop of the drawn shape fits.
+    """
+    h, w = img.shape[:2]
+    for _ in range(10):
+        target = rng.uniform(*area) * h * w
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return resize(img[top : top + ch, left : left + cw], size)
+    return resize(img, size)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast and saturation factors each uniform in ``[1 - s, 1 + s]``.
+
+    Applied in that order on float32 and clipped back to uint8 (RGB input).
+    """
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    b, c, s = rng.uniform(lo, hi, 3)
+    x = img.astype(np.float32) * b
+    gray = x @ _LUMA  # [H, W]
+    x = (x - gray.mean()) * c + gray.mean()
+    gray = x @ _LUMA
+    x = gray[..., None] + (x - gray[..., None]) * s
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+class TrainTransform:
+    """Training augmentation configured from :class:`dist_train.config.DataConfig` fields.
+
+    Order: center crop, random resized crop (or plain resize), horizontal flip, colour jitter,
+    low light. Picklable (DataLoader workers receive a copy).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 112,
+        *,
+        hflip: bool = True,
+        random_resized_crop: bool = False,
+        crop_area_min: float = 0.8,
+        color_jitter: float = 0.0,
+        center_crop: int = 0,
+        low_light: bool = False,
+    ):
+        self.image_size = image_size
+        self.hflip = hflip
+        self.random_resized_crop = random_resized_crop
+        self.crop_area_min = crop_area_min
+        self.color_jitter = color_jitter
+        self.center_crop = center_crop
+        self.low_light = low_light
+
+    @classmethod
+    def from_config(cls, cfg) -> TrainTransform:
+        return cls(
+            cfg.image_size,
+            hflip=cfg.hflip,
+            random_resized_crop=cfg.random_resized_crop,
+            crop_area_min=cfg.crop_area_min,
+            color_jitter=cfg.color_jitter,
+            center_crop=cfg.center_crop,
+            low_light=cfg.low_light,
+        )
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``[H, W, 3]`` uint8 RGB -> ``[image_size, image_size, 3]`` uint8 RGB."""
+        if self.center_crop:
+            img = center_crop(img, self.center_crop)
+        if self.random_resized_crop:
+            img = random_resized_crop(img, self.image_size, rng, (self.crop_area_min, 1.0))
+        else:
+            img = resize(img, self.image_size)
+        if self.hflip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        if self.color_jitter > 0:
+            img = color_jitter(img, rng, self.color_jitter)
+        if self.low_light:
+            img = low_light(img)
+        return img
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self.__dict__})"
+
+
+class EvalTransform:
+    """Deterministic evaluation transform: center crop, resize, optional low light."""
+
+    def __init__(self, image_size: int = 112, *, center_crop: int = 0, low_light: bool = False):
+        self.image_size = image_size
+        self.center_crop = center_crop
+        self.low_light = low_light
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        if self.center_crop:
+            img = center_crop(img, self.center_crop)
+        img = resize(img, self.image_size)
+        return low_light(img) if self.low_light else img
+
+
+def normalize(
+    images: torch.Tensor, mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5
+) -> torch.Tensor:
+    """``(images / 255 - mean) / std`` as float32 on the images' device.
+
+    Args:
+        images: ``[B, 3, H, W]`` uint8 (or any real dtype on the 0..255 scale).
+        mean: per-channel means on the [0, 1] scale (a float applies to every channel).
+        std: per-channel standard deviations on the [0, 1] scale.
+
+    Returns:
+        ``[B, 3, H, W]`` float32.
+    """
+    x = images.float()
+    dev = images.device
+    m = torch.as_tensor(mean, dtype=torch.float32, device=dev)
+    s = torch.as_tensor(std, dtype=torch.float32, device=dev)
+    if m.ndim == 1:
+        m = m.view(1, -1, 1, 1)
+    if s.ndim == 1:
+        s = s.view(1, -1, 1, 1)
+    # fold /255 into the affine map: one fused multiply-add over the batch
+    return (x - m * 255.0) / (s * 255.0)
