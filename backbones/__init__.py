@@ -27,4 +27,11 @@ def names() -> list[str]:
 
 
 # Importing the family modules registers their builders.
-from backbones import iresnet  # noqa: E402,F401
+from backbones import (  # noqa: E402,F401
+    efficientnet,
+    iresnet,
+    mobilefacenet,
+    resnet,
+    thin_resnet,
+)
+from backbones.weights import load_weights, read_state_dict  # noqa: E402,F401

@@ -1,0 +1,144 @@
+"""Reading and writing backbone weights files.
+
+Owns the file formats a backbone's weights travel in: a plain ``state_dict`` saved with
+``torch.save`` (the trainer's ``model.pt``), a full training checkpoint (a dict whose
+``"backbone"`` entry is that state dict), and ``.safetensors`` (no pickle, for sharing).
+Does not own training checkpoints themselves (``dist_train``) nor ONNX/TorchScript export
+(``backbones.export``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile wrappers
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Reads a backbone state dict from any supported weights file.
+
+    Args:
+        path: a ``.safetensors`` file, a ``torch.save``-d state dict, or a training checkpoint
+            (dict with a ``"backbone"`` key). Torch files are first read with
+            ``weights_only=True``; only if that refuses them (a checkpoint with numpy RNG state)
+            are they unpickled fully, with a warning.
+
+    Returns:
+        ``{key: tensor}`` on CPU with ``module.``/``_orig_mod.`` prefixes removed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds no recognisable state dict (the message names the file and
+            the keys it did find).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return _strip_prefixes(load_file(str(path), device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A full training checkpoint also stores RNG states (numpy arrays) that torch's safe
+        # loader rejects; such files are the user's own, so fall back to a full unpickle with
+        # a warning. Weights from elsewhere should be shared as .safetensors.
+        warnings.warn(
+            f"{path}: not loadable with weights_only=True ({str(exc).splitlines()[0]}); "
+            "unpickling it fully, only do this for files you trust",
+            stacklevel=2,
+        )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise ValueError(f"{path}: cannot be read as a torch weights file ({exc2})") from exc2
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot be read as a torch weights file ({exc})") from exc
+    if isinstance(obj, nn.Module):  # a whole pickled model (torch.save(model))
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+    if "backbone" in obj:
+        obj = obj["backbone"]
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: key 'backbone' holds {type(obj).__name__}, not a dict")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(
+            f"{path}: not a state dict (entries {bad[:5]} are not name -> tensor; top-level "
+            f"keys: {list(obj)[:10]})"
+        )
+    return _strip_prefixes(obj)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:
+    """Loads a weights file into ``model`` (in place) and returns it.
+
+    Args:
+        model: the backbone, built with the same name and embedding size as the weights.
+        path: see ``read_state_dict`` for the accepted formats.
+        strict: when True any missing, unexpected or mis-shaped key raises.
+
+    Raises:
+        ValueError: keys or shapes do not match; the message names the file and the keys.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"{path}: weights do not fit {type(model).__name__}: "
+            f"{len(mismatched)} mis-shaped {mismatched[:3]}, {len(missing)} missing "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (wrong --network or "
+            "--embedding-size?)"
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def save_safetensors(
+    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Writes ``model.state_dict()`` (parameters and buffers) to a ``.safetensors`` file.
+
+    Tensors are made contiguous and un-shared first, because safetensors refuses views and
+    aliased storage. ``metadata`` (string -> string, e.g. the network name) goes in the header.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata stored in a ``.safetensors`` header (empty dict if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
