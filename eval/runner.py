@@ -162,7 +162,13 @@ def load_backbone(
     kwargs = dict(bcfg.get("params") or {}) if name == bcfg.get("name") else {}
     kwargs.update(backbone_kwargs)
     model = backbones.get_backbone(name, embedding_size=int(size), **kwargs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(exc).split())
+        raise ModelLoadError(
+            f"{weights}: weights do not fit backbone {name!r} (D={size}): {detail}"
+        ) from exc
     if missing or unexpected:
         raise ModelLoadError(
             f"{weights}: weights do not fit backbone {name!r} (D={size}): "
