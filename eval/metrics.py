@@ -62,6 +62,27 @@ def _check_pairs(emb1: np.ndarray, emb2: np.ndarray) -> tuple[np.ndarray, np.nda
     return e1, e2
 
 
+# Rows per block when scoring pairs: temporaries stay small (a million 512-d pairs would
+# otherwise allocate several GB of intermediates) and results are identical row by row.
+_BLOCK_ROWS = 16384
+
+
+def _pair_blocks(
+    emb1: np.ndarray, emb2: np.ndarray, normalize: bool, want_cos: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    e1, e2 = _check_pairs(emb1, emb2)
+    dists, coss = [], []
+    for start in range(0, max(e1.shape[0], 1), _BLOCK_ROWS):
+        a, b = e1[start : start + _BLOCK_ROWS], e2[start : start + _BLOCK_ROWS]
+        if normalize:
+            a, b = l2_normalize(a), l2_normalize(b)
+        # InsightFace's arithmetic, kept as is so distances (and accuracies) match it exactly.
+        dists.append(np.sum(np.square(np.subtract(a, b)), axis=1))
+        if want_cos:
+            coss.append(np.einsum("ij,ij->i", a, b))
+    return np.concatenate(dists), np.concatenate(coss) if want_cos else None
+
+
 def squared_distances(emb1: np.ndarray, emb2: np.ndarray, normalize: bool = True) -> np.ndarray:
     """Squared Euclidean distance of each pair (InsightFace's ``sum(square(e1 - e2))``).
 
@@ -72,17 +93,23 @@ def squared_distances(emb1: np.ndarray, emb2: np.ndarray, normalize: bool = True
     Returns:
         ``[P]`` distances, in the embeddings' float dtype.
     """
-    e1, e2 = _check_pairs(emb1, emb2)
-    if normalize:
-        e1, e2 = l2_normalize(e1), l2_normalize(e2)
-    diff = np.subtract(e1, e2)
-    return np.sum(np.square(diff), axis=1)
+    return _pair_blocks(emb1, emb2, normalize, want_cos=False)[0]
+
+
+def distances_and_scores(emb1: np.ndarray, emb2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distances and cosine scores of pairs, normalising the embeddings only once.
+
+    Returns:
+        ``([P] squared Euclidean distances of the L2-normalised rows, exactly as
+        :func:`squared_distances`, [P] cosine similarities)``.
+    """
+    dist, cos = _pair_blocks(emb1, emb2, normalize=True, want_cos=True)
+    return dist, cos
 
 
 def cosine_scores(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
     """Cosine similarity of each pair, ``[P]`` in ``[-1, 1]`` (higher = more alike)."""
-    e1, e2 = _check_pairs(emb1, emb2)
-    return np.einsum("ij,ij->i", l2_normalize(e1), l2_normalize(e2))
+    return distances_and_scores(emb1, emb2)[1]
 
 
 def euclidean_scores(emb1: np.ndarray, emb2: np.ndarray, normalize: bool = True) -> np.ndarray:

@@ -245,7 +245,7 @@ def score_target(
     """
     emb1 = embeddings[target.pairs[:, 0]]
     emb2 = embeddings[target.pairs[:, 1]]
-    scores = metrics.cosine_scores(emb1, emb2)
+    distances, scores = metrics.distances_and_scores(emb1, emb2)
     xn = metrics.xnorm(embeddings) if xnorm_value is None else float(xnorm_value)
     out: dict[str, float] = {"num_pairs": float(target.num_pairs), "xnorm": xn}
     result = TargetResult(target.name, out, scores, target.issame, target=target)
@@ -256,7 +256,7 @@ def score_target(
     if issame.all() or not issame.any():
         raise ValueError(f"{target.path}: needs both same and different pairs for metrics")
     folds = min(n_folds, target.num_pairs)
-    kf = metrics.kfold_verification(emb1, emb2, issame, n_folds=folds)
+    kf = metrics.kfold_from_distances(distances, issame, n_folds=folds)
     rate, rate_thr = metrics.eer(scores, issame)
     tars = metrics.tar_at_far(scores, issame, tuple(fars))
     f1 = metrics.best_f1(scores, issame)

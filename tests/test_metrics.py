@@ -230,3 +230,18 @@ def test_scores_and_xnorm():
     with pytest.raises(ValueError, match="unknown scoring"):
         metrics.pair_scores(e1, e2, "manhattan")
     assert metrics.far_label(1e-3) == "1e-3" and metrics.far_label(0.1) == "1e-1"
+
+
+@pytest.mark.parametrize("dim", [8, 512])
+def test_blocked_distances_equal_insightface_arithmetic_bitwise(dim):
+    rng = np.random.default_rng(0)
+    n = metrics._BLOCK_ROWS * 2 + 5 if dim == 8 else 1000
+    e1 = rng.normal(size=(n, dim)).astype(np.float32)
+    e2 = rng.normal(size=(n, dim)).astype(np.float32)
+    n1 = sklearn.preprocessing.normalize(e1)
+    n2 = sklearn.preprocessing.normalize(e2)
+    ref = np.sum(np.square(np.subtract(n1, n2)), 1)
+    dist, cos = metrics.distances_and_scores(e1, e2)
+    np.testing.assert_array_equal(dist, ref)
+    np.testing.assert_array_equal(metrics.squared_distances(e1, e2), ref)
+    np.testing.assert_allclose(cos, np.sum(n1 * n2, 1), rtol=1e-5, atol=1e-6)
