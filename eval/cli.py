@@ -1,0 +1,154 @@
+"""The evaluation command line (``launch/eval.py``): arguments -> model -> targets -> report.
+
+Owns argument parsing and the order of the steps; the work is done by :mod:`eval.runner`
+(embedding, metrics) and :mod:`eval.report` (table, JSON, figures). Runs as a single process
+or under ``torchrun`` (every rank embeds its shard of each target; rank 0 prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from dist_train.distributed import cleanup, init_distributed
+from eval import report
+from eval.runner import TargetResult, evaluate_targets_full, load_backbone, normalisation_from
+from eval.targets import TargetError, load_target, write_scores
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/eval.py",
+        description="Face verification: 10-fold accuracy, EER, AUC, TAR@FAR on .bin sets and "
+        "pair lists; scores files for unlabelled test lists.",
+    )
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="training checkpoint, weights file (.pt/.safetensors) or .onnx model",
+    )
+    p.add_argument(
+        "--network",
+        default=None,
+        help="registered backbone name (default: from the checkpoint's config)",
+    )
+    p.add_argument("--embedding-size", type=int, default=None, help="embedding size D")
+    p.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated .bin sets and labelled pair lists (label,path1,path2)",
+    )
+    p.add_argument(
+        "--test-list",
+        default="",
+        help="unlabelled lists (path1,path2); writes <out>/<name>_scores.csv",
+    )
+    p.add_argument(
+        "--images-root",
+        default=None,
+        help="root of pair-list image paths (default: each list's directory)",
+    )
+    p.add_argument("--out", default=None, help="output directory: report.json, PNG plots, scores")
+    p.add_argument("--json", default=None, help="JSON report path (default: <out>/report.json)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
+    p.add_argument("--low-light", action="store_true", help="apply the low-light transform")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this side (default: as stored)",
+    )
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast")
+    p.add_argument(
+        "--mean",
+        type=float,
+        default=None,
+        help="input normalisation mean (default: checkpoint config, else 0.5)",
+    )
+    p.add_argument(
+        "--std",
+        type=float,
+        default=None,
+        help="input normalisation std (default: checkpoint config, else 0.5)",
+    )
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    return p
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
+    """Runs an evaluation; returns the results (on every rank)."""
+    args = build_parser().parse_args(argv)
+    targets, tests = _split(args.targets), _split(args.test_list)
+    if not targets and not tests:
+        raise SystemExit("error: give --targets and/or --test-list")
+    if tests and not args.out:
+        raise SystemExit("error: --test-list needs --out (where the scores files go)")
+    dist = init_distributed()
+    try:
+        # Load every list before the model so a bad file fails fast, naming itself.
+        loaded = [load_target(t, args.images_root) for t in targets + tests]
+        for t in loaded[len(targets) :]:
+            if t.labelled:
+                raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
+        model = load_backbone(args.weights, args.network, args.embedding_size).to(dist.device)
+        norm = normalisation_from(args.weights)
+        start = time.perf_counter()
+        results = evaluate_targets_full(
+            model,
+            loaded,
+            device=dist.device,
+            batch_size=args.batch_size,
+            flip=not args.no_flip,
+            low_light=args.low_light,
+            mean=args.mean if args.mean is not None else norm.get("mean", 0.5),
+            std=args.std if args.std is not None else norm.get("std", 0.5),
+            amp=args.amp,
+            image_size=args.image_size,
+        )
+        seconds = time.perf_counter() - start
+        if dist.is_main:
+            _write_outputs(args, results, seconds, dist.world_size)
+        return results
+    finally:
+        cleanup()
+
+
+def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world: int) -> None:
+    labelled = {n: r for n, r in results.items() if r.issame is not None}
+    if labelled:
+        print(report.format_table({n: r.metrics for n, r in labelled.items()}))
+    print(f"evaluated {len(results)} target(s) in {seconds:.1f} s on {world} process(es)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        for name, r in results.items():
+            if r.issame is None:
+                path = os.path.join(args.out, f"{name}_scores.csv")
+                write_scores(path, r.target, r.scores)
+                print(f"scores: {path}")
+        if not args.no_plots and labelled:
+            print(f"plots: {len(report.write_figures(args.out, labelled))} PNG files in {args.out}")
+    json_path = args.json or (os.path.join(args.out, "report.json") if args.out else None)
+    if json_path:
+        meta = {
+            "weights": args.weights,
+            "network": args.network,
+            "flip": not args.no_flip,
+            "low_light": args.low_light,
+            "amp": args.amp,
+            "world_size": world,
+            "seconds": seconds,
+        }
+        report.write_json(json_path, results, meta)
+        print(f"report: {json_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

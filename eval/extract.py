@@ -1,0 +1,179 @@
+"""Embedding extraction for verification: batching, flip TTA, low-light, autocast, rank shards.
+
+Owns turning a target's images into one embedding per image. Each rank embeds a contiguous
+shard of the images (``dist_train.distributed.shard_range``) and the shards are gathered
+with ``all_gather_object`` so every rank ends with the full matrix; at world size 1 the
+helpers are no-ops. It does not read target files (:mod:`eval.targets`) or compute metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dist_train.distributed import all_gather_object, get_rank, get_world_size, shard_range
+
+_LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def low_light(images: np.ndarray) -> np.ndarray:
+    """The low-light transform ``x <- uint8(clip(sqrt(x) * 2, 0, 255))`` on uint8 pixels.
+
+    A lookup table gives exactly the truncating uint8 cast of the formula for every value.
+
+    Args:
+        images: uint8 array of any shape.
+    """
+    if images.dtype != np.uint8:
+        raise TypeError(f"low_light expects uint8 pixels, got {images.dtype}")
+    return _LOW_LIGHT_LUT[images]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper.
+
+    Evaluation must not run a DDP forward: ranks embed different numbers of batches, and DDP's
+    buffer broadcast in ``forward`` would then wait for ranks that never come.
+    """
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of every image of a target.
+
+    Attributes:
+        embeddings: ``[N, D]`` float32 (sum over the original and mirrored image with flip TTA;
+            not normalised).
+        xnorm: mean L2 norm of the single-view embeddings (InsightFace's XNorm).
+    """
+
+    embeddings: np.ndarray
+    xnorm: float
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def embed_batch(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    *,
+    device: torch.device,
+    flip: bool = True,
+    low_light_transform: bool = False,
+    mean: float = 0.5,
+    std: float = 0.5,
+    amp: str = "none",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeds one batch.
+
+    Args:
+        model: backbone in eval mode (``[B, 3, H, W]`` float -> ``[B, D]``).
+        images: ``[B, 3, H, W]`` uint8 RGB.
+        device: where the forward pass runs.
+        flip: add the embedding of the horizontally mirrored image.
+        low_light_transform: apply :func:`low_light` to the pixels first.
+        mean, std: normalisation ``(x / 255 - mean) / std``.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
+
+    Returns:
+        ``([B, D] float32 embeddings, [B * views] float64 single-view norms)``.
+    """
+    if low_light_transform:
+        images = low_light(images)
+    # uint8 travels to the device; the float conversion happens there.
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    x = (x.float() / 255.0 - mean) / std
+    with _autocast(device, amp):
+        out = model(x).float()
+        views = [out]
+        if flip:
+            views.append(model(torch.flip(x, dims=[3])).float())
+    norms = torch.cat([v.double().norm(dim=1) for v in views])
+    total = views[0] if len(views) == 1 else views[0] + views[1]
+    # .cpu() is a device sync point, once per batch.
+    return total.cpu().numpy(), norms.cpu().numpy()
+
+
+def extract_embeddings(
+    model: nn.Module,
+    load_images: Callable[[int, int], np.ndarray],
+    num_images: int,
+    *,
+    device: torch.device,
+    batch_size: int = 128,
+    flip: bool = True,
+    low_light_transform: bool = False,
+    mean: float = 0.5,
+    std: float = 0.5,
+    amp: str = "none",
+) -> Embeddings:
+    """Embeds ``num_images`` images, spreading contiguous shards over the ranks.
+
+    Every rank must call this (it gathers across ranks when a process group exists); every
+    rank returns the full, identical result.
+
+    Args:
+        model: backbone (a DDP wrapper is unwrapped); put in eval mode during the call and
+            restored to its previous mode after.
+        load_images: ``(start, stop) -> [stop - start, 3, H, W]`` uint8 RGB.
+        num_images: N.
+        device: where the forward passes run.
+        batch_size: images per forward pass (per view).
+        flip, low_light_transform, mean, std, amp: see :func:`embed_batch`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    net = unwrap(model) if isinstance(model, nn.Module) else model
+    was_training = isinstance(net, nn.Module) and net.training
+    if isinstance(net, nn.Module):
+        net.eval()
+    start, stop = shard_range(num_images, get_rank(), get_world_size())
+    chunks: list[np.ndarray] = []
+    norm_sum, norm_count = 0.0, 0
+    try:
+        for b in range(start, stop, batch_size):
+            emb, norms = embed_batch(
+                net,
+                load_images(b, min(b + batch_size, stop)),
+                device=device,
+                flip=flip,
+                low_light_transform=low_light_transform,
+                mean=mean,
+                std=std,
+                amp=amp,
+            )
+            chunks.append(emb)
+            norm_sum += float(norms.sum())
+            norm_count += int(norms.size)
+    finally:
+        if was_training:
+            net.train()
+    local = np.concatenate(chunks) if chunks else None
+    # Shards are contiguous and gathered in rank order, so concatenation restores image order.
+    gathered = all_gather_object((local, norm_sum, norm_count))
+    parts = [g[0] for g in gathered if g[0] is not None]
+    if not parts:
+        raise ValueError("no images to embed")
+    total_count = sum(g[2] for g in gathered)
+    embeddings = np.concatenate(parts)
+    if embeddings.shape[0] != num_images:
+        raise RuntimeError(f"gathered {embeddings.shape[0]} embeddings for {num_images} images")
+    return Embeddings(embeddings, sum(g[1] for g in gathered) / max(total_count, 1))

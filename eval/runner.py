@@ -1,0 +1,380 @@
+"""Evaluation runs: load a model, embed each target, compute its metrics.
+
+Owns the glue used by ``launch/eval.py`` and by the trainer's evaluation hook:
+:func:`load_backbone` (training checkpoint, plain state dict, ``.safetensors`` or ``.onnx``),
+:func:`evaluate_targets` (the flat ``target -> metric -> value`` dict the trainer logs) and
+:func:`evaluate_targets_full` (also the curves, scores and fold thresholds that reports,
+plots and TensorBoard need). It never trains and never writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eval import metrics
+from eval.extract import extract_embeddings
+from eval.targets import VerificationTarget, load_target
+
+# --------------------------------------------------------------------------------------------
+# Loading models
+# --------------------------------------------------------------------------------------------
+
+
+class ModelLoadError(ValueError):
+    """A weights file that cannot be turned into a backbone; the message names the file."""
+
+
+class OnnxBackbone(nn.Module):
+    """An ONNX image -> embedding model run by onnxruntime behind the backbone interface.
+
+    ``forward`` takes a float tensor ``[B, 3, H, W]`` (already normalised) and returns
+    ``[B, D]`` float32 on the input's device. A model exported with a fixed batch size is fed
+    in chunks of that size.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # optional dependency (the "export" extra)
+            raise ModelLoadError(
+                f"{path}: onnxruntime is needed for ONNX models (pip install onnxruntime)"
+            ) from exc
+        try:
+            available = ort.get_available_providers()
+            providers = [
+                p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+            ]
+            self.session = ort.InferenceSession(path, providers=providers or available)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ModelLoadError(f"{path}: onnxruntime cannot load the model ({exc})") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        first = inp.shape[0] if inp.shape else None
+        self.fixed_batch = first if isinstance(first, int) and first > 0 else None
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().float().cpu().numpy()
+        step = self.fixed_batch or max(arr.shape[0], 1)
+        outs = []
+        for i in range(0, arr.shape[0], step):
+            chunk = arr[i : i + step]
+            pad = step - chunk.shape[0] if self.fixed_batch else 0
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            out = self.session.run(None, {self.input_name: chunk})[0]
+            outs.append(out[: out.shape[0] - pad])
+        return torch.from_numpy(np.concatenate(outs).astype(np.float32)).to(x.device)
+
+
+def _torch_load(path: str) -> Any:
+    # weights_only keeps pickled code from running; numpy arrays (RNG states in training
+    # checkpoints) are the only extra types admitted.
+    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ("uint8", "uint32", "int64", "float32", "float64")]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+        raise ModelLoadError(
+            f"{path}: cannot load as a weights file or training checkpoint with "
+            f"weights_only=True ({str(exc).splitlines()[0]})"
+        ) from exc
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Backbone state dict (and the training config, when present) from a weights file.
+
+    Accepts a training checkpoint (a dict with ``"backbone"`` and optional ``"config"``), a
+    plain state dict (``torch.save(backbone.state_dict())``), or a ``.safetensors`` file. A
+    ``module.`` prefix left by DistributedDataParallel is removed.
+
+    Returns:
+        ``(state_dict, config_dict_or_None)``.
+    """
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: weights file does not exist")
+    config = None
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from exc
+    else:
+        obj = _torch_load(path)
+        if not isinstance(obj, dict):
+            raise ModelLoadError(f"{path}: expected a dict, got {type(obj).__name__}")
+        if "backbone" in obj:
+            state, config = obj["backbone"], obj.get("config")
+            if not isinstance(state, dict):
+                raise ModelLoadError(f"{path}: key 'backbone' is not a state dict")
+        else:
+            state = obj
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelLoadError(f"{path}: entries {bad[:3]} are not tensors; not a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, config if isinstance(config, dict) else None
+
+
+def load_backbone(
+    weights: str,
+    network: str | None = None,
+    embedding_size: int | None = None,
+    **backbone_kwargs: Any,
+) -> nn.Module:
+    """A backbone with weights loaded, ready for :func:`evaluate_targets`.
+
+    Args:
+        weights: ``.onnx`` model, ``.safetensors`` state dict, plain state dict or training
+            checkpoint (``{"backbone": ..., "config": ...}``).
+        network: registered backbone name; may be omitted for ONNX models and for checkpoints
+            whose config names it.
+        embedding_size: D; by default the checkpoint's config value, else 512.
+        backbone_kwargs: extra builder arguments (override the checkpoint's ``params``).
+
+    Returns:
+        The module in eval mode on the CPU (move it with ``.to(device)``).
+    """
+    if weights.endswith(".onnx"):
+        if not os.path.isfile(weights):
+            raise ModelLoadError(f"{weights}: ONNX model does not exist")
+        return OnnxBackbone(weights).eval()
+    import backbones
+
+    state, config = read_weights(weights)
+    bcfg = (config or {}).get("backbone", {}) if isinstance(config, dict) else {}
+    name = network or bcfg.get("name")
+    if not name:
+        raise ModelLoadError(f"{weights}: no --network given and no backbone name in the file")
+    size = embedding_size or bcfg.get("embedding_size") or 512
+    kwargs = dict(bcfg.get("params") or {}) if name == bcfg.get("name") else {}
+    kwargs.update(backbone_kwargs)
+    model = backbones.get_backbone(name, embedding_size=int(size), **kwargs)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(exc).split())
+        raise ModelLoadError(
+            f"{weights}: weights do not fit backbone {name!r} (D={size}): {detail}"
+        ) from exc
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{weights}: weights do not fit backbone {name!r} (D={size}): "
+            f"{len(missing)} missing keys {list(missing)[:3]}, "
+            f"{len(unexpected)} unexpected keys {list(unexpected)[:3]}"
+        )
+    return model.eval()
+
+
+def normalisation_from(weights: str) -> dict[str, float]:
+    """``{"mean", "std"}`` from a training checkpoint's config (empty when absent)."""
+    if weights.endswith((".onnx", ".safetensors")):
+        return {}
+    _, config = read_weights(weights)
+    data = (config or {}).get("data") or {}
+    return {k: float(data[k]) for k in ("mean", "std") if k in data}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating targets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetResult:
+    """Everything measured on one target.
+
+    Attributes:
+        name: target name.
+        metrics: flat ``metric -> value`` (empty for an unlabelled list but for counts).
+        scores: ``[P]`` cosine similarity of each pair.
+        issame: ``[P]`` labels or None.
+        kfold: the k-fold protocol's details (labelled targets).
+        tar_at_far: TAR@FAR points with their impostor counts (labelled targets).
+        best_f1: the best-F1 operating point (labelled targets).
+        target: the evaluated target (pair names, paths).
+        embeddings: ``[N, D]`` raw embeddings of the target's images.
+    """
+
+    name: str
+    metrics: dict[str, float]
+    scores: np.ndarray = field(repr=False)
+    issame: np.ndarray | None = field(default=None, repr=False)
+    kfold: metrics.KFoldResult | None = field(default=None, repr=False)
+    tar_at_far: list[metrics.TarAtFar] = field(default_factory=list, repr=False)
+    best_f1: metrics.BestF1 | None = field(default=None, repr=False)
+    target: VerificationTarget | None = field(default=None, repr=False)
+    embeddings: np.ndarray | None = field(default=None, repr=False)
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """ROC (``fpr``, ``tpr``) and precision–recall arrays for plots (labelled only)."""
+        if self.issame is None:
+            return {}
+        fpr, tpr, _ = metrics.roc_curve(self.scores, self.issame)
+        precision, recall, _ = metrics.precision_recall_curve(self.scores, self.issame)
+        return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
+
+
+def score_target(
+    target: VerificationTarget,
+    embeddings: np.ndarray,
+    xnorm_value: float | None = None,
+    n_folds: int = 10,
+    fars: Sequence[float] = metrics.DEFAULT_FARS,
+) -> TargetResult:
+    """Metrics of one target from its image embeddings (pure numpy, no model).
+
+    Args:
+        target: the pairs and labels.
+        embeddings: ``[N, D]`` one row per image of ``target``.
+        xnorm_value: mean single-view embedding norm (default: norm of ``embeddings`` rows).
+        n_folds: folds of the accuracy protocol.
+        fars: FARs for TAR@FAR.
+    """
+    emb1 = embeddings[target.pairs[:, 0]]
+    emb2 = embeddings[target.pairs[:, 1]]
+    distances, scores = metrics.distances_and_scores(emb1, emb2)
+    xn = metrics.xnorm(embeddings) if xnorm_value is None else float(xnorm_value)
+    out: dict[str, float] = {"num_pairs": float(target.num_pairs), "xnorm": xn}
+    result = TargetResult(target.name, out, scores, target.issame, target=target)
+    result.embeddings = embeddings
+    if target.issame is None:
+        return result
+    issame = target.issame
+    if issame.all() or not issame.any():
+        raise ValueError(f"{target.path}: needs both same and different pairs for metrics")
+    folds = min(n_folds, target.num_pairs)
+    kf = metrics.kfold_from_distances(distances, issame, n_folds=folds)
+    rate, rate_thr = metrics.eer(scores, issame)
+    tars = metrics.tar_at_far(scores, issame, tuple(fars))
+    f1 = metrics.best_f1(scores, issame)
+    out.update(
+        {
+            "accuracy": kf.accuracy,
+            "accuracy_std": kf.accuracy_std,
+            "threshold": float(np.mean(kf.fold_thresholds)),
+            "eer": rate,
+            "eer_threshold": rate_thr,
+            "auc": metrics.roc_auc(scores, issame),
+            "best_f1": f1.f1,
+            "best_f1_threshold": f1.threshold,
+            "precision": f1.precision,
+            "recall": f1.recall,
+        }
+    )
+    for t in tars:
+        out[f"tar@far={metrics.far_label(t.far)}"] = t.tar
+    result.kfold, result.tar_at_far, result.best_f1 = kf, tars, f1
+    return result
+
+
+def _as_target(t: str | VerificationTarget) -> VerificationTarget:
+    return t if isinstance(t, VerificationTarget) else load_target(t)
+
+
+def evaluate_targets_full(
+    backbone: nn.Module,
+    targets: Sequence[str | VerificationTarget],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    flip: bool = True,
+    low_light: bool = False,
+    mean: float = 0.5,
+    std: float = 0.5,
+    amp: str = "none",
+    image_size: int | None = None,
+    n_folds: int = 10,
+) -> dict[str, TargetResult]:
+    """Embeds and scores every target; see :func:`evaluate_targets` for the arguments.
+
+    Under a process group every rank must call this; each embeds its shard of every target
+    and every rank returns the same results.
+
+    Args:
+        image_size: resize images to this side when they differ (default: keep as stored).
+        n_folds: folds of the accuracy protocol.
+
+    Returns:
+        ``target name -> TargetResult`` in the order given (a repeated name gets a suffix).
+    """
+    device = torch.device(device)
+    results: dict[str, TargetResult] = {}
+    for t in targets:
+        target = _as_target(t)
+        emb = extract_embeddings(
+            backbone,
+            lambda a, b, _t=target: _t.load_images(a, b, image_size),
+            target.num_images,
+            device=device,
+            batch_size=batch_size,
+            flip=flip,
+            low_light_transform=low_light,
+            mean=mean,
+            std=std,
+            amp=amp,
+        )
+        name = target.name
+        while name in results:
+            name += "_"
+        results[name] = score_target(target, emb.embeddings, emb.xnorm, n_folds=n_folds)
+        results[name].name = name
+    return results
+
+
+def evaluate_targets(
+    backbone: nn.Module,
+    targets: Sequence[str | VerificationTarget],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    flip: bool = True,
+    low_light: bool = False,
+    mean: float = 0.5,
+    std: float = 0.5,
+    amp: str = "none",
+) -> dict[str, dict[str, float]]:
+    """Verification metrics of ``backbone`` on each target.
+
+    Args:
+        backbone: image -> embedding module (DDP wrappers are unwrapped; its train/eval mode
+            is restored afterwards).
+        targets: ``.bin`` / pair-list paths or already loaded :class:`VerificationTarget`.
+        device: where the forward passes run.
+        batch_size: images per forward pass.
+        flip: flip test-time augmentation.
+        low_light: apply the low-light transform to the images.
+        mean, std: input normalisation ``(x / 255 - mean) / std``.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
+
+    Returns:
+        ``target name -> metric -> value`` with keys ``accuracy``, ``accuracy_std``,
+        ``threshold``, ``eer``, ``eer_threshold``, ``auc``, ``tar@far=1e-1`` … ``1e-4`` (NaN
+        when the target has fewer than ``1/FAR`` impostor pairs), ``best_f1``,
+        ``best_f1_threshold``, ``precision``, ``recall``, ``xnorm``, ``num_pairs``. Unlabelled
+        lists only have ``xnorm`` and ``num_pairs``.
+    """
+    full = evaluate_targets_full(
+        backbone,
+        targets,
+        device=device,
+        batch_size=batch_size,
+        flip=flip,
+        low_light=low_light,
+        mean=mean,
+        std=std,
+        amp=amp,
+    )
+    return {name: r.metrics for name, r in full.items()}

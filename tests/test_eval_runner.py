@@ -1,0 +1,226 @@
+"""Tests of eval.extract and eval.runner: flip TTA, low light, autocast, rank shards, loading."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eval import metrics
+from eval.extract import embed_batch, extract_embeddings, low_light, unwrap
+from eval.runner import (
+    ModelLoadError,
+    evaluate_targets,
+    evaluate_targets_full,
+    load_backbone,
+    normalisation_from,
+    read_weights,
+    score_target,
+)
+from eval.targets import load_target
+from tests.dist_utils import run_distributed
+from tests.eval_helpers import TINY, TinyNet, write_targets
+
+
+def _images(n=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+
+
+def test_low_light_matches_formula():
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ref = np.clip(np.sqrt(x.astype(np.float64)) * 2.0, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(low_light(x), ref)
+    assert low_light(np.array([255], np.uint8))[0] == 31
+    with pytest.raises(TypeError):
+        low_light(x.astype(np.float32))
+
+
+def test_embed_batch_flip_normalisation_and_low_light():
+    net = TinyNet(8).eval()
+    imgs = _images()
+    x = (torch.from_numpy(imgs).float() / 255 - 0.4) / 0.3
+    with torch.no_grad():
+        ref = net(x) + net(torch.flip(x, dims=[3]))
+        ref_norms = torch.cat([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)])
+    emb, norms = embed_batch(net, imgs, device=torch.device("cpu"), mean=0.4, std=0.3)
+    np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norms, ref_norms.numpy(), rtol=1e-5)
+    emb1, norms1 = embed_batch(net, imgs, device=torch.device("cpu"), flip=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(emb1, net((torch.from_numpy(imgs).float() / 255 - 0.5) / 0.5))
+    assert norms1.shape == (5,)
+    dark, _ = embed_batch(
+        net, imgs, device=torch.device("cpu"), flip=False, low_light_transform=True
+    )
+    same, _ = embed_batch(net, low_light(imgs), device=torch.device("cpu"), flip=False)
+    np.testing.assert_array_equal(dark, same)
+
+
+def test_embed_batch_bf16_close_to_fp32():
+    net = TinyNet(8).eval()
+    imgs = _images()
+    fp32, _ = embed_batch(net, imgs, device=torch.device("cpu"))
+    bf16, _ = embed_batch(net, imgs, device=torch.device("cpu"), amp="bf16")
+    assert bf16.dtype == np.float32
+    assert np.max(np.abs(bf16 - fp32)) < 0.05 * np.max(np.abs(fp32))
+    with pytest.raises(ValueError, match="amp"):
+        embed_batch(net, imgs, device=torch.device("cpu"), amp="int8")
+
+
+def test_extract_batches_restore_mode_and_unwrap():
+    net = TinyNet(8)
+    net.train()
+    imgs = _images(11)
+    full = extract_embeddings(
+        net, lambda a, b: imgs[a:b], 11, device=torch.device("cpu"), batch_size=4
+    )
+    assert net.training  # mode restored
+    one, _ = embed_batch(net.eval(), imgs, device=torch.device("cpu"))
+    np.testing.assert_allclose(full.embeddings, one, rtol=1e-5, atol=1e-6)
+    wrapped = nn.DataParallel(net)
+    assert unwrap(wrapped) is net
+
+
+def _extract_on_ranks(rank, world_size, imgs):
+    net = TinyNet(8)
+    seen = []
+
+    def load(a, b):
+        seen.append((a, b))
+        return imgs[a:b]
+
+    out = extract_embeddings(net, load, len(imgs), device=torch.device("cpu"), batch_size=2)
+    return out.embeddings, out.xnorm, seen
+
+
+def test_extract_spreads_shards_over_two_ranks():
+    imgs = _images(7)
+    results = run_distributed(_extract_on_ranks, 2, imgs)
+    single = extract_embeddings(TinyNet(8), lambda a, b: imgs[a:b], 7, device=torch.device("cpu"))
+    for emb, xn, _ in results:
+        np.testing.assert_allclose(emb, single.embeddings, rtol=1e-5, atol=1e-6)
+        assert xn == pytest.approx(single.xnorm)
+    # Rank 0 embedded images 0..3, rank 1 images 4..6: each rank only its contiguous shard.
+    assert results[0][2] == [(0, 2), (2, 4)] and results[1][2] == [(4, 6), (6, 7)]
+
+
+def test_evaluate_targets_bin_and_csv_agree_and_are_good(tmp_path):
+    bin_path, csv_path, _, issame = write_targets(str(tmp_path))
+    out = evaluate_targets(TinyNet(16), [bin_path, csv_path], device="cpu", batch_size=8)
+    assert list(out) == ["val", "val_pairs"]
+    # (xnorm differs: the list embeds each distinct image once, the .bin every pair side.)
+    for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1"):
+        assert out["val"][key] == pytest.approx(out["val_pairs"][key], rel=1e-5, abs=1e-6), key
+    # Same-identity images share a colour pattern: the pooled projection separates them.
+    assert out["val"]["accuracy"] >= 0.9 and out["val"]["eer"] <= 0.15
+    assert np.isnan(out["val"]["tar@far=1e-3"])  # 12 impostors cannot measure FAR 1e-3
+
+
+def test_evaluate_targets_full_matches_metrics_on_its_embeddings(tmp_path):
+    bin_path, _, test_path, issame = write_targets(str(tmp_path))
+    res = evaluate_targets_full(TinyNet(16), [bin_path, test_path], device="cpu", n_folds=4)
+    r = res["val"]
+    e = r.embeddings
+    mean, std = metrics.kfold_accuracy(e[0::2], e[1::2], issame, n_folds=4)
+    assert r.metrics["accuracy"] == mean and r.metrics["accuracy_std"] == std
+    assert r.metrics["eer"] == metrics.eer(metrics.cosine_scores(e[0::2], e[1::2]), issame)[0]
+    assert len(r.kfold.fold_thresholds) == 4 and r.best_f1 is not None
+    curves = r.curves()
+    assert curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
+    test = res["test"]
+    assert test.issame is None and set(test.metrics) == {"num_pairs", "xnorm"}
+    np.testing.assert_allclose(test.scores, r.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_score_target_requires_both_classes(tmp_path):
+    bin_path, _, _, _ = write_targets(str(tmp_path), num_ids=3)
+    t = load_target(bin_path)
+    t.issame = np.ones_like(t.issame)
+    with pytest.raises(ValueError, match="val.bin"):
+        score_target(t, np.random.default_rng(0).normal(size=(t.num_images, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_output(a: nn.Module, b: nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(a(x).numpy(), b(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _trained_like(d=12) -> TinyNet:
+    net = TinyNet(d)
+    with torch.no_grad():
+        net.fc.weight.mul_(3.0).add_(0.1)
+    return net.eval()
+
+
+def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
+    net = _trained_like()
+    plain = tmp_path / "model.pt"
+    torch.save(net.state_dict(), plain)
+    _same_output(net, load_backbone(str(plain), TINY, 12))
+    # Training checkpoint with config (network and size come from it) and numpy RNG state.
+    ckpt = tmp_path / "step_00000010.pt"
+    torch.save(
+        {
+            "backbone": {f"module.{k}": v for k, v in net.state_dict().items()},
+            "config": {
+                "backbone": {"name": TINY, "embedding_size": 12, "params": {}},
+                "data": {"mean": 0.4, "std": 0.2},
+            },
+            "rng": {"numpy": np.random.get_state()},
+            "step": 10,
+        },
+        ckpt,
+    )
+    _same_output(net, load_backbone(str(ckpt)))
+    assert normalisation_from(str(ckpt)) == {"mean": 0.4, "std": 0.2}
+    from safetensors.torch import save_file
+
+    st = tmp_path / "model.safetensors"
+    save_file(net.state_dict(), str(st))
+    _same_output(net, load_backbone(str(st), TINY, 12))
+
+
+def test_load_backbone_errors(tmp_path):
+    net = _trained_like()
+    plain = tmp_path / "model.pt"
+    torch.save(net.state_dict(), plain)
+    with pytest.raises(ModelLoadError, match="model.pt.*do not fit"):
+        load_backbone(str(plain), TINY, 7)
+    with pytest.raises(ModelLoadError, match="model.pt: no --network"):
+        load_backbone(str(plain))
+    with pytest.raises(ModelLoadError, match="nope.pt"):
+        load_backbone(str(tmp_path / "nope.pt"), TINY)
+    with pytest.raises(KeyError, match="unknown backbone"):
+        load_backbone(str(plain), "_no_such_net", 12)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"backbone": Evil()}, f, protocol=2)
+    torch.save({"backbone": net.state_dict(), "extra": Evil()}, tmp_path / "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(ModelLoadError, match=name):
+            read_weights(str(tmp_path / name))
+
+
+def test_load_backbone_onnx(tmp_path):
+    net = _trained_like()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        net, (torch.randn(1, 3, 32, 32),), str(path), input_names=["x"], dynamo=False
+    )  # fixed batch of 1: the wrapper feeds chunks
+    model = load_backbone(str(path))
+    assert model.fixed_batch == 1
+    _same_output(net, model)
