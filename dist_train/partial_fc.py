@@ -523,8 +523,11 @@ def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def export_class_centers(pfc: PartialFC) -> torch.Tensor:
-    """The full ``[C, D]`` fp32 class-centre matrix (un-normalised), gathered on every rank."""
-    return all_gather_no_grad(pfc.weight.detach().float())
+    """The full ``[C, D]`` class-centre matrix (un-normalised), gathered on every rank.
+
+    fp32 for fp32/bf16/fp16 storage, fp64 for fp64 weights.
+    """
+    return all_gather_no_grad(pfc.weight.detach().to(_master_dtype(pfc.weight.dtype)))
 
 
 class PartialFCOptimizer(torch.optim.Optimizer):
