@@ -29,8 +29,9 @@ from torch import nn
 
 from heads import register
 
-# Largest number of (anchor, positive, negative) booleans materialised at once by the
-# triplet miners: anchors are processed in chunks so a global batch of 2,048 needs ~16 MB.
+# Largest number of (positive pair, negative) entries materialised at once by the triplet
+# miners: positive pairs are processed in chunks, so memory stays ~16M entries per chunk
+# whatever the global batch.
 _TRIPLET_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -104,20 +105,27 @@ def semi_hard_triplets(
     """
     d = distances.detach()
     pos, neg = _label_masks(labels)
-    n = d.shape[0]
-    chunk = max(1, _TRIPLET_CHUNK_ELEMENTS // max(1, n * n))
-    parts = []
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        d_ap = d[start:stop, :, None]
-        d_an = d[start:stop, None, :]
-        valid = pos[start:stop, :, None] & neg[start:stop, None, :]
-        valid &= (d_an > d_ap) & (d_an < d_ap + margin)
-        idx = valid.nonzero()
-        idx[:, 0] += start
-        parts.append(idx)
-    idx = torch.cat(parts) if parts else torch.zeros(0, 3, dtype=torch.long, device=d.device)
-    return idx[:, 0], idx[:, 1], idx[:, 2]
+    a_parts, p_parts, n_parts = [], [], []
+    for a, p in _positive_pair_chunks(pos, neg):
+        d_ap = d[a, p][:, None]  # [P, 1]
+        d_an = d[a]  # [P, N]
+        pair, n = (neg[a] & (d_an > d_ap) & (d_an < d_ap + margin)).nonzero().unbind(1)
+        a_parts.append(a[pair])
+        p_parts.append(p[pair])
+        n_parts.append(n)
+    if not a_parts:
+        empty = torch.zeros(0, dtype=torch.long, device=d.device)
+        return empty, empty, empty
+    return torch.cat(a_parts), torch.cat(p_parts), torch.cat(n_parts)
+
+
+def _positive_pair_chunks(pos: torch.Tensor, neg: torch.Tensor):
+    """Ordered positive pairs ``(a, p)`` whose anchor has a negative, in lexicographic order,
+    in chunks small enough that a ``[chunk, N]`` tensor has at most the chunk budget."""
+    a, p = (pos & neg.any(dim=1, keepdim=True)).nonzero().unbind(1)
+    chunk = max(1, _TRIPLET_CHUNK_ELEMENTS // max(1, pos.shape[0]))
+    for start in range(0, a.shape[0], chunk):
+        yield a[start : start + chunk], p[start : start + chunk]
 
 
 class ContrastiveLoss(nn.Module):
@@ -268,22 +276,18 @@ class TripletLoss(nn.Module):
         d: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dd = d.detach()
-        n = dd.shape[0]
-        chunk = max(1, _TRIPLET_CHUNK_ELEMENTS // max(1, n * n))
         # Fallback negative per anchor: the farthest one (independent of the positive).
         farthest = dd.masked_fill(~neg, float("-inf")).argmax(dim=1)
         a_all, p_all, n_all = [], [], []
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            a, p = (pos[start:stop] & neg[start:stop].any(dim=1, keepdim=True)).nonzero().unbind(1)
-            a = a + start
+        for a, p in _positive_pair_chunks(pos, neg):
             d_ap = dd[a, p][:, None]  # [P, 1]
             farther = neg[a] & (dd[a] > d_ap)  # [P, N]
             closest_farther = dd[a].masked_fill(~farther, float("inf")).argmin(dim=1)
-            chosen = torch.where(farther.any(dim=1), closest_farther, farthest[a])
             a_all.append(a)
             p_all.append(p)
-            n_all.append(chosen)
+            n_all.append(torch.where(farther.any(dim=1), closest_farther, farthest[a]))
+        if not a_all:
+            return d.new_zeros(0), d.new_zeros(0)
         a, p, ng = torch.cat(a_all), torch.cat(p_all), torch.cat(n_all)
         return d[a, p], d[a, ng]
 
