@@ -1,0 +1,147 @@
+"""ShardedCenterLoss in one process: formula, gradients, both update rules, state, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from dist_train.center_loss import ShardedCenterLoss
+
+
+def _problem(seed=0, n=9, c=5, d=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (n,), generator=g)
+    centers = torch.randn(c, d, generator=g, dtype=torch.float64)
+    return x, labels, centers
+
+
+def ref_center_loss(x, labels, centers, weight):
+    total = 0.0
+    for i in range(len(x)):
+        diff = x[i] - centers[int(labels[i])]
+        total = total + (diff * diff).sum()
+    return weight * total / (2 * len(x))
+
+
+def ref_alpha_update(x, labels, centers, alpha):
+    new = centers.clone()
+    for j in range(len(centers)):
+        members = [i for i in range(len(x)) if int(labels[i]) == j]
+        delta = sum((centers[j] - x[i] for i in members), torch.zeros_like(centers[j]))
+        new[j] = centers[j] - alpha * delta / (1 + len(members))
+    return new
+
+
+def _module(c, d, centers=None, **kw):
+    m = ShardedCenterLoss(c, d, dtype=torch.float64, **kw)
+    if centers is not None:
+        with torch.no_grad():
+            m.centers_shard.copy_(centers)
+    return m
+
+
+def test_loss_and_gradients_match_loop_reference():
+    x, labels, centers = _problem()
+    m = _module(5, 3, centers, weight=0.3)
+    xg = x.clone().requires_grad_(True)
+    loss = m(xg, labels)
+    loss.backward()
+    xr, cr = x.clone().requires_grad_(True), centers.clone().requires_grad_(True)
+    ref = ref_center_loss(xr, labels, cr, 0.3)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(xg.grad, xr.grad)
+    torch.testing.assert_close(m.centers_shard.grad, cr.grad)
+
+
+def test_gradcheck_float64():
+    x, labels, centers = _problem(seed=1, n=6, c=4, d=3)
+    m = _module(4, 3, weight=0.7)
+
+    def fn(t, c):
+        return functional_call(m, {"centers_shard": c}, (t, labels))
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), centers.requires_grad_()))
+
+
+def test_alpha_rule_matches_paper_and_uses_old_centres_for_the_loss():
+    x, labels, centers = _problem(seed=2)
+    labels[labels == 4] = 0  # class 4 absent: its centre must not move
+    m = _module(5, 3, centers, update="alpha", alpha=0.5)
+    assert not isinstance(m.centers_shard, torch.nn.Parameter)
+    xg = x.clone().requires_grad_(True)
+    loss = m(xg, labels)
+    torch.testing.assert_close(loss, ref_center_loss(x, labels, centers, 1.0))
+    want = ref_alpha_update(x, labels, centers, 0.5)
+    torch.testing.assert_close(m.centers_shard, want)
+    torch.testing.assert_close(m.centers_shard[4], centers[4], rtol=0, atol=0)
+    loss.backward()  # backward after the in-place update still works
+    xr = x.clone().requires_grad_(True)
+    ref_center_loss(xr, labels, centers, 1.0).backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    m.eval()
+    m(x, labels)
+    torch.testing.assert_close(m.centers_shard, want)  # no update in eval mode
+
+
+def test_gradient_rule_steps_with_its_own_optimizer():
+    x, labels, centers = _problem(seed=3)
+    m = _module(5, 3, centers)
+    opt = m.configure_optimizer("sgd", lr=0.5)
+    assert m.optimizer is opt and opt.param_groups[0]["lr"] == 0.5
+    m(x, labels).backward()
+    cr = centers.clone().requires_grad_(True)
+    ref_center_loss(x, labels, cr, 1.0).backward()
+    opt.step()
+    torch.testing.assert_close(m.centers_shard.detach(), centers - 0.5 * cr.grad)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_state_dict_round_trip_continues_identically(opt_name):
+    x, labels, centers = _problem(seed=4)
+    kw = {"momentum": 0.9} if opt_name == "sgd" else {}
+    a = _module(5, 3, centers)
+    a.configure_optimizer(opt_name, lr=0.1, **kw)
+    for _ in range(2):
+        a.optimizer.zero_grad()
+        a(x, labels).backward()
+        a.optimizer.step()
+    state = a.state_dict()
+    assert state["centers"].shape == (5, 3)
+    assert set(state["optimizer"]["rows"]) == (
+        {"momentum_buffer"} if opt_name == "sgd" else {"exp_avg", "exp_avg_sq"}
+    )
+    b = _module(5, 3)
+    b.load_state_dict(state)  # before configure_optimizer: applied when it is called
+    b.configure_optimizer(opt_name, lr=0.1, **kw)
+    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+    for m in (a, b):
+        m.optimizer.zero_grad()
+        m(x, labels).backward()
+        m.optimizer.step()
+    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+
+
+def test_errors_name_the_problem():
+    m = ShardedCenterLoss(4, 3)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\).*\[0, 7\]"):
+        m(torch.randn(2, 3), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"local_embeddings must be \[B, 3\]"):
+        m(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="update='gradient'"):
+        ShardedCenterLoss(4, 3, update="alpha").configure_optimizer("sgd", lr=0.1)
+    with pytest.raises(ValueError, match="update='bogus'"):
+        ShardedCenterLoss(4, 3, update="bogus")
+    state = ShardedCenterLoss(5, 3).state_dict()
+    with pytest.raises(ValueError, match="key 'num_classes' is 5, expected 4"):
+        m.load_state_dict(state)
+    with pytest.raises(TypeError, match="world-size-free"):
+        m.state_dict(prefix="x.")
+
+
+def test_bfloat16_embeddings_give_float32_loss():
+    m = ShardedCenterLoss(4, 3)
+    loss = m(torch.randn(6, 3).bfloat16(), torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -1,0 +1,115 @@
+"""MetricLoss across 2 and 3 gloo ranks equals one process on the same global batch.
+
+Each rank builds the whole problem from one seed in float64, computes the single-process
+reference, then the distributed loss on its own ragged slice, and compares the loss, the
+gradient of its local embeddings and the gradients of the head's parameters. All heads are
+checked in one spawn per world size (a spawn costs seconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import heads
+from dist_train.metric_loss import MetricLoss, gather_with_local_grad
+from heads.metric import AMSoftmaxProto, AngleProtoLoss
+from tests.dist_utils import run_distributed
+
+SPLITS = {2: [5, 9], 3: [3, 6, 5]}  # ragged local batches of a 14-row global batch
+
+
+class _MarginStandIn(nn.Module):
+    """Only its kind matters here: the metric term of the combined head is what is gathered."""
+
+    kind = "margin"
+
+    def forward(self, cosine, labels):
+        return cosine
+
+
+def _head_cases():
+    return [
+        ("contrastive", lambda: heads.get_head("contrastive", margin=1.1)),
+        ("contrastive_semi_hard", lambda: heads.get_head("contrastive", miner="semi_hard")),
+        ("triplet_batch_hard", lambda: heads.get_head("triplet", mining="batch_hard")),
+        ("triplet_semi_hard", lambda: heads.get_head("triplet", mining="semi_hard", margin=0.5)),
+        ("margin", lambda: heads.get_head("margin", seed=5, nu=0.01)),
+        (
+            "margin_per_class",
+            lambda: heads.get_head("margin", beta_per_class=True, num_classes=7, seed=9),
+        ),
+        ("angleproto", lambda: heads.get_head("angleproto")),
+        (
+            "amsoftmax_proto",
+            lambda: AMSoftmaxProto(_MarginStandIn(), AngleProtoLoss(init_w=8.0), 0.7),
+        ),
+    ]
+
+
+def _global_problem():
+    g = torch.Generator().manual_seed(1234)
+    labels = torch.arange(7).repeat_interleave(2)  # M = 2 per class for angleproto
+    labels = labels[torch.randperm(14, generator=g)]
+    x = torch.randn(14, 6, generator=g, dtype=torch.float64)
+    return x, labels
+
+
+def _loss_and_grads(head, fn, x):
+    x = x.clone().requires_grad_(True)
+    params = [p for p in head.parameters()]
+    loss = fn(x)
+    grads = torch.autograd.grad(loss, [x, *params])
+    return loss.detach(), grads[0], grads[1:]
+
+
+def _check_all_heads(rank, world):
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    stop = start + sizes[rank]
+    x, labels = _global_problem()
+    # The gathered batch is the global batch in rank order, gradient only on our rows.
+    gx, gl = gather_with_local_grad(x[start:stop].clone().requires_grad_(True), labels[start:stop])
+    torch.testing.assert_close(gx.detach(), x, rtol=0, atol=0)
+    assert torch.equal(gl, labels)
+    losses = {}
+    for name, build in _head_cases():
+        ref_head, dist_head = build().double(), build().double()
+        dist_loss = MetricLoss(dist_head)
+        for step in range(2):  # twice: random heads must stay in step across ranks
+            ref = _loss_and_grads(ref_head, lambda t, h=ref_head: h(t, labels), x)
+            got = _loss_and_grads(
+                dist_head, lambda t, m=dist_loss: m(t[start:stop], labels[start:stop]), x
+            )
+            msg = f"{name} step {step} rank {rank}/{world}"
+            torch.testing.assert_close(got[0], ref[0], msg=msg)
+            # local-embedding gradient = the single-process gradient of our rows
+            torch.testing.assert_close(got[1][start:stop], ref[1][start:stop], msg=msg)
+            assert got[1][:start].abs().sum() == 0 and got[1][stop:].abs().sum() == 0, msg
+            for g_param, r_param in zip(got[2], ref[2]):
+                torch.testing.assert_close(g_param, r_param, msg=msg)
+            assert ref[0] > 0, msg
+            losses[f"{name}/{step}"] = got[0].item()
+    return losses
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_metric_loss_matches_single_process(world):
+    per_rank = run_distributed(_check_all_heads, world)
+    # the loss is identical on every rank
+    assert all(r == per_rank[0] for r in per_rank)
+    assert len(per_rank[0]) == 2 * len(_head_cases())
+
+
+def test_metric_loss_single_process_is_the_head():
+    x, labels = _global_problem()
+    head = heads.get_head("triplet")
+    torch.testing.assert_close(MetricLoss(head)(x, labels), head(x, labels))
+
+
+def test_metric_loss_rejects_margin_heads_and_bad_shapes():
+    with pytest.raises(ValueError, match="kind 'metric' or 'combined'"):
+        MetricLoss(_MarginStandIn())
+    with pytest.raises(ValueError, match="local_labels"):
+        MetricLoss(heads.get_head("triplet"))(torch.randn(4, 3), torch.zeros(3, dtype=torch.long))
