@@ -26,6 +26,12 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
 
 
+def shard_path(main: str | Path, rank: int, world_size: int) -> Path:
+    """``step_XXXXXXXX.shardRRR-of-WWW.pt`` beside the main checkpoint file."""
+    main = Path(main)
+    return main.with_name(f"{main.stem}.shard{rank:03d}-of-{world_size:03d}.pt")
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -65,10 +71,12 @@ def rotate(run_dir: str | Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        try:
-            old.unlink()
-        except FileNotFoundError:
-            pass
+        # main file first: without it the shards are never picked up
+        for p in [old, *old.parent.glob(f"{old.stem}.shard*.pt")]:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -82,7 +90,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
     if not isinstance(state, dict) or "step" not in state:
         raise RuntimeError(f"checkpoint {path} is not a training checkpoint (no 'step' key)")
+    for name in state.get("loss_shards", []):
+        shard = path.with_name(name)
+        if not shard.is_file() or shard.stat().st_size == 0:
+            raise RuntimeError(f"checkpoint {path}: its shard {shard} is missing or empty")
     return state
+
+
+def load_shards(path: str | Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The loss-state pieces that the main checkpoint ``path`` names, in rank order."""
+    path = Path(path)
+    pieces = []
+    for name in state.get("loss_shards", []):
+        shard = path.with_name(name)
+        try:
+            pieces.append(torch.load(shard, map_location="cpu", weights_only=False))
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"checkpoint shard {shard} is corrupt or unreadable: {exc}") from exc
+    return pieces
 
 
 def find_resume(run_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:

@@ -35,69 +35,86 @@ def _build_head(name: str, params: dict[str, Any], num_classes: int) -> nn.Modul
 
 
 class TrainLoss(nn.Module):
-    """Sum of the configured loss parts on one rank's micro-batch."""
+    """Sum of the configured loss parts on one rank's micro-batch.
+
+    ``head.params`` may hold, besides the head's own arguments: ``center_loss_weight`` (λ of a
+    sharded center loss added to the objective; 0 disables), ``center_loss_update``
+    (``"gradient"`` or ``"alpha"``), ``center_loss_alpha`` and ``center_loss_lr_scale``.
+    """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
         super().__init__()
         from dist_train.center_loss import ShardedCenterLoss
-        from dist_train.metric_loss import GlobalMetricLoss
+        from dist_train.metric_loss import MetricLoss
         from dist_train.partial_fc import PartialFC
 
-        params = {k: v for k, v in cfg.head.params.items() if k not in _LOCAL_KEYS}
+        hp = cfg.head.params
+        params = {k: v for k, v in hp.items() if not k.startswith("center_loss_")}
         head = _build_head(cfg.head.name, params, num_classes)
         kind = getattr(head, "kind", None)
         if kind not in ("margin", "metric", "combined"):
             raise ValueError(f"head {cfg.head.name!r} has no valid kind (got {kind!r})")
         d = cfg.backbone.embedding_size
-        pcfg = cfg.partial_fc
+        pcfg, o = cfg.partial_fc, cfg.optim
+        self.kind = kind
+        self.partial_fc_lr_scale = float(pcfg.lr_scale)
         self.partial_fc: PartialFC | None = None
-        self.metric: GlobalMetricLoss | None = None
-        self.metric_weight = 1.0
+        self.metric: MetricLoss | None = None
         margin = head if kind == "margin" else getattr(head, "margin", None)
         if margin is not None:
             self.partial_fc = PartialFC(
                 margin, d, num_classes, sample_rate=pcfg.sample_rate, update=pcfg.update,
                 weight_dtype=_DTYPES[pcfg.weight_dtype],
             ).to(device)
-            o = cfg.optim
             self.partial_fc.configure_optimizer(
                 o.name, lr=o.lr * pcfg.lr_scale, momentum=o.momentum,
                 weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, nesterov=o.nesterov,
             )
-        metric = head if kind == "metric" else getattr(head, "metric", None)
-        if metric is not None:
-            self.metric = GlobalMetricLoss(metric).to(device)
-            self.metric_weight = float(getattr(head, "metric_weight", 1.0))
+        if kind in ("metric", "combined"):
+            # A combined head's forward is its weighted metric term.
+            self.metric = MetricLoss(head).to(device)
         self.center: ShardedCenterLoss | None = None
-        self.center_weight = float(cfg.head.params.get("center_loss_weight", 0.0))
-        self.center_lr_scale = float(cfg.head.params.get("center_loss_lr_scale", 1.0))
-        if self.center_weight > 0:
-            self.center = ShardedCenterLoss(num_classes, d).to(device)
+        self.center_lr_scale = float(hp.get("center_loss_lr_scale", 1.0))
+        center_weight = float(hp.get("center_loss_weight", 0.0))
+        if center_weight > 0:
+            update = str(hp.get("center_loss_update", "gradient"))
+            self.center = ShardedCenterLoss(
+                num_classes, d, update=update, alpha=float(hp.get("center_loss_alpha", 0.5)),
+                weight=center_weight, device=device,
+            )
+            if update == "gradient":
+                self.center.configure_optimizer("sgd", lr=o.lr * self.center_lr_scale)
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, micro_step: int = 0,
         num_micro: int = 1,
     ) -> torch.Tensor:
-        """Loss for local ``embeddings [B_local, D]`` fp32 and ``labels [B_local]``."""
+        """Global-batch loss for local ``embeddings [B_local, D]`` fp32, ``labels [B_local]``."""
         loss = embeddings.new_zeros(())
         if self.partial_fc is not None:
             loss = loss + self.partial_fc(embeddings, labels)
         if self.metric is not None:
-            loss = loss + self.metric_weight * self.metric(embeddings, labels)
+            loss = loss + self.metric(embeddings, labels)
         if self.center is not None:
-            loss = loss + self.center_weight * self.center(embeddings, labels)
+            loss = loss + self.center(embeddings, labels)
         return loss
 
     def dense_module(self) -> nn.Module:
-        """Parameters updated by the backbone's optimizer (metric-head scales, biases, …)."""
-        return self.metric if self.metric is not None else nn.Module()
+        """Parameters updated by the backbone's optimizer (metric-head scales, biases, …).
+
+        The margin part of a combined head lives in Partial FC, which has its own optimizer.
+        """
+        if self.metric is None:
+            return nn.Module()
+        head = self.metric.head
+        return head.metric if self.kind == "combined" else head
 
     def extra_optimizers(self) -> list[tuple[torch.optim.Optimizer, float]]:
         """(optimizer, lr scale relative to optim.lr) for the sharded parts."""
-        out = []
+        out: list[tuple[torch.optim.Optimizer, float]] = []
         if self.partial_fc is not None:
-            out.append((self.partial_fc.optimizer, 1.0))
-        if self.center is not None:
+            out.append((self.partial_fc.optimizer, self.partial_fc_lr_scale))
+        if self.center is not None and self.center.optimizer is not None:
             out.append((self.center.optimizer, self.center_lr_scale))
         return out
 
@@ -110,8 +127,11 @@ class TrainLoss(nn.Module):
                         return False
         return True
 
-    def world_size_free_state(self) -> dict[str, Any]:
-        """State that loads into any world size (collective: every rank must call)."""
+    def local_state(self) -> dict[str, Any]:
+        """This rank's piece of the loss state; pieces of any world size load anywhere.
+
+        Collective (the center loss gathers its centres): every rank must call it.
+        """
         state: dict[str, Any] = {}
         if self.partial_fc is not None:
             state["partial_fc"] = self.partial_fc.state_dict()
@@ -121,13 +141,14 @@ class TrainLoss(nn.Module):
             state["center"] = self.center.state_dict()
         return state
 
-    def load_world_size_free_state(self, state: dict[str, Any]) -> None:
+    def load_pieces(self, pieces: list[dict[str, Any]]) -> None:
+        """Loads the pieces written by every rank of a run of any world size."""
         if self.partial_fc is not None:
-            self.partial_fc.load_state_dict(state["partial_fc"])
+            self.partial_fc.load_state_dict([p["partial_fc"] for p in pieces])
         if self.metric is not None:
-            self.metric.load_state_dict(state["metric"])
+            self.metric.load_state_dict(pieces[0]["metric"])
         if self.center is not None:
-            self.center.load_state_dict(state["center"])
+            self.center.load_state_dict(pieces[0]["center"])
 
 
 def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> TrainLoss:

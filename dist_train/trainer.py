@@ -41,6 +41,7 @@ from dist_train.optim import LRSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
 
+_LOGGED_METRICS = ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-3", "best_f1")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,10 +52,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _allreduce_sum_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
+def _allreduce_sum_hook(state, bucket):  # no annotations: DDP checks them as real types
     """DDP comm hook: sum gradients over ranks instead of averaging (see the module doc)."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
+
+
+def _wrap_ddp(backbone: nn.Module, device: torch.device) -> DDP:
+    """DDP over the backbone; BatchNorm running statistics stay rank-local (as InsightFace
+    does) instead of being broadcast from rank 0 at every forward."""
+    ids = [device.index] if device.type == "cuda" else None
+    try:
+        return DDP(backbone, device_ids=ids, forward_sync_buffers=False)
+    except TypeError:  # torch releases before forward_sync_buffers
+        return DDP(backbone, device_ids=ids, broadcast_buffers=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -127,11 +138,7 @@ class Trainer:
         self.backbone = build_backbone(cfg, self.device)
         self.model: nn.Module = self.backbone
         if dist_info.is_distributed:
-            self.model = DDP(
-                self.backbone,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
+            self.model = _wrap_ddp(self.backbone, self.device)
             self.model.register_comm_hook(None, _allreduce_sum_hook)
         self.loss = build_loss(cfg, self.num_classes, self.device)
         self.optimizer = build_optimizer(cfg.optim, [self.backbone, self.loss.dense_module()])
@@ -160,6 +167,7 @@ class Trainer:
         self.best: float | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._stop_signal: int | None = None
+        self._saved_step = -1
         self._targets: list[Any] | None = None
         self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.tensorboard and dist_info.is_main)
         if dist_info.is_main:
@@ -349,28 +357,35 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def evaluate(self, tag: str = "") -> dict[str, dict[str, float]]:
-        """Evaluates every configured target (all ranks take part); rank 0 logs."""
+        """Evaluates every configured target (all ranks take part); rank 0 logs.
+
+        TensorBoard gets every metric as a scalar and the ROC, precision-recall, score and
+        angle histograms as images under ``eval/<target>/`` (``eval_<tag>/`` for a baseline).
+        """
         ecfg = self.cfg.eval
         if not ecfg.targets:
             return {}
-        from eval.runner import evaluate_targets
+        from eval.report import log_tensorboard
+        from eval.runner import evaluate_targets_full
         from eval.targets import load_target
 
         if self._targets is None:
             self._targets = [load_target(p) for p in ecfg.targets]
-        self.backbone.eval()
         with torch.no_grad():
-            results = evaluate_targets(
+            full = evaluate_targets_full(
                 self.backbone, self._targets, device=self.device, batch_size=ecfg.batch_size,
                 flip=ecfg.flip, low_light=ecfg.low_light, mean=self.cfg.data.mean,
-                std=self.cfg.data.std, amp=self.cfg.amp,
+                std=self.cfg.data.std, amp=self.cfg.amp, image_size=self.cfg.data.image_size,
             )
         self.backbone.train()
-        for name, metrics in results.items():
-            text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            log.info("eval %s step %d %s: %s", tag, self.step, name, text)
-            self.tb.scalars(metrics, self.step, prefix=f"eval{'_' + tag if tag else ''}/{name}/")
-        self.tb.flush()
+        results = {name: dict(r.metrics) for name, r in full.items()}
+        for name, m in results.items():
+            shown = [k for k in _LOGGED_METRICS if k in m]
+            text = " ".join(f"{k} {m[k]:.4f}" for k in shown)
+            log.info("eval%s step %d %s: %s", f" ({tag})" if tag else "", self.step, name, text)
+        if self.tb.writer is not None:
+            log_tensorboard(self.tb.writer, full, self.step, prefix=f"eval_{tag}" if tag else "eval")
+            self.tb.flush()
         if not tag:
             self.last_metrics = results
             self._maybe_keep_best(results)
@@ -395,10 +410,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (collective: every rank must call)."""
+        """Everything but the sharded loss state (collective: every rank must call)."""
         return {
             "backbone": self.backbone.state_dict(),
-            "loss": self.loss.world_size_free_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "sampler": self.data.sampler.state_dict(self.batches_in_epoch),
@@ -413,26 +427,41 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoints/step_XXXXXXXX.pt`` atomically from rank 0 and rotates old ones."""
-        state = self.state()
+        """Writes ``checkpoints/step_XXXXXXXX.pt`` and its loss shards, atomically.
+
+        Every rank writes its piece of the sharded loss state (Partial FC rows and optimizer
+        rows, tagged with their class ranges) to ``step_XXXXXXXX.shardRRR-of-WWW.pt``; rank 0
+        writes the main file last, after a barrier, so a main file exists only when all its
+        shards do. Any world size can load the set.
+        """
         path = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self._saved_step == self.step:  # e.g. an epoch end that is also a save step
+            return path
+        local = self.loss.local_state()
+        shard = ckpt.shard_path(path, self.dist.rank, self.dist.world_size)
+        ckpt.atomic_save(local, shard)
+        state = self.state()
+        barrier()  # every shard is on disk before the main file names them
         if self.dist.is_main:
+            state["loss_shards"] = [
+                ckpt.shard_path(path, r, self.dist.world_size).name
+                for r in range(self.dist.world_size)
+            ]
             ckpt.atomic_save(state, path)
             ckpt.rotate(self.run_dir, self.cfg.checkpoint.keep_last)
             log.info("checkpoint %s", path)
         barrier()
+        self._saved_step = self.step
         return path
 
     def maybe_resume(self) -> None:
         """Restores the newest valid checkpoint when ``checkpoint.resume`` asks for it."""
         found = ckpt.find_resume(self.run_dir, self.cfg.checkpoint.resume)
         if found is None:
-            if self.cfg.checkpoint.resume and self.cfg.checkpoint.resume != "auto":
-                raise FileNotFoundError(self.cfg.checkpoint.resume)
             return
         path, state = found
         self.backbone.load_state_dict(state["backbone"])
-        self.loss.load_world_size_free_state(state["loss"])
+        self.loss.load_pieces(ckpt.load_shards(path, state))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])

@@ -9,6 +9,7 @@ module-level function (it is pickled by the spawn start method).
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -27,7 +28,9 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
         )
         try:
             result = fn(rank, world_size, *args)
-            queue.put((rank, "ok", result))
+            # Plain pickle copies tensors by value; the queue's own pickler would share them
+            # through file descriptors that vanish when this process exits.
+            queue.put((rank, "ok", pickle.dumps(result)))
         finally:
             # Without this barrier a fast rank's teardown can abort a slow rank's collective.
             dist.barrier()
@@ -54,7 +57,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
             for _ in range(world_size):
                 rank, status, payload = queue.get(timeout=timeout_s)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = pickle.loads(payload)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
                     break
