@@ -138,6 +138,11 @@ def autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class GroupOf(nn.Module):
     """Runs existing modules in sequence without owning them in the key layout.
 

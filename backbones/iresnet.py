@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import GroupOf, autocast_off, check_checkpointing, pair, run_stage
+from backbones.common import GroupOf, autocast_off, check_checkpointing, pair, run_stage, upcast
 
 _BN_EPS = 1e-5
 
@@ -145,7 +145,7 @@ class IResNet(nn.Module):
             x = run_stage(layer, x, self.checkpointing)
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         with autocast_off(x.device.type):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(upcast(x)))
 
 
 @register("iresnet18")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, run_stage
+from backbones.common import autocast_off, check_checkpointing, run_stage, upcast
 
 
 class BasicBlock(nn.Module):
@@ -133,7 +133,7 @@ class ResNet(nn.Module):
             x = run_stage(stage, x, self.checkpointing, atomic=i == 0)
         x = self.dropout(torch.flatten(self.avgpool(x), 1))
         with autocast_off(x.device.type):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(upcast(x)))
 
 
 @dataclass

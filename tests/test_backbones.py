@@ -187,7 +187,9 @@ def test_thin_resnet_counts_follow_the_table(name, layers, widths, report_table_
 )
 def test_resnet_trunk_matches_torchvision(name, torchvision_total):
     model = meta_build(name, embedding_size=512)
-    trunk = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features.")))
+    trunk = sum(
+        p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features."))
+    )
     feat = model.fc.in_features
     assert trunk + feat * 1000 + 1000 == torchvision_total  # + ImageNet's classifier
 
@@ -197,7 +199,9 @@ def test_resnet_trunk_matches_torchvision(name, torchvision_total):
 )
 def test_efficientnet_trunk_matches_torchvision(name, torchvision_total):
     model = meta_build(name, embedding_size=512)
-    trunk = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features.")))
+    trunk = sum(
+        p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features."))
+    )
     feat = model.fc.in_features
     assert trunk + feat * 1000 + 1000 == torchvision_total
     if name == "efficientnet_b3":
