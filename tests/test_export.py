@@ -4,6 +4,7 @@ the launch/export.py and launch/model_info.py entry points."""
 from __future__ import annotations
 
 import json
+
 import onnx
 import pytest
 import torch
