@@ -400,3 +400,23 @@ class TestLoadWeights:
             backbones.load_weights(self._fresh(), path)
         with pytest.raises(FileNotFoundError, match="missing.pt"):
             backbones.load_weights(self._fresh(), tmp_path / "missing.pt")
+
+    def test_non_strict_skips_new_embedding_layer(self, trained, tmp_path):
+        path = tmp_path / "model.pt"
+        torch.save(trained.state_dict(), path)
+        other = backbones.get_backbone("mobilefacenet", embedding_size=16, input_size=32)
+        with pytest.warns(UserWarning, match="partial load.*linear.weight"):
+            backbones.load_weights(other, path, strict=False)
+        torch.testing.assert_close(other.stem[0][0].weight, trained.stem[0][0].weight)
+        assert other.linear.weight.shape == (16, 512, 1, 1)
+
+    def test_checkpoint_with_numpy_rng_state(self, trained, tmp_path):
+        import numpy as np
+
+        path = tmp_path / "step.pt"
+        rng = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save({"backbone": trained.state_dict(), "rng": rng}, path)
+        # torch's safe loader refuses numpy arrays; the fallback says so and loads.
+        with pytest.warns(UserWarning, match="weights_only"):
+            loaded = backbones.load_weights(self._fresh(), path)
+        self._assert_same(loaded, trained)
