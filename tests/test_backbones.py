@@ -151,6 +151,43 @@ def test_iresnet_state_dict_layout_matches_arcface_torch(name, layers):
     assert got == _iresnet_reference_keys(layers)
 
 
+def test_iresnet_forward_follows_arcface_order():
+    """Recomputes iresnet18 (eval mode) from its weights with functional ops in arcface_torch's
+    order: stem conv-BN-PReLU; per block BN-conv-BN-PReLU-conv(stride)-BN + shortcut (1x1
+    conv(stride)-BN); then BN2d, flatten, FC, BN1d."""
+    import torch.nn.functional as F
+
+    model = build_small("iresnet18").eval()
+    for m in model.modules():  # non-trivial statistics so every BN matters
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.bias.data.uniform_(-0.5, 0.5)
+
+    def bn(m, x):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    x = images(size=16)
+    with torch.no_grad():
+        h = F.prelu(bn(model.bn1, F.conv2d(x, model.conv1.weight, padding=1)), model.prelu.weight)
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for j, blk in enumerate(layer):
+                stride = 2 if j == 0 else 1
+                out = F.conv2d(bn(blk.bn1, h), blk.conv1.weight, padding=1)
+                out = F.prelu(bn(blk.bn2, out), blk.prelu.weight)
+                out = bn(blk.bn3, F.conv2d(out, blk.conv2.weight, stride=stride, padding=1))
+                if blk.downsample is not None:
+                    conv, norm = blk.downsample
+                    h = bn(norm, F.conv2d(h, conv.weight, stride=stride))
+                h = out + h
+        assert h.shape[-2:] == (1, 1)  # 16 / 16, as 112 / 16 = 7
+        emb = bn(
+            model.features, F.linear(bn(model.bn2, h).flatten(1), model.fc.weight, model.fc.bias)
+        )
+        torch.testing.assert_close(model(x), emb, rtol=1e-5, atol=1e-5)
+
+
 def _bottleneck_params(cin: int, width: int, downsample: bool) -> int:
     out = 4 * width
     convs = cin * width + 9 * width * width + width * out + (cin * out if downsample else 0)
