@@ -151,5 +151,9 @@ def test_model_info_cli_one_network(capsys):
     info_main(["thin_resnet50", "--input-size", "160", "160", "--embedding-size", "256"])
     out = capsys.readouterr().out
     assert "160x160" in out and "conv" in out and "256" in out
+    info_main(["iresnet18", "--param", "width_mult=0.25"])
+    assert "3,914,752" in capsys.readouterr().out  # widths 16/32/64/128, FC 128*49 -> 512
     with pytest.raises(SystemExit):
         info_main(["not_a_net"])
+    with pytest.raises(SystemExit):
+        info_main(["iresnet18", "--param", "no_such_kw=1"])
