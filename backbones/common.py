@@ -138,19 +138,21 @@ def autocast_off(device_type: str) -> Iterator[None]:
         yield
 
 
-class GroupOf(nn.Module):
-    """Runs existing modules in sequence without owning them in the key layout.
+def upcast(x: Tensor) -> Tensor:
+    """Half-precision tensors to float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def unregistered_view(owner: nn.Module, attr: str, *modules: nn.Module) -> nn.Sequential:
+    """An ``nn.Sequential`` over modules ``owner`` already holds, stored outside its registry.
 
     For networks whose stem modules sit at the top level (to keep a reference state-dict
-    layout): ``stages()`` and checkpointing build one on demand. It is never assigned as an
-    attribute of the network, so it adds no state-dict keys.
+    layout, e.g. arcface_torch's ``conv1``/``bn1``/``prelu``): the view can be returned by
+    ``stages()`` and checkpointed as one unit, yet adds no state-dict keys and no duplicate
+    parameters, because it is set with ``object.__setattr__`` instead of being registered.
+    ``.to()``, ``.train()`` and deep copies stay consistent since its members are the
+    registered modules themselves.
     """
-
-    def __init__(self, *modules: nn.Module) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(modules)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for m in self.members:
-            x = m(x)
-        return x
+    view = nn.Sequential(*modules)
+    object.__setattr__(owner, attr, view)
+    return view

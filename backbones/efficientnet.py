@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, make_divisible, run_stage
+from backbones.common import autocast_off, check_checkpointing, make_divisible, run_stage, upcast
 
 # (expansion ratio, kernel, stride, output channels, repeats) for B0.
 _B0_STAGES = (
@@ -175,7 +175,7 @@ class EfficientNet(nn.Module):
         x = run_stage(self.head, x, self.checkpointing, atomic=True)
         x = self.dropout(torch.flatten(self.pool(x), 1))
         with autocast_off(x.device.type):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(upcast(x)))
 
 
 @register("efficientnet_b0")

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import GroupOf, autocast_off, check_checkpointing, pair, run_stage
+from backbones.common import (
+    autocast_off,
+    check_checkpointing,
+    pair,
+    run_stage,
+    unregistered_view,
+    upcast,
+)
 
 _BN_EPS = 1e-5
 
@@ -79,6 +86,8 @@ class IResNet(nn.Module):
         checkpointing: "none", "stage" or "block" gradient checkpointing.
     """
 
+    _stem: nn.Sequential  # the stem modules as one unit, see common.unregistered_view
+
     def __init__(
         self,
         layers: list[int],
@@ -102,6 +111,7 @@ class IResNet(nn.Module):
         self.conv1 = _conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0], eps=_BN_EPS)
         self.prelu = nn.PReLU(widths[0])
+        unregistered_view(self, "_stem", self.conv1, self.bn1, self.prelu)
         in_ch = widths[0]
         for i, (depth, out_ch) in enumerate(zip(layers, widths), start=1):
             blocks = [IBasicBlock(in_ch, out_ch, stride=2)]
@@ -128,7 +138,7 @@ class IResNet(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         """``[stem, layer1, layer2, layer3, layer4]`` for freezing leading stages."""
-        return [GroupOf(self.conv1, self.bn1, self.prelu), *self._layers()]
+        return [self._stem, *self._layers()]
 
     def _layers(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -140,12 +150,12 @@ class IResNet(nn.Module):
                 f"iresnet was built for input {self.input_size}, got {tuple(x.shape[-2:])}; "
                 "pass input_size=(H, W) to the builder"
             )
-        x = run_stage(GroupOf(self.conv1, self.bn1, self.prelu), x, self.checkpointing)
+        x = run_stage(self._stem, x, self.checkpointing, atomic=True)
         for layer in self._layers():
             x = run_stage(layer, x, self.checkpointing)
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         with autocast_off(x.device.type):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(upcast(x)))
 
 
 @register("iresnet18")

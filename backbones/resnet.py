@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, run_stage
+from backbones.common import autocast_off, check_checkpointing, run_stage, unregistered_view, upcast
 
 
 class BasicBlock(nn.Module):
@@ -90,6 +90,8 @@ class ResNet(nn.Module):
         checkpointing: "none", "stage" or "block".
     """
 
+    _stem: nn.Sequential  # the stem modules as one unit, see common.unregistered_view
+
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -105,6 +107,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        unregistered_view(self, "_stem", self.conv1, self.bn1, self.relu, self.maxpool)
         in_ch = 64
         for i, (depth, width) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
             stride = 1 if i == 1 else 2
@@ -120,12 +123,9 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _stem(self) -> nn.Module:
-        return nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
-
     def stages(self) -> list[nn.Module]:
         """``[stem (conv1, bn1), layer1, layer2, layer3, layer4]``."""
-        return [self._stem(), self.layer1, self.layer2, self.layer3, self.layer4]
+        return [self._stem, self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` normalised float (any H, W >= 32) -> ``[B, D]`` float32."""
@@ -133,7 +133,7 @@ class ResNet(nn.Module):
             x = run_stage(stage, x, self.checkpointing, atomic=i == 0)
         x = self.dropout(torch.flatten(self.avgpool(x), 1))
         with autocast_off(x.device.type):
-            return self.features(self.fc(x.float()))
+            return self.features(self.fc(upcast(x)))
 
 
 @dataclass

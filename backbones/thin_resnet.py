@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, run_stage
+from backbones.common import autocast_off, check_checkpointing, run_stage, upcast
 
 
 class Bottleneck(nn.Module):
@@ -118,7 +118,7 @@ class ThinResNet(nn.Module):
             x = run_stage(stage, x, self.checkpointing, atomic=i == 0)
         x = self.dropout(torch.flatten(self.pool(x), 1))
         with autocast_off(x.device.type):
-            return self.fc(x.float())
+            return self.fc(upcast(x))
 
 
 @register("thin_resnet34")

@@ -97,10 +97,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     Args:
         model: the backbone, built with the same name and embedding size as the weights.
         path: see ``read_state_dict`` for the accepted formats.
-        strict: when True any missing, unexpected or mis-shaped key raises.
+        strict: when True any missing, unexpected or mis-shaped key raises. When False (for
+            fine-tuning, e.g. a new embedding size) only keys present in both with the same
+            shape are loaded, and a warning lists what was skipped.
 
     Raises:
-        ValueError: keys or shapes do not match; the message names the file and the keys.
+        ValueError: keys or shapes do not match (strict) or nothing matches at all; the
+            message names the file and the keys.
     """
     state = read_state_dict(path)
     own = model.state_dict()
@@ -111,14 +114,21 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if mismatched or (strict and (missing or unexpected)):
+    summary = (
+        f"{len(mismatched)} mis-shaped {mismatched[:3]}, {len(missing)} missing {missing[:5]}, "
+        f"{len(unexpected)} unexpected {unexpected[:5]}"
+    )
+    if strict and (mismatched or missing or unexpected):
         raise ValueError(
-            f"{path}: weights do not fit {type(model).__name__}: "
-            f"{len(mismatched)} mis-shaped {mismatched[:3]}, {len(missing)} missing "
-            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (wrong --network or "
+            f"{path}: weights do not fit {type(model).__name__}: {summary} (wrong --network or "
             "--embedding-size?)"
         )
-    model.load_state_dict(state, strict=strict)
+    usable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not usable:
+        raise ValueError(f"{path}: no key fits {type(model).__name__}: {summary}")
+    if len(usable) < len(own) or len(usable) < len(state):
+        warnings.warn(f"{path}: partial load into {type(model).__name__}: {summary}", stacklevel=2)
+    model.load_state_dict(usable, strict=False)
     return model
 
 

@@ -151,6 +151,43 @@ def test_iresnet_state_dict_layout_matches_arcface_torch(name, layers):
     assert got == _iresnet_reference_keys(layers)
 
 
+def test_iresnet_forward_follows_arcface_order():
+    """Recomputes iresnet18 (eval mode) from its weights with functional ops in arcface_torch's
+    order: stem conv-BN-PReLU; per block BN-conv-BN-PReLU-conv(stride)-BN + shortcut (1x1
+    conv(stride)-BN); then BN2d, flatten, FC, BN1d."""
+    import torch.nn.functional as F
+
+    model = build_small("iresnet18").eval()
+    for m in model.modules():  # non-trivial statistics so every BN matters
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.bias.data.uniform_(-0.5, 0.5)
+
+    def bn(m, x):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    x = images(size=16)
+    with torch.no_grad():
+        h = F.prelu(bn(model.bn1, F.conv2d(x, model.conv1.weight, padding=1)), model.prelu.weight)
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for j, blk in enumerate(layer):
+                stride = 2 if j == 0 else 1
+                out = F.conv2d(bn(blk.bn1, h), blk.conv1.weight, padding=1)
+                out = F.prelu(bn(blk.bn2, out), blk.prelu.weight)
+                out = bn(blk.bn3, F.conv2d(out, blk.conv2.weight, stride=stride, padding=1))
+                if blk.downsample is not None:
+                    conv, norm = blk.downsample
+                    h = bn(norm, F.conv2d(h, conv.weight, stride=stride))
+                h = out + h
+        assert h.shape[-2:] == (1, 1)  # 16 / 16, as 112 / 16 = 7
+        emb = bn(
+            model.features, F.linear(bn(model.bn2, h).flatten(1), model.fc.weight, model.fc.bias)
+        )
+        torch.testing.assert_close(model(x), emb, rtol=1e-5, atol=1e-5)
+
+
 def _bottleneck_params(cin: int, width: int, downsample: bool) -> int:
     out = 4 * width
     convs = cin * width + 9 * width * width + width * out + (cin * out if downsample else 0)
@@ -187,7 +224,9 @@ def test_thin_resnet_counts_follow_the_table(name, layers, widths, report_table_
 )
 def test_resnet_trunk_matches_torchvision(name, torchvision_total):
     model = meta_build(name, embedding_size=512)
-    trunk = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features.")))
+    trunk = sum(
+        p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features."))
+    )
     feat = model.fc.in_features
     assert trunk + feat * 1000 + 1000 == torchvision_total  # + ImageNet's classifier
 
@@ -197,7 +236,9 @@ def test_resnet_trunk_matches_torchvision(name, torchvision_total):
 )
 def test_efficientnet_trunk_matches_torchvision(name, torchvision_total):
     model = meta_build(name, embedding_size=512)
-    trunk = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features.")))
+    trunk = sum(
+        p.numel() for k, p in model.named_parameters() if not k.startswith(("fc.", "features."))
+    )
     feat = model.fc.in_features
     assert trunk + feat * 1000 + 1000 == torchvision_total
     if name == "efficientnet_b3":
@@ -396,3 +437,23 @@ class TestLoadWeights:
             backbones.load_weights(self._fresh(), path)
         with pytest.raises(FileNotFoundError, match="missing.pt"):
             backbones.load_weights(self._fresh(), tmp_path / "missing.pt")
+
+    def test_non_strict_skips_new_embedding_layer(self, trained, tmp_path):
+        path = tmp_path / "model.pt"
+        torch.save(trained.state_dict(), path)
+        other = backbones.get_backbone("mobilefacenet", embedding_size=16, input_size=32)
+        with pytest.warns(UserWarning, match="partial load.*linear.weight"):
+            backbones.load_weights(other, path, strict=False)
+        torch.testing.assert_close(other.stem[0][0].weight, trained.stem[0][0].weight)
+        assert other.linear.weight.shape == (16, 512, 1, 1)
+
+    def test_checkpoint_with_numpy_rng_state(self, trained, tmp_path):
+        import numpy as np
+
+        path = tmp_path / "step.pt"
+        rng = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save({"backbone": trained.state_dict(), "rng": rng}, path)
+        # torch's safe loader refuses numpy arrays; the fallback says so and loads.
+        with pytest.warns(UserWarning, match="weights_only"):
+            loaded = backbones.load_weights(self._fresh(), path)
+        self._assert_same(loaded, trained)
