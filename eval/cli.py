@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from dist_train.distributed import cleanup, init_distributed
 from eval import report
-from eval.runner import TargetResult, evaluate_targets_full, load_backbone, normalisation_from
+from eval.runner import TargetResult, evaluate_targets_full, load_model, normalisation_from
 from eval.targets import TargetError, load_target, write_scores
 
 
@@ -98,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
         for t in loaded[len(targets) :]:
             if t.labelled:
                 raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
-        model = load_backbone(args.weights, args.network, args.embedding_size).to(dist.device)
-        norm = normalisation_from(args.weights)
+        model, config = load_model(args.weights, args.network, args.embedding_size)
+        model = model.to(dist.device)
+        norm = normalisation_from(config)
         start = time.perf_counter()
         results = evaluate_targets_full(
             model,

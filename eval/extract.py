@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,30 +146,50 @@ def extract_embeddings(
     was_training = isinstance(net, nn.Module) and net.training
     if isinstance(net, nn.Module):
         net.eval()
-    start, stop = shard_range(num_images, get_rank(), get_world_size())
+    rank, world = get_rank(), get_world_size()
+    start, stop = shard_range(num_images, rank, world)
     chunks: list[np.ndarray] = []
     norm_sum, norm_count = 0.0, 0
-    try:
-        for b in range(start, stop, batch_size):
-            emb, norms = embed_batch(
-                net,
-                load_images(b, min(b + batch_size, stop)),
-                device=device,
-                flip=flip,
-                low_light_transform=low_light_transform,
-                mean=mean,
-                std=std,
-                amp=amp,
-            )
-            chunks.append(emb)
-            norm_sum += float(norms.sum())
-            norm_count += int(norms.size)
-    finally:
-        if was_training:
-            net.train()
-    local = np.concatenate(chunks) if chunks else None
+    error: BaseException | None = None
+    batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+    # One background thread decodes the next batch while this one runs through the model
+    # (OpenCV releases the GIL while decoding).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            pending = pool.submit(load_images, *batches[0]) if batches else None
+            for i in range(len(batches)):
+                images = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(load_images, *batches[i + 1])
+                emb, norms = embed_batch(
+                    net,
+                    images,
+                    device=device,
+                    flip=flip,
+                    low_light_transform=low_light_transform,
+                    mean=mean,
+                    std=std,
+                    amp=amp,
+                )
+                chunks.append(emb)
+                norm_sum += float(norms.sum())
+                norm_count += int(norms.size)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+        finally:
+            if was_training:
+                net.train()
+    if error is not None and world == 1:
+        raise error
+    local = np.concatenate(chunks) if chunks and error is None else None
+    # Every rank reaches this gather even when one failed, so a bad image on one rank stops
+    # all of them with its message instead of leaving the others waiting forever.
     # Shards are contiguous and gathered in rank order, so concatenation restores image order.
-    gathered = all_gather_object((local, norm_sum, norm_count))
+    message = None if error is None else f"rank {rank}: {type(error).__name__}: {error}"
+    gathered = all_gather_object((local, norm_sum, norm_count, message))
+    failures = [g[3] for g in gathered if g[3] is not None]
+    if failures:
+        raise RuntimeError("embedding failed on " + "; ".join(failures)) from error
     parts = [g[0] for g in gathered if g[0] is not None]
     if not parts:
         raise ValueError("no images to embed")

@@ -128,33 +128,25 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     return state, config if isinstance(config, dict) else None
 
 
-def load_backbone(
+def load_model(
     weights: str,
     network: str | None = None,
     embedding_size: int | None = None,
     **backbone_kwargs: Any,
-) -> nn.Module:
-    """A backbone with weights loaded, ready for :func:`evaluate_targets`.
+) -> tuple[nn.Module, dict | None]:
+    """Like :func:`load_backbone`, also returning the checkpoint's config (or None).
 
-    Args:
-        weights: ``.onnx`` model, ``.safetensors`` state dict, plain state dict or training
-            checkpoint (``{"backbone": ..., "config": ...}``).
-        network: registered backbone name; may be omitted for ONNX models and for checkpoints
-            whose config names it.
-        embedding_size: D; by default the checkpoint's config value, else 512.
-        backbone_kwargs: extra builder arguments (override the checkpoint's ``params``).
-
-    Returns:
-        The module in eval mode on the CPU (move it with ``.to(device)``).
+    The file is read once; the config tells the caller the training normalisation
+    (:func:`normalisation_from`).
     """
     if weights.endswith(".onnx"):
         if not os.path.isfile(weights):
             raise ModelLoadError(f"{weights}: ONNX model does not exist")
-        return OnnxBackbone(weights).eval()
+        return OnnxBackbone(weights).eval(), None
     import backbones
 
     state, config = read_weights(weights)
-    bcfg = (config or {}).get("backbone", {}) if isinstance(config, dict) else {}
+    bcfg = (config or {}).get("backbone") or {}
     name = network or bcfg.get("name")
     if not name:
         raise ModelLoadError(f"{weights}: no --network given and no backbone name in the file")
@@ -175,14 +167,33 @@ def load_backbone(
             f"{len(missing)} missing keys {list(missing)[:3]}, "
             f"{len(unexpected)} unexpected keys {list(unexpected)[:3]}"
         )
-    return model.eval()
+    return model.eval(), config
 
 
-def normalisation_from(weights: str) -> dict[str, float]:
-    """``{"mean", "std"}`` from a training checkpoint's config (empty when absent)."""
-    if weights.endswith((".onnx", ".safetensors")):
-        return {}
-    _, config = read_weights(weights)
+def load_backbone(
+    weights: str,
+    network: str | None = None,
+    embedding_size: int | None = None,
+    **backbone_kwargs: Any,
+) -> nn.Module:
+    """A backbone with weights loaded, ready for :func:`evaluate_targets`.
+
+    Args:
+        weights: ``.onnx`` model, ``.safetensors`` state dict, plain state dict or training
+            checkpoint (``{"backbone": ..., "config": ...}``).
+        network: registered backbone name; may be omitted for ONNX models and for checkpoints
+            whose config names it.
+        embedding_size: D; by default the checkpoint's config value, else 512.
+        backbone_kwargs: extra builder arguments (override the checkpoint's ``params``).
+
+    Returns:
+        The module in eval mode on the CPU (move it with ``.to(device)``).
+    """
+    return load_model(weights, network, embedding_size, **backbone_kwargs)[0]
+
+
+def normalisation_from(config: dict | None) -> dict[str, float]:
+    """``{"mean", "std"}`` from a training config's ``data`` section (empty when absent)."""
     data = (config or {}).get("data") or {}
     return {k: float(data[k]) for k in ("mean", "std") if k in data}
 

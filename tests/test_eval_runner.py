@@ -16,6 +16,7 @@ from eval.runner import (
     evaluate_targets,
     evaluate_targets_full,
     load_backbone,
+    load_model,
     normalisation_from,
     read_weights,
     score_target,
@@ -93,14 +94,23 @@ def _extract_on_ranks(rank, world_size, imgs):
         return imgs[a:b]
 
     out = extract_embeddings(net, load, len(imgs), device=torch.device("cpu"), batch_size=2)
-    return out.embeddings, out.xnorm, seen
+
+    def broken(a, b):
+        if b > 5:
+            raise ValueError(f"cannot decode image {b - 1}")
+        return imgs[a:b]
+
+    # A failure on one rank must stop every rank (not leave rank 0 waiting in the gather).
+    with pytest.raises(RuntimeError, match="rank 1: ValueError: cannot decode image 5") as err:
+        extract_embeddings(net, broken, len(imgs), device=torch.device("cpu"), batch_size=2)
+    return out.embeddings, out.xnorm, seen, str(err.value)
 
 
 def test_extract_spreads_shards_over_two_ranks():
     imgs = _images(7)
     results = run_distributed(_extract_on_ranks, 2, imgs)
     single = extract_embeddings(TinyNet(8), lambda a, b: imgs[a:b], 7, device=torch.device("cpu"))
-    for emb, xn, _ in results:
+    for emb, xn, _, _ in results:
         np.testing.assert_allclose(emb, single.embeddings, rtol=1e-5, atol=1e-6)
         assert xn == pytest.approx(single.xnorm)
     # Rank 0 embedded images 0..3, rank 1 images 4..6: each rank only its contiguous shard.
@@ -181,7 +191,10 @@ def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
         ckpt,
     )
     _same_output(net, load_backbone(str(ckpt)))
-    assert normalisation_from(str(ckpt)) == {"mean": 0.4, "std": 0.2}
+    model, config = load_model(str(ckpt))
+    _same_output(net, model)
+    assert normalisation_from(config) == {"mean": 0.4, "std": 0.2}
+    assert normalisation_from(None) == {}
     from safetensors.torch import save_file
 
     st = tmp_path / "model.safetensors"
