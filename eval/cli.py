@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="input normalisation std (default: checkpoint config, else 0.5)",
     )
+    p.add_argument("--folds", type=int, default=10, help="folds of the accuracy protocol")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     return p
 
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
             std=args.std if args.std is not None else norm.get("std", 0.5),
             amp=args.amp,
             image_size=args.image_size,
+            n_folds=args.folds,
         )
         seconds = time.perf_counter() - start
         if dist.is_main:
@@ -144,6 +146,7 @@ def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world
             "flip": not args.no_flip,
             "low_light": args.low_light,
             "amp": args.amp,
+            "folds": args.folds,
             "world_size": world,
             "seconds": seconds,
         }

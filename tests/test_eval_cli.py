@@ -44,6 +44,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
             "--test-list", test_path,
             "--out", str(out),
             "--batch-size", "5",
+            "--folds", "6",
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -52,7 +53,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     assert set(doc["targets"]) == {"val", "val_pairs", "test"}
     val = doc["targets"]["val"]
     assert val["metrics"]["accuracy"] == results["val"].metrics["accuracy"]
-    assert len(val["folds"]["thresholds"]) == 10
+    assert len(val["folds"]["thresholds"]) == 6 and doc["meta"]["folds"] == 6
     assert val["tar_at_far"][2]["tar"] is None  # NaN -> null: 12 impostors < 1/1e-3
     assert val["tar_at_far"][0]["num_impostors"] == int((~issame).sum())
     for kind in ("roc", "pr", "scores", "angles"):
@@ -180,3 +181,21 @@ def test_plots_draw_data_where_expected():
     assert roc.shape == (480, 640, 3)
     assert plots._decade(1e-3) == "1e-3" and plots._decade(1.0) == "1"
     np.testing.assert_allclose(plots._nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1])
+
+
+def test_log_tensorboard_with_a_real_summary_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    bin_path, _, _, _ = write_targets(str(tmp_path / "data"), num_ids=6)
+    results = evaluate_targets_full(TinyNet(16), [bin_path], n_folds=3)
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        report.log_tensorboard(writer, results, step=3)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 20_000  # four PNG images inside
+
+
+def test_roc_figure_of_a_perfect_separation():
+    fpr = np.array([0.0, 0.0, 0.5, 1.0])
+    tpr = np.array([0.0, 1.0, 1.0, 1.0])
+    img = plots.roc_figure(fpr, tpr)
+    assert img.shape == (480, 640, 3) and (img < 255).any()
