@@ -74,6 +74,18 @@ def test_bin_round_trip_python3_variants(tmp_path, protocol, as_numpy):
     assert got_issame.dtype == bool
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_bin_with_numpy_bool_scalars(tmp_path, protocol):
+    img = encode(identity_images(1, 1)[0][0])
+    path = tmp_path / "scalars.bin"
+    path.write_bytes(pickle.dumps(([img] * 4, [np.bool_(True), np.bool_(False)]), protocol))
+    assert load_bin(str(path))[1].tolist() == [True, False]
+    # A float64 scalar is refused.
+    path.write_bytes(pickle.dumps(([img] * 2, [np.float64(1.0)]), protocol))
+    with pytest.raises(TargetError, match="scalars.bin"):
+        load_bin(str(path))
+
+
 def test_bin_python2_pickle(tmp_path):
     # What InsightFace's Python 2 files hold: SHORT_BINSTRING images and NEWTRUE/NEWFALSE.
     imgs = identity_images(1, 2)
