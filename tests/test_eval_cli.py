@@ -15,7 +15,7 @@ import torch
 from eval import plots, report
 from eval.cli import main
 from eval.runner import evaluate_targets_full
-from tests.eval_helpers import TINY, TinyNet, write_targets
+from tests.eval_helpers import TINY, TinyNet, tiny_backbone, write_targets  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,7 @@ def _checkpoint(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     bin_path, csv_path, test_path, issame = write_targets(str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -64,6 +65,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     assert float(lines[1].split(",")[0]) == pytest.approx(results["val"].scores[0], abs=1e-6)
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_cli_argument_errors(tmp_path):
     bin_path, _, test_path, _ = write_targets(str(tmp_path), num_ids=3)
     ckpt = _checkpoint(tmp_path)
@@ -88,6 +90,7 @@ def _onnx_model(tmp_path) -> str:
     return path
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_launch_eval_script_with_onnx_model(tmp_path):
     bin_path, csv_path, _, _ = write_targets(str(tmp_path / "data"))
     model = _onnx_model(tmp_path)
@@ -108,6 +111,7 @@ def test_launch_eval_script_with_onnx_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_launch_eval_under_torchrun_two_processes(tmp_path):
     bin_path, _, test_path, _ = write_targets(str(tmp_path / "data"))
     model = _onnx_model(tmp_path)

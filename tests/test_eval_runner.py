@@ -23,7 +23,7 @@ from eval.runner import (
 )
 from eval.targets import load_target
 from tests.dist_utils import run_distributed
-from tests.eval_helpers import TINY, TinyNet, write_targets
+from tests.eval_helpers import TINY, TinyNet, tiny_backbone, write_targets  # noqa: F401
 
 
 def _images(n=5, seed=0):
@@ -171,6 +171,7 @@ def _trained_like(d=12) -> TinyNet:
     return net.eval()
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
     net = _trained_like()
     plain = tmp_path / "model.pt"
@@ -202,6 +203,7 @@ def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
     _same_output(net, load_backbone(str(st), TINY, 12))
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_load_backbone_errors(tmp_path):
     net = _trained_like()
     plain = tmp_path / "model.pt"
@@ -228,6 +230,7 @@ def test_load_backbone_errors(tmp_path):
             read_weights(str(tmp_path / name))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_load_backbone_onnx(tmp_path):
     net = _trained_like()
     path = tmp_path / "model.onnx"
