@@ -55,11 +55,17 @@ class Embeddings:
     Attributes:
         embeddings: ``[N, D]`` float32 (sum over the original and mirrored image with flip TTA;
             not normalised).
-        xnorm: mean L2 norm of the single-view embeddings (InsightFace's XNorm).
+        norms: ``[N, V]`` float64 L2 norm of each single-view embedding (V = 2 with flip TTA:
+            original, mirrored), from which XNorm is computed.
     """
 
     embeddings: np.ndarray
-    xnorm: float
+    norms: np.ndarray
+
+    @property
+    def xnorm(self) -> float:
+        """Mean single-view embedding norm over the images (each image counted once)."""
+        return float(self.norms.mean())
 
 
 def _autocast(device: torch.device, amp: str):
@@ -95,7 +101,7 @@ def embed_batch(
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
 
     Returns:
-        ``([B, D] float32 embeddings, [B * views] float64 single-view norms)``.
+        ``([B, D] float32 embeddings, [B, V] float64 single-view norms)``, V = 2 with flip.
     """
     if low_light_transform:
         images = low_light(images)
@@ -107,7 +113,7 @@ def embed_batch(
         views = [out]
         if flip:
             views.append(model(torch.flip(x, dims=[3])).float())
-    norms = torch.cat([v.double().norm(dim=1) for v in views])
+    norms = torch.stack([v.double().norm(dim=1) for v in views], dim=1)
     total = views[0] if len(views) == 1 else views[0] + views[1]
     # .cpu() is a device sync point, once per batch.
     return total.cpu().numpy(), norms.cpu().numpy()
@@ -149,7 +155,7 @@ def extract_embeddings(
     rank, world = get_rank(), get_world_size()
     start, stop = shard_range(num_images, rank, world)
     chunks: list[np.ndarray] = []
-    norm_sum, norm_count = 0.0, 0
+    norm_chunks: list[np.ndarray] = []
     error: BaseException | None = None
     batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
     # One background thread decodes the next batch while this one runs through the model
@@ -172,8 +178,7 @@ def extract_embeddings(
                     amp=amp,
                 )
                 chunks.append(emb)
-                norm_sum += float(norms.sum())
-                norm_count += int(norms.size)
+                norm_chunks.append(norms)
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         finally:
@@ -181,20 +186,22 @@ def extract_embeddings(
                 net.train()
     if error is not None and world == 1:
         raise error
-    local = np.concatenate(chunks) if chunks and error is None else None
+    local = None
+    if chunks and error is None:
+        local = (np.concatenate(chunks), np.concatenate(norm_chunks))
     # Every rank reaches this gather even when one failed, so a bad image on one rank stops
     # all of them with its message instead of leaving the others waiting forever.
     # Shards are contiguous and gathered in rank order, so concatenation restores image order.
     message = None if error is None else f"rank {rank}: {type(error).__name__}: {error}"
-    gathered = all_gather_object((local, norm_sum, norm_count, message))
-    failures = [g[3] for g in gathered if g[3] is not None]
+    gathered = all_gather_object((local, message))
+    failures = [g[1] for g in gathered if g[1] is not None]
     if failures:
         raise RuntimeError("embedding failed on " + "; ".join(failures)) from error
     parts = [g[0] for g in gathered if g[0] is not None]
     if not parts:
         raise ValueError("no images to embed")
-    total_count = sum(g[2] for g in gathered)
-    embeddings = np.concatenate(parts)
+    embeddings = np.concatenate([p[0] for p in parts])
+    norms = np.concatenate([p[1] for p in parts])
     if embeddings.shape[0] != num_images:
         raise RuntimeError(f"gathered {embeddings.shape[0]} embeddings for {num_images} images")
-    return Embeddings(embeddings, sum(g[1] for g in gathered) / max(total_count, 1))
+    return Embeddings(embeddings, norms)

@@ -245,7 +245,7 @@ class TargetResult:
 def score_target(
     target: VerificationTarget,
     embeddings: np.ndarray,
-    xnorm_value: float | None = None,
+    norms: np.ndarray | None = None,
     n_folds: int = 10,
     fars: Sequence[float] = metrics.DEFAULT_FARS,
 ) -> TargetResult:
@@ -254,14 +254,19 @@ def score_target(
     Args:
         target: the pairs and labels.
         embeddings: ``[N, D]`` one row per image of ``target``.
-        xnorm_value: mean single-view embedding norm (default: norm of ``embeddings`` rows).
+        norms: ``[N, V]`` single-view embedding norms (default: the norms of the rows of
+            ``embeddings``). XNorm averages them over the ``2P`` pair sides, as InsightFace
+            does over the images of a ``.bin`` file, whatever the images' sharing.
         n_folds: folds of the accuracy protocol.
         fars: FARs for TAR@FAR.
     """
     emb1 = embeddings[target.pairs[:, 0]]
     emb2 = embeddings[target.pairs[:, 1]]
     distances, scores = metrics.distances_and_scores(emb1, emb2)
-    xn = metrics.xnorm(embeddings) if xnorm_value is None else float(xnorm_value)
+    if norms is None:
+        norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)[:, None]
+    uses = np.bincount(target.pairs.ravel(), minlength=target.num_images)
+    xn = float(np.sum(uses[:, None] * norms) / (uses.sum() * norms.shape[1]))
     out: dict[str, float] = {"num_pairs": float(target.num_pairs), "xnorm": xn}
     result = TargetResult(target.name, out, scores, target.issame, target=target)
     result.embeddings = embeddings
@@ -344,7 +349,7 @@ def evaluate_targets_full(
         name = target.name
         while name in results:
             name += "_"
-        results[name] = score_target(target, emb.embeddings, emb.xnorm, n_folds=n_folds)
+        results[name] = score_target(target, emb.embeddings, emb.norms, n_folds=n_folds)
         results[name].name = name
     return results
 

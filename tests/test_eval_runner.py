@@ -45,14 +45,14 @@ def test_embed_batch_flip_normalisation_and_low_light():
     x = (torch.from_numpy(imgs).float() / 255 - 0.4) / 0.3
     with torch.no_grad():
         ref = net(x) + net(torch.flip(x, dims=[3]))
-        ref_norms = torch.cat([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)])
+        ref_norms = torch.stack([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)], 1)
     emb, norms = embed_batch(net, imgs, device=torch.device("cpu"), mean=0.4, std=0.3)
     np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norms, ref_norms.numpy(), rtol=1e-5)
     emb1, norms1 = embed_batch(net, imgs, device=torch.device("cpu"), flip=False)
     with torch.no_grad():
         np.testing.assert_allclose(emb1, net((torch.from_numpy(imgs).float() / 255 - 0.5) / 0.5))
-    assert norms1.shape == (5,)
+    assert norms1.shape == (5, 1)
     dark, _ = embed_batch(
         net, imgs, device=torch.device("cpu"), flip=False, low_light_transform=True
     )
@@ -121,8 +121,7 @@ def test_evaluate_targets_bin_and_csv_agree_and_are_good(tmp_path):
     bin_path, csv_path, _, issame = write_targets(str(tmp_path))
     out = evaluate_targets(TinyNet(16), [bin_path, csv_path], device="cpu", batch_size=8)
     assert list(out) == ["val", "val_pairs"]
-    # (xnorm differs: the list embeds each distinct image once, the .bin every pair side.)
-    for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1"):
+    for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1", "xnorm"):
         assert out["val"][key] == pytest.approx(out["val_pairs"][key], rel=1e-5, abs=1e-6), key
     # Same-identity images share a colour pattern: the pooled projection separates them.
     assert out["val"]["accuracy"] >= 0.9 and out["val"]["eer"] <= 0.15
@@ -133,10 +132,17 @@ def test_evaluate_targets_full_matches_metrics_on_its_embeddings(tmp_path):
     bin_path, _, test_path, issame = write_targets(str(tmp_path))
     res = evaluate_targets_full(TinyNet(16), [bin_path, test_path], device="cpu", n_folds=4)
     r = res["val"]
-    e = r.embeddings
-    mean, std = metrics.kfold_accuracy(e[0::2], e[1::2], issame, n_folds=4)
+    e1, e2 = r.embeddings[r.target.pairs[:, 0]], r.embeddings[r.target.pairs[:, 1]]
+    mean, std = metrics.kfold_accuracy(e1, e2, issame, n_folds=4)
     assert r.metrics["accuracy"] == mean and r.metrics["accuracy_std"] == std
-    assert r.metrics["eer"] == metrics.eer(metrics.cosine_scores(e[0::2], e[1::2]), issame)[0]
+    assert r.metrics["eer"] == metrics.eer(metrics.cosine_scores(e1, e2), issame)[0]
+    # XNorm as InsightFace: mean single-view norm over the 2P pair sides (both views).
+    net = TinyNet(16).eval()
+    sides = np.concatenate([r.target.pairs[:, 0:1], r.target.pairs[:, 1:2]], 1).ravel()
+    x = torch.from_numpy(r.target.load_images(0, r.target.num_images)).float() / 127.5 - 1
+    with torch.no_grad():
+        norms = torch.stack([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)], 1)
+    assert r.metrics["xnorm"] == pytest.approx(float(norms.double()[sides].mean()), rel=1e-5)
     assert len(r.kfold.fold_thresholds) == 4 and r.best_f1 is not None
     curves = r.curves()
     assert curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
