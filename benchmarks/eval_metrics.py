@@ -141,20 +141,22 @@ def to_markdown(rows: list[dict], large: int) -> str:
         "# Benchmark: verification metrics (`benchmarks/eval_metrics.py`)",
         "",
         f"One CPU core (`OMP_NUM_THREADS=1`), numpy {np.__version__}, "
-        f"{platform.processor() or platform.machine()}, best of repeats. ",
+        f"{platform.processor() or platform.machine()}, best of repeats; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs while measuring (other jobs "
+        "share the machine, so these are upper bounds).",
         '"loop" is the straightforward threshold-grid implementation (InsightFace\'s '
         "`calculate_roc`: 400 thresholds × 10 folds for the training-fold accuracy plus the "
         "test-fold TPR/FPR; EER by a loop over every distinct score). The run asserts that the "
         "loop and the vectorised code return identical numbers.",
         "",
-        "| pairs | D | metric | vectorised (s) | loop (s) | speed-up |",
+        "| pairs | D | metric | vectorised (ms) | loop (ms) | speed-up |",
         "|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        loop = "not run" if r["loop_s"] is None else f"{r['loop_s']:.3f}"
+        loop = "not run" if r["loop_s"] is None else f"{1000 * r['loop_s']:.1f}"
         ratio = "" if r["speedup"] is None else f"{r['speedup']:.0f}×"
         lines.append(
-            f"| {r['pairs']:,} | {r['dim']} | {r['metric']} | {r['vectorised_s']:.3f} "
+            f"| {r['pairs']:,} | {r['dim']} | {r['metric']} | {1000 * r['vectorised_s']:.1f} "
             f"| {loop} | {ratio} |"
         )
     lines += [

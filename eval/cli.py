@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from dist_train.distributed import cleanup, init_distributed
 from eval import report
-from eval.runner import TargetResult, evaluate_targets_full, load_backbone, normalisation_from
+from eval.runner import TargetResult, evaluate_targets_full, load_model, normalisation_from
 from eval.targets import TargetError, load_target, write_scores
 
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="input normalisation std (default: checkpoint config, else 0.5)",
     )
+    p.add_argument("--folds", type=int, default=10, help="folds of the accuracy protocol")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     return p
 
@@ -98,8 +99,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
         for t in loaded[len(targets) :]:
             if t.labelled:
                 raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
-        model = load_backbone(args.weights, args.network, args.embedding_size).to(dist.device)
-        norm = normalisation_from(args.weights)
+        model, config = load_model(args.weights, args.network, args.embedding_size)
+        model = model.to(dist.device)
+        norm = normalisation_from(config)
         start = time.perf_counter()
         results = evaluate_targets_full(
             model,
@@ -112,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
             std=args.std if args.std is not None else norm.get("std", 0.5),
             amp=args.amp,
             image_size=args.image_size,
+            n_folds=args.folds,
         )
         seconds = time.perf_counter() - start
         if dist.is_main:
@@ -143,6 +146,7 @@ def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world
             "flip": not args.no_flip,
             "low_light": args.low_light,
             "amp": args.amp,
+            "folds": args.folds,
             "world_size": world,
             "seconds": seconds,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,11 +55,17 @@ class Embeddings:
     Attributes:
         embeddings: ``[N, D]`` float32 (sum over the original and mirrored image with flip TTA;
             not normalised).
-        xnorm: mean L2 norm of the single-view embeddings (InsightFace's XNorm).
+        norms: ``[N, V]`` float64 L2 norm of each single-view embedding (V = 2 with flip TTA:
+            original, mirrored), from which XNorm is computed.
     """
 
     embeddings: np.ndarray
-    xnorm: float
+    norms: np.ndarray
+
+    @property
+    def xnorm(self) -> float:
+        """Mean single-view embedding norm over the images (each image counted once)."""
+        return float(self.norms.mean())
 
 
 def _autocast(device: torch.device, amp: str):
@@ -94,7 +101,7 @@ def embed_batch(
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
 
     Returns:
-        ``([B, D] float32 embeddings, [B * views] float64 single-view norms)``.
+        ``([B, D] float32 embeddings, [B, V] float64 single-view norms)``, V = 2 with flip.
     """
     if low_light_transform:
         images = low_light(images)
@@ -106,7 +113,7 @@ def embed_batch(
         views = [out]
         if flip:
             views.append(model(torch.flip(x, dims=[3])).float())
-    norms = torch.cat([v.double().norm(dim=1) for v in views])
+    norms = torch.stack([v.double().norm(dim=1) for v in views], dim=1)
     total = views[0] if len(views) == 1 else views[0] + views[1]
     # .cpu() is a device sync point, once per batch.
     return total.cpu().numpy(), norms.cpu().numpy()
@@ -145,35 +152,56 @@ def extract_embeddings(
     was_training = isinstance(net, nn.Module) and net.training
     if isinstance(net, nn.Module):
         net.eval()
-    start, stop = shard_range(num_images, get_rank(), get_world_size())
+    rank, world = get_rank(), get_world_size()
+    start, stop = shard_range(num_images, rank, world)
     chunks: list[np.ndarray] = []
-    norm_sum, norm_count = 0.0, 0
-    try:
-        for b in range(start, stop, batch_size):
-            emb, norms = embed_batch(
-                net,
-                load_images(b, min(b + batch_size, stop)),
-                device=device,
-                flip=flip,
-                low_light_transform=low_light_transform,
-                mean=mean,
-                std=std,
-                amp=amp,
-            )
-            chunks.append(emb)
-            norm_sum += float(norms.sum())
-            norm_count += int(norms.size)
-    finally:
-        if was_training:
-            net.train()
-    local = np.concatenate(chunks) if chunks else None
+    norm_chunks: list[np.ndarray] = []
+    error: BaseException | None = None
+    batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+    # One background thread decodes the next batch while this one runs through the model
+    # (OpenCV releases the GIL while decoding).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            pending = pool.submit(load_images, *batches[0]) if batches else None
+            for i in range(len(batches)):
+                images = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(load_images, *batches[i + 1])
+                emb, norms = embed_batch(
+                    net,
+                    images,
+                    device=device,
+                    flip=flip,
+                    low_light_transform=low_light_transform,
+                    mean=mean,
+                    std=std,
+                    amp=amp,
+                )
+                chunks.append(emb)
+                norm_chunks.append(norms)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+        finally:
+            if was_training:
+                net.train()
+    if error is not None and world == 1:
+        raise error
+    local = None
+    if chunks and error is None:
+        local = (np.concatenate(chunks), np.concatenate(norm_chunks))
+    # Every rank reaches this gather even when one failed, so a bad image on one rank stops
+    # all of them with its message instead of leaving the others waiting forever.
     # Shards are contiguous and gathered in rank order, so concatenation restores image order.
-    gathered = all_gather_object((local, norm_sum, norm_count))
+    message = None if error is None else f"rank {rank}: {type(error).__name__}: {error}"
+    gathered = all_gather_object((local, message))
+    failures = [g[1] for g in gathered if g[1] is not None]
+    if failures:
+        raise RuntimeError("embedding failed on " + "; ".join(failures)) from error
     parts = [g[0] for g in gathered if g[0] is not None]
     if not parts:
         raise ValueError("no images to embed")
-    total_count = sum(g[2] for g in gathered)
-    embeddings = np.concatenate(parts)
+    embeddings = np.concatenate([p[0] for p in parts])
+    norms = np.concatenate([p[1] for p in parts])
     if embeddings.shape[0] != num_images:
         raise RuntimeError(f"gathered {embeddings.shape[0]} embeddings for {num_images} images")
-    return Embeddings(embeddings, sum(g[1] for g in gathered) / max(total_count, 1))
+    return Embeddings(embeddings, norms)

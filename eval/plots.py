@@ -199,7 +199,7 @@ def render(
 def roc_figure(fpr: np.ndarray, tpr: np.ndarray, title: str = "ROC") -> np.ndarray:
     """TAR against FAR with a logarithmic FAR axis down to the smallest non-zero FAR."""
     pos = fpr[fpr > 0]
-    lo = 10 ** math.floor(math.log10(pos.min())) if pos.size else 1e-4
+    lo = min(10 ** math.floor(math.log10(pos.min())), 0.1) if pos.size else 1e-4
     return render(
         [Series(np.clip(fpr, lo, 1), tpr, "ROC")],
         title=title,

@@ -78,15 +78,19 @@ class OnnxBackbone(nn.Module):
 def _torch_load(path: str) -> Any:
     # weights_only keeps pickled code from running; numpy arrays (RNG states in training
     # checkpoints) are the only extra types admitted.
-    safe = [np.ndarray, np.dtype, np._core.multiarray._reconstruct]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    safe = [np.ndarray, np.dtype, core.multiarray._reconstruct]
     safe += [type(np.dtype(t)) for t in ("uint8", "uint32", "int64", "float32", "float64")]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # torch's message starts with generic advice; the line naming the culprit is later.
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
         raise ModelLoadError(
             f"{path}: cannot load as a weights file or training checkpoint with "
-            f"weights_only=True ({str(exc).splitlines()[0]})"
+            f"weights_only=True, so nothing in it was executed ({detail})"
         ) from exc
 
 
@@ -128,33 +132,25 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     return state, config if isinstance(config, dict) else None
 
 
-def load_backbone(
+def load_model(
     weights: str,
     network: str | None = None,
     embedding_size: int | None = None,
     **backbone_kwargs: Any,
-) -> nn.Module:
-    """A backbone with weights loaded, ready for :func:`evaluate_targets`.
+) -> tuple[nn.Module, dict | None]:
+    """Like :func:`load_backbone`, also returning the checkpoint's config (or None).
 
-    Args:
-        weights: ``.onnx`` model, ``.safetensors`` state dict, plain state dict or training
-            checkpoint (``{"backbone": ..., "config": ...}``).
-        network: registered backbone name; may be omitted for ONNX models and for checkpoints
-            whose config names it.
-        embedding_size: D; by default the checkpoint's config value, else 512.
-        backbone_kwargs: extra builder arguments (override the checkpoint's ``params``).
-
-    Returns:
-        The module in eval mode on the CPU (move it with ``.to(device)``).
+    The file is read once; the config tells the caller the training normalisation
+    (:func:`normalisation_from`).
     """
     if weights.endswith(".onnx"):
         if not os.path.isfile(weights):
             raise ModelLoadError(f"{weights}: ONNX model does not exist")
-        return OnnxBackbone(weights).eval()
+        return OnnxBackbone(weights).eval(), None
     import backbones
 
     state, config = read_weights(weights)
-    bcfg = (config or {}).get("backbone", {}) if isinstance(config, dict) else {}
+    bcfg = (config or {}).get("backbone") or {}
     name = network or bcfg.get("name")
     if not name:
         raise ModelLoadError(f"{weights}: no --network given and no backbone name in the file")
@@ -175,14 +171,33 @@ def load_backbone(
             f"{len(missing)} missing keys {list(missing)[:3]}, "
             f"{len(unexpected)} unexpected keys {list(unexpected)[:3]}"
         )
-    return model.eval()
+    return model.eval(), config
 
 
-def normalisation_from(weights: str) -> dict[str, float]:
-    """``{"mean", "std"}`` from a training checkpoint's config (empty when absent)."""
-    if weights.endswith((".onnx", ".safetensors")):
-        return {}
-    _, config = read_weights(weights)
+def load_backbone(
+    weights: str,
+    network: str | None = None,
+    embedding_size: int | None = None,
+    **backbone_kwargs: Any,
+) -> nn.Module:
+    """A backbone with weights loaded, ready for :func:`evaluate_targets`.
+
+    Args:
+        weights: ``.onnx`` model, ``.safetensors`` state dict, plain state dict or training
+            checkpoint (``{"backbone": ..., "config": ...}``).
+        network: registered backbone name; may be omitted for ONNX models and for checkpoints
+            whose config names it.
+        embedding_size: D; by default the checkpoint's config value, else 512.
+        backbone_kwargs: extra builder arguments (override the checkpoint's ``params``).
+
+    Returns:
+        The module in eval mode on the CPU (move it with ``.to(device)``).
+    """
+    return load_model(weights, network, embedding_size, **backbone_kwargs)[0]
+
+
+def normalisation_from(config: dict | None) -> dict[str, float]:
+    """``{"mean", "std"}`` from a training config's ``data`` section (empty when absent)."""
     data = (config or {}).get("data") or {}
     return {k: float(data[k]) for k in ("mean", "std") if k in data}
 
@@ -230,7 +245,7 @@ class TargetResult:
 def score_target(
     target: VerificationTarget,
     embeddings: np.ndarray,
-    xnorm_value: float | None = None,
+    norms: np.ndarray | None = None,
     n_folds: int = 10,
     fars: Sequence[float] = metrics.DEFAULT_FARS,
 ) -> TargetResult:
@@ -239,14 +254,19 @@ def score_target(
     Args:
         target: the pairs and labels.
         embeddings: ``[N, D]`` one row per image of ``target``.
-        xnorm_value: mean single-view embedding norm (default: norm of ``embeddings`` rows).
+        norms: ``[N, V]`` single-view embedding norms (default: the norms of the rows of
+            ``embeddings``). XNorm averages them over the ``2P`` pair sides, as InsightFace
+            does over the images of a ``.bin`` file, whatever the images' sharing.
         n_folds: folds of the accuracy protocol.
         fars: FARs for TAR@FAR.
     """
     emb1 = embeddings[target.pairs[:, 0]]
     emb2 = embeddings[target.pairs[:, 1]]
     distances, scores = metrics.distances_and_scores(emb1, emb2)
-    xn = metrics.xnorm(embeddings) if xnorm_value is None else float(xnorm_value)
+    if norms is None:
+        norms = np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1)[:, None]
+    uses = np.bincount(target.pairs.ravel(), minlength=target.num_images)
+    xn = float(np.sum(uses[:, None] * norms) / (uses.sum() * norms.shape[1]))
     out: dict[str, float] = {"num_pairs": float(target.num_pairs), "xnorm": xn}
     result = TargetResult(target.name, out, scores, target.issame, target=target)
     result.embeddings = embeddings
@@ -329,7 +349,7 @@ def evaluate_targets_full(
         name = target.name
         while name in results:
             name += "_"
-        results[name] = score_target(target, emb.embeddings, emb.xnorm, n_folds=n_folds)
+        results[name] = score_target(target, emb.embeddings, emb.norms, n_folds=n_folds)
         results[name].name = name
     return results
 

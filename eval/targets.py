@@ -248,10 +248,20 @@ class VerificationTarget:
 
 
 def bin_target(path: str, name: str | None = None) -> VerificationTarget:
-    """A ``.bin`` set as a target (pair ``i`` = images ``2i`` and ``2i+1``)."""
+    """A ``.bin`` set as a target (pair ``i`` = images ``2i`` and ``2i+1``).
+
+    Byte-identical images (the same photo used by several pairs) are kept once, so each is
+    embedded once; ``pairs`` maps every pair side to its image.
+    """
     bins, issame = load_bin(path)
-    pairs = np.arange(2 * len(issame), dtype=np.int64).reshape(-1, 2)
-    return VerificationTarget(_stem(path) if name is None else name, path, bins, pairs, issame)
+    index: dict[bytes, int] = {}
+    sides = np.fromiter(
+        (index.setdefault(b, len(index)) for b in bins), dtype=np.int64, count=len(bins)
+    )
+    unique = list(index)  # dicts keep insertion order: unique[k] has index k
+    return VerificationTarget(
+        _stem(path) if name is None else name, path, unique, sides.reshape(-1, 2), issame
+    )
 
 
 def _split_line(line: str) -> list[str]:

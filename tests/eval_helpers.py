@@ -1,8 +1,8 @@
 """Shared helpers of the evaluator tests: a test-only backbone and small synthetic targets.
 
-``_test_tiny`` (registered on import, once per process) average-pools the image to 4x4 and
-projects it with a seeded linear layer: no training needed, yet images of the same synthetic
-identity land close together, so verification metrics are meaningful.
+``_test_tiny`` (registered by the ``tiny_backbone`` fixture while a test runs) average-pools the
+image to 4x4 and projects it with a seeded linear layer: no training needed, yet images of the
+same synthetic identity land close together, so verification metrics are meaningful.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -40,11 +41,21 @@ class TinyNet(nn.Module):
         return [self.pool, self.fc]
 
 
-if TINY not in backbones.names():
+def _tiny(*, embedding_size: int = 16, checkpointing: str = "none") -> TinyNet:
+    return TinyNet(embedding_size)
 
-    @backbones.register(TINY)
-    def _tiny(*, embedding_size: int = 16, checkpointing: str = "none") -> TinyNet:
-        return TinyNet(embedding_size)
+
+@pytest.fixture
+def tiny_backbone():
+    """Registers ``_test_tiny`` for one test and removes it afterwards.
+
+    Registering only while a test runs keeps it out of tests that parametrise over
+    ``backbones.names()`` at collection time.
+    """
+    if TINY not in backbones.names():
+        backbones.register(TINY)(_tiny)
+    yield TINY
+    backbones.BACKBONES._builders.pop(TINY, None)  # the Registry has no public unregister
 
 
 def identity_images(num_ids: int, per_id: int, seed: int = 0) -> list[list[np.ndarray]]:

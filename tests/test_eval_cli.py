@@ -15,7 +15,7 @@ import torch
 from eval import plots, report
 from eval.cli import main
 from eval.runner import evaluate_targets_full
-from tests.eval_helpers import TINY, TinyNet, write_targets
+from tests.eval_helpers import TINY, TinyNet, tiny_backbone, write_targets  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,7 @@ def _checkpoint(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     bin_path, csv_path, test_path, issame = write_targets(str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -44,6 +45,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
             "--test-list", test_path,
             "--out", str(out),
             "--batch-size", "5",
+            "--folds", "6",
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
@@ -52,7 +54,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     assert set(doc["targets"]) == {"val", "val_pairs", "test"}
     val = doc["targets"]["val"]
     assert val["metrics"]["accuracy"] == results["val"].metrics["accuracy"]
-    assert len(val["folds"]["thresholds"]) == 10
+    assert len(val["folds"]["thresholds"]) == 6 and doc["meta"]["folds"] == 6
     assert val["tar_at_far"][2]["tar"] is None  # NaN -> null: 12 impostors < 1/1e-3
     assert val["tar_at_far"][0]["num_impostors"] == int((~issame).sum())
     for kind in ("roc", "pr", "scores", "angles"):
@@ -63,6 +65,7 @@ def test_cli_on_checkpoint_writes_table_json_plots_and_scores(tmp_path, capsys):
     assert float(lines[1].split(",")[0]) == pytest.approx(results["val"].scores[0], abs=1e-6)
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_cli_argument_errors(tmp_path):
     bin_path, _, test_path, _ = write_targets(str(tmp_path), num_ids=3)
     ckpt = _checkpoint(tmp_path)
@@ -87,6 +90,7 @@ def _onnx_model(tmp_path) -> str:
     return path
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_launch_eval_script_with_onnx_model(tmp_path):
     bin_path, csv_path, _, _ = write_targets(str(tmp_path / "data"))
     model = _onnx_model(tmp_path)
@@ -107,6 +111,7 @@ def test_launch_eval_script_with_onnx_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_launch_eval_under_torchrun_two_processes(tmp_path):
     bin_path, _, test_path, _ = write_targets(str(tmp_path / "data"))
     model = _onnx_model(tmp_path)
@@ -180,3 +185,21 @@ def test_plots_draw_data_where_expected():
     assert roc.shape == (480, 640, 3)
     assert plots._decade(1e-3) == "1e-3" and plots._decade(1.0) == "1"
     np.testing.assert_allclose(plots._nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1])
+
+
+def test_log_tensorboard_with_a_real_summary_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    bin_path, _, _, _ = write_targets(str(tmp_path / "data"), num_ids=6)
+    results = evaluate_targets_full(TinyNet(16), [bin_path], n_folds=3)
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        report.log_tensorboard(writer, results, step=3)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 20_000  # four PNG images inside
+
+
+def test_roc_figure_of_a_perfect_separation():
+    fpr = np.array([0.0, 0.0, 0.5, 1.0])
+    tpr = np.array([0.0, 1.0, 1.0, 1.0])
+    img = plots.roc_figure(fpr, tpr)
+    assert img.shape == (480, 640, 3) and (img < 255).any()

@@ -16,13 +16,14 @@ from eval.runner import (
     evaluate_targets,
     evaluate_targets_full,
     load_backbone,
+    load_model,
     normalisation_from,
     read_weights,
     score_target,
 )
 from eval.targets import load_target
 from tests.dist_utils import run_distributed
-from tests.eval_helpers import TINY, TinyNet, write_targets
+from tests.eval_helpers import TINY, TinyNet, tiny_backbone, write_targets  # noqa: F401
 
 
 def _images(n=5, seed=0):
@@ -44,14 +45,14 @@ def test_embed_batch_flip_normalisation_and_low_light():
     x = (torch.from_numpy(imgs).float() / 255 - 0.4) / 0.3
     with torch.no_grad():
         ref = net(x) + net(torch.flip(x, dims=[3]))
-        ref_norms = torch.cat([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)])
+        ref_norms = torch.stack([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)], 1)
     emb, norms = embed_batch(net, imgs, device=torch.device("cpu"), mean=0.4, std=0.3)
     np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norms, ref_norms.numpy(), rtol=1e-5)
     emb1, norms1 = embed_batch(net, imgs, device=torch.device("cpu"), flip=False)
     with torch.no_grad():
         np.testing.assert_allclose(emb1, net((torch.from_numpy(imgs).float() / 255 - 0.5) / 0.5))
-    assert norms1.shape == (5,)
+    assert norms1.shape == (5, 1)
     dark, _ = embed_batch(
         net, imgs, device=torch.device("cpu"), flip=False, low_light_transform=True
     )
@@ -93,14 +94,23 @@ def _extract_on_ranks(rank, world_size, imgs):
         return imgs[a:b]
 
     out = extract_embeddings(net, load, len(imgs), device=torch.device("cpu"), batch_size=2)
-    return out.embeddings, out.xnorm, seen
+
+    def broken(a, b):
+        if b > 5:
+            raise ValueError(f"cannot decode image {b - 1}")
+        return imgs[a:b]
+
+    # A failure on one rank must stop every rank (not leave rank 0 waiting in the gather).
+    with pytest.raises(RuntimeError, match="rank 1: ValueError: cannot decode image 5") as err:
+        extract_embeddings(net, broken, len(imgs), device=torch.device("cpu"), batch_size=2)
+    return out.embeddings, out.xnorm, seen, str(err.value)
 
 
 def test_extract_spreads_shards_over_two_ranks():
     imgs = _images(7)
     results = run_distributed(_extract_on_ranks, 2, imgs)
     single = extract_embeddings(TinyNet(8), lambda a, b: imgs[a:b], 7, device=torch.device("cpu"))
-    for emb, xn, _ in results:
+    for emb, xn, _, _ in results:
         np.testing.assert_allclose(emb, single.embeddings, rtol=1e-5, atol=1e-6)
         assert xn == pytest.approx(single.xnorm)
     # Rank 0 embedded images 0..3, rank 1 images 4..6: each rank only its contiguous shard.
@@ -111,8 +121,7 @@ def test_evaluate_targets_bin_and_csv_agree_and_are_good(tmp_path):
     bin_path, csv_path, _, issame = write_targets(str(tmp_path))
     out = evaluate_targets(TinyNet(16), [bin_path, csv_path], device="cpu", batch_size=8)
     assert list(out) == ["val", "val_pairs"]
-    # (xnorm differs: the list embeds each distinct image once, the .bin every pair side.)
-    for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1"):
+    for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1", "xnorm"):
         assert out["val"][key] == pytest.approx(out["val_pairs"][key], rel=1e-5, abs=1e-6), key
     # Same-identity images share a colour pattern: the pooled projection separates them.
     assert out["val"]["accuracy"] >= 0.9 and out["val"]["eer"] <= 0.15
@@ -123,10 +132,17 @@ def test_evaluate_targets_full_matches_metrics_on_its_embeddings(tmp_path):
     bin_path, _, test_path, issame = write_targets(str(tmp_path))
     res = evaluate_targets_full(TinyNet(16), [bin_path, test_path], device="cpu", n_folds=4)
     r = res["val"]
-    e = r.embeddings
-    mean, std = metrics.kfold_accuracy(e[0::2], e[1::2], issame, n_folds=4)
+    e1, e2 = r.embeddings[r.target.pairs[:, 0]], r.embeddings[r.target.pairs[:, 1]]
+    mean, std = metrics.kfold_accuracy(e1, e2, issame, n_folds=4)
     assert r.metrics["accuracy"] == mean and r.metrics["accuracy_std"] == std
-    assert r.metrics["eer"] == metrics.eer(metrics.cosine_scores(e[0::2], e[1::2]), issame)[0]
+    assert r.metrics["eer"] == metrics.eer(metrics.cosine_scores(e1, e2), issame)[0]
+    # XNorm as InsightFace: mean single-view norm over the 2P pair sides (both views).
+    net = TinyNet(16).eval()
+    sides = np.concatenate([r.target.pairs[:, 0:1], r.target.pairs[:, 1:2]], 1).ravel()
+    x = torch.from_numpy(r.target.load_images(0, r.target.num_images)).float() / 127.5 - 1
+    with torch.no_grad():
+        norms = torch.stack([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)], 1)
+    assert r.metrics["xnorm"] == pytest.approx(float(norms.double()[sides].mean()), rel=1e-5)
     assert len(r.kfold.fold_thresholds) == 4 and r.best_f1 is not None
     curves = r.curves()
     assert curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
@@ -161,6 +177,7 @@ def _trained_like(d=12) -> TinyNet:
     return net.eval()
 
 
+@pytest.mark.usefixtures("tiny_backbone")
 def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
     net = _trained_like()
     plain = tmp_path / "model.pt"
@@ -181,7 +198,10 @@ def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
         ckpt,
     )
     _same_output(net, load_backbone(str(ckpt)))
-    assert normalisation_from(str(ckpt)) == {"mean": 0.4, "std": 0.2}
+    model, config = load_model(str(ckpt))
+    _same_output(net, model)
+    assert normalisation_from(config) == {"mean": 0.4, "std": 0.2}
+    assert normalisation_from(None) == {}
     from safetensors.torch import save_file
 
     st = tmp_path / "model.safetensors"
@@ -189,7 +209,8 @@ def test_load_backbone_from_state_dict_checkpoint_and_safetensors(tmp_path):
     _same_output(net, load_backbone(str(st), TINY, 12))
 
 
-def test_load_backbone_errors(tmp_path):
+@pytest.mark.usefixtures("tiny_backbone")
+def test_load_backbone_errors(tmp_path, capsys):
     net = _trained_like()
     plain = tmp_path / "model.pt"
     torch.save(net.state_dict(), plain)
@@ -211,10 +232,12 @@ def test_load_backbone_errors(tmp_path):
         pickle.dump({"backbone": Evil()}, f, protocol=2)
     torch.save({"backbone": net.state_dict(), "extra": Evil()}, tmp_path / "evil2.pt")
     for name in ("evil.pt", "evil2.pt"):
-        with pytest.raises(ModelLoadError, match=name):
+        with pytest.raises(ModelLoadError, match=f"{name}.*nothing in it was executed.*print"):
             read_weights(str(tmp_path / name))
+    assert "executed" not in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_load_backbone_onnx(tmp_path):
     net = _trained_like()
     path = tmp_path / "model.onnx"

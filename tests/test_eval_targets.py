@@ -74,6 +74,18 @@ def test_bin_round_trip_python3_variants(tmp_path, protocol, as_numpy):
     assert got_issame.dtype == bool
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_bin_with_numpy_bool_scalars(tmp_path, protocol):
+    img = encode(identity_images(1, 1)[0][0])
+    path = tmp_path / "scalars.bin"
+    path.write_bytes(pickle.dumps(([img] * 4, [np.bool_(True), np.bool_(False)]), protocol))
+    assert load_bin(str(path))[1].tolist() == [True, False]
+    # A float64 scalar is refused.
+    path.write_bytes(pickle.dumps(([img] * 2, [np.float64(1.0)]), protocol))
+    with pytest.raises(TargetError, match="scalars.bin"):
+        load_bin(str(path))
+
+
 def test_bin_python2_pickle(tmp_path):
     # What InsightFace's Python 2 files hold: SHORT_BINSTRING images and NEWTRUE/NEWFALSE.
     imgs = identity_images(1, 2)
@@ -129,8 +141,8 @@ def test_bin_and_pair_list_targets_agree(tmp_path):
     assert t_bin.name == "val" and t_csv.name == "val_pairs"
     np.testing.assert_array_equal(t_bin.issame, issame)
     np.testing.assert_array_equal(t_csv.issame, issame)
-    assert t_bin.num_images == 2 * len(issame)
-    assert t_csv.num_images < t_bin.num_images  # shared images are embedded once
+    # Images used by several pairs are embedded once, in both formats.
+    assert t_bin.num_images == t_csv.num_images < 2 * len(issame)
     # Image of each pair side is identical in both (PNG is lossless).
     a = t_bin.load_images(0, t_bin.num_images)
     b = t_csv.load_images(0, t_csv.num_images)
@@ -140,6 +152,16 @@ def test_bin_and_pair_list_targets_agree(tmp_path):
     assert a.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and a.dtype == np.uint8
     t_test = load_target(test_path)
     assert not t_test.labelled and t_test.num_pairs == len(issame)
+
+
+def test_bin_target_deduplicates_identical_images(tmp_path):
+    imgs = identity_images(2, 2)
+    a, b, c = encode(imgs[0][0]), encode(imgs[0][1]), encode(imgs[1][0])
+    path = tmp_path / "dup.bin"
+    path.write_bytes(pickle.dumps(([a, b, a, c, c, b], [True, False, False])))
+    t = load_target(str(path))
+    assert t.sources == [a, b, c]
+    assert t.pairs.tolist() == [[0, 1], [0, 2], [2, 1]]
 
 
 def test_pair_list_formats_and_errors(tmp_path):

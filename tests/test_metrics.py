@@ -245,3 +245,17 @@ def test_blocked_distances_equal_insightface_arithmetic_bitwise(dim):
     np.testing.assert_array_equal(dist, ref)
     np.testing.assert_array_equal(metrics.squared_distances(e1, e2), ref)
     np.testing.assert_allclose(cos, np.sum(n1 * n2, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_kfold_float32_distances_rounded_from_grid_points():
+    # float32(t) lies just above or just below the float64 grid point t: the count of
+    # "distance < t" must follow float64 comparison, as InsightFace's np.less does.
+    rng = np.random.default_rng(9)
+    grid32 = np.arange(0, 4, 0.01).astype(np.float32)
+    assert (grid32.astype(np.float64) < np.arange(0, 4, 0.01)).any()
+    dist = grid32[rng.integers(100, 300, size=150)]
+    issame = rng.random(150) < 0.5
+    ref_acc, ref_thr = _ref_kfold_from_dist(dist, issame)
+    result = metrics.kfold_from_distances(dist, issame)
+    np.testing.assert_array_equal(result.fold_accuracies, ref_acc)
+    np.testing.assert_array_equal(result.fold_thresholds, ref_thr)
