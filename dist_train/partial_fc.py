@@ -52,13 +52,14 @@ from dist_train.distributed import (
     get_world_size,
     shard_range,
 )
+from heads.margins import MarginHead
 
 INIT_BLOCK_ROWS = 65536
 """Classes per initialisation block; each block has its own seed, so the initial weights of
 a class do not depend on the world size."""
 
-STEP_CHUNK_ROWS = 32768
-"""Rows updated at once by the optimizer: bounds its temporaries to a few tens of MB."""
+STEP_CHUNK_ROWS = 8192
+"""Rows updated at once by the optimizer: bounds its temporaries to ~16 MB each at D = 512."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -135,7 +136,12 @@ class _CosineLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_cos: torch.Tensor):  # type: ignore[override]
         x_hat, w, inv_norm, cos = ctx.saved_tensors
-        g = grad_cos * inv_norm  # ∂L/∂(x̂·w_j) = ∂L/∂cos_ij / ‖w_j‖
+        # ∂L/∂(x̂·w_j) = ∂L/∂cos_ij / ‖w_j‖. In place when the incoming gradient is a plain
+        # buffer (the cross-entropy's, which nothing else reads): saves an [N, S] tensor.
+        if grad_cos.is_contiguous() and grad_cos._base is None:
+            g = grad_cos.mul_(inv_norm)
+        else:
+            g = grad_cos * inv_norm
         grad_x = g @ w if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
@@ -149,29 +155,47 @@ class _CosineLinear(torch.autograd.Function):
 class _ShardedCrossEntropy(torch.autograd.Function):
     """Mean softmax cross-entropy over logits whose columns are split across ranks.
 
+    With ``head`` (a :class:`heads.margins.MarginHead`) the input is the cosine matrix and the
+    margin is applied inside this function (fused): the logits are built in one buffer that
+    then becomes the softmax and, in backward, the gradient, so the margin costs no extra
+    [N, S] tensors. The target logit's derivative comes from autograd on the [P] target
+    cosines only, so any ``target_logit`` a head defines gets its true gradient. With
+    ``head=None`` the input already is the logits (heads of any other kind).
+
     Forward: all-reduce of the row max, of the sum of exponentials and of the target's
-    shifted logit; loss_i = log Σ exp(z − max) − (z_target − max), in log space (no clamp on a
-    probability). Backward: (softmax − one-hot)/N on this shard's columns only.
+    shifted logit; loss_i = log Σ exp(z − max) − (z_target − max), in log space (no clamp on
+    a probability). Backward: (softmax − one-hot)/N on this shard's columns only.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n, s = logits.shape
-        if s > 0:
-            row_max = logits.amax(dim=1)
+    def forward(ctx, z: torch.Tensor, target: torch.Tensor, head: Any) -> torch.Tensor:  # type: ignore[override]
+        n, s = z.shape
+        rows = torch.nonzero(target >= 0).squeeze(1)
+        cols = target[rows]
+        ctx.head = head
+        if head is not None:
+            with torch.enable_grad():
+                cos_t = z[rows, cols].detach().requires_grad_(True)
+                value_t = head.target_logit(cos_t) * head.s
+            logits = z * head.s
+            if head.interclass_threshold > 0:
+                logits.masked_fill_(_filtered(z, rows, cols, head.interclass_threshold), 0.0)
+            logits[rows, cols] = value_t.detach()
+            ctx.graph = (cos_t, value_t)
         else:
-            row_max = logits.new_full((n,), -math.inf)
+            logits = z.clone()
+        row_max = logits.amax(dim=1) if s > 0 else logits.new_full((n,), -math.inf)
         all_reduce(row_max, "max")
-        probs = (logits - row_max.unsqueeze(1)).exp_()
+        target_shifted = logits.new_zeros(n)
+        target_shifted[rows] = logits[rows, cols] - row_max[rows]
+        all_reduce(target_shifted, "sum")
+        probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: logits become exp(z − max)
         sum_exp = probs.sum(dim=1)
         all_reduce(sum_exp, "sum")
-        rows = torch.nonzero(target >= 0).squeeze(1)
-        target_shifted = logits.new_zeros(n)
-        target_shifted[rows] = logits[rows, target[rows]] - row_max[rows]
-        all_reduce(target_shifted, "sum")
         loss = (sum_exp.log() - target_shifted).mean()
         probs.div_(sum_exp.unsqueeze(1))
-        ctx.save_for_backward(probs, rows, target)
+        to_save = (probs, rows, cols) + ((z,) if head is not None else ())
+        ctx.save_for_backward(*to_save)
         ctx.consumed = False
         return loss
 
@@ -180,12 +204,33 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("PartialFC's cross-entropy cannot be back-propagated twice")
         ctx.consumed = True
-        probs, rows, target = ctx.saved_tensors
-        # The softmax is turned into the gradient in place: it saves one [N, S] buffer.
+        probs, rows, cols, *rest = ctx.saved_tensors
+        # The softmax turns into ∂loss/∂logits in place: one [N, S] buffer for the whole chain.
         grad = probs
-        grad[rows, target[rows]] -= 1.0
+        grad[rows, cols] -= 1.0
         grad.mul_(grad_loss / probs.shape[0])
-        return grad, None
+        head = ctx.head
+        if head is None:
+            return grad, None, None
+        cos_t, value_t = ctx.graph
+        # A scalar output (no explicit grad_outputs): autograd's shape check for explicit
+        # gradients imports sympy on first use, seconds per process.
+        with torch.enable_grad():
+            weighted = (value_t * grad[rows, cols]).sum()
+        (grad_cos_t,) = torch.autograd.grad(weighted, cos_t)
+        grad.mul_(head.s)
+        if head.interclass_threshold > 0:
+            grad.masked_fill_(_filtered(rest[0], rows, cols, head.interclass_threshold), 0.0)
+        grad[rows, cols] = grad_cos_t
+        ctx.graph = None
+        return grad, None, None
+
+
+def _filtered(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threshold: float):
+    """Mask of non-target cosines above the inter-class filtering threshold."""
+    dirty = cos > threshold
+    dirty[rows, cols] = False
+    return dirty
 
 
 class PartialFC(nn.Module):
@@ -305,8 +350,10 @@ class PartialFC(nn.Module):
                 cosine = _CosineLinear.apply(F.normalize(x, dim=1), sub)
             else:
                 cosine = x @ sub.t()
-            logits = self.margin(cosine, target)
-            loss = _ShardedCrossEntropy.apply(logits, target)
+            if isinstance(self.margin, MarginHead):
+                loss = _ShardedCrossEntropy.apply(cosine, target, self.margin)
+            else:
+                loss = _ShardedCrossEntropy.apply(self.margin(cosine, target), target, None)
             extra_fn = getattr(self.margin, "extra_loss_sum", None)
             if extra_fn is not None and getattr(self.margin, "intra_alpha", 0.0) > 0:
                 # The per-sample penalty of sample i lives on the one shard holding its class:
@@ -588,6 +635,28 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             self.rows["exp_avg_sq"] = torch.zeros(shape, **kw)
             self.rows["step"] = torch.zeros(pfc.num_local, device=device, dtype=torch.int32)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Installs the single group (called once by ``Optimizer.__init__``).
+
+        The base version validates user parameter lists and, being wrapped for
+        ``torch.compile``, imports ``torch._dynamo`` (seconds per process); this optimizer's
+        only group holds the leaf that :class:`PartialFC` attaches at every forward.
+        """
+        if self.param_groups:
+            raise ValueError("PartialFCOptimizer has exactly one parameter group")
+        group = {**self.defaults, **param_group}
+        group["params"] = list(group["params"])
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drops (or zeroes) the gradient of the attached sampled-rows leaf."""
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
     def hyperparameters(self) -> dict[str, Any]:
         group = self.param_groups[0]
         return {k: group[k] for k in ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov")}
@@ -639,6 +708,10 @@ class PartialFCOptimizer(torch.optim.Optimizer):
 
     def _sparse_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = self._pfc.weight
+        if index.numel() == weight.shape[0]:
+            # Every row sampled (sorted and unique, so index = arange): update through views.
+            self._blockwise_step(group, lambda a, b: grad[a:b].to(self.state_dtype, copy=True))
+            return
         for a in range(0, index.numel(), STEP_CHUNK_ROWS):
             rows = index[a : a + STEP_CHUNK_ROWS]
             w = weight.index_select(0, rows).to(self.state_dtype)
@@ -651,19 +724,29 @@ class PartialFCOptimizer(torch.optim.Optimizer):
 
     def _dense_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = self._pfc.weight
+        bounds = torch.arange(0, weight.shape[0] + STEP_CHUNK_ROWS, STEP_CHUNK_ROWS)
+        # Where each block's sampled rows start in `index`: one sync for the whole step.
+        starts = torch.searchsorted(index, bounds.to(index.device)).tolist()
+
+        def block_grad(a: int, b: int) -> torch.Tensor:
+            g = torch.zeros(b - a, weight.shape[1], device=weight.device, dtype=self.state_dtype)
+            lo, hi = starts[a // STEP_CHUNK_ROWS], starts[a // STEP_CHUNK_ROWS + 1]
+            if hi > lo:
+                g.index_copy_(0, index[lo:hi] - a, grad[lo:hi].to(self.state_dtype))
+            return g
+
+        self._blockwise_step(group, block_grad)
+
+    def _blockwise_step(self, group: dict, block_grad) -> None:
+        """Updates every row, block by block, through views of the shard and state."""
+        weight = self._pfc.weight
         n = weight.shape[0]
         for a in range(0, n, STEP_CHUNK_ROWS):
             b = min(a + STEP_CHUNK_ROWS, n)
             view = weight[a:b]
             w = view if view.dtype == self.state_dtype else view.to(self.state_dtype)
-            g = torch.zeros(b - a, weight.shape[1], device=weight.device, dtype=self.state_dtype)
-            lo, hi = (
-                int(i) for i in torch.searchsorted(index, torch.tensor([a, b], device=index.device))
-            )
-            if hi > lo:
-                g.index_copy_(0, index[lo:hi] - a, grad[lo:hi].to(self.state_dtype))
             state = {k: v[a:b] for k, v in self.rows.items()}  # views: updated in place
-            self._update_rows(w, g, state, group)
+            self._update_rows(w, block_grad(a, b), state, group)
             if w is not view:
                 self._store(view, None, w)
 
@@ -698,3 +781,44 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         denom = v.sqrt().div_(bc2_sqrt).add_(group["eps"])
         w.sub_(torch.div(m, denom).mul_(step_size))
+
+
+def estimate_memory_bytes(
+    num_classes: int,
+    world_size: int,
+    *,
+    embedding_size: int = 512,
+    global_batch: int = 256,
+    sample_rate: float = 1.0,
+    weight_dtype: torch.dtype | str = torch.float32,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+) -> dict[str, int]:
+    """Memory model of one rank's classifier (see docs/partial_fc.md), in bytes.
+
+    Persistent: the shard (C_local·D·bytes of the storage dtype) and the optimizer rows
+    (fp32: D·4 for SGD momentum, D·8 + 4 for Adam/AdamW). Transient, per sampled row: the
+    fp32 copy of the row (not made at rate 1 with fp32 storage, where the shard is used in
+    place), its fp32 gradient, and two [N, S] fp32 buffers (cosines kept for backward; logits
+    → softmax → gradient, one buffer) = 8·N bytes. Both update modes need the same memory.
+
+    Returns:
+        ``{"persistent", "transient", "total"}``; the process's own baseline (interpreter,
+        torch, batch) is not included.
+    """
+    dtype = _as_dtype(weight_dtype)
+    c_local = -(-num_classes // world_size)  # the largest shard
+    d = embedding_size
+    storage = dtype.itemsize
+    state = 4 if dtype != torch.float64 else 8
+    per_row = d * storage
+    if optimizer == "sgd":
+        per_row += d * state if momentum > 0 else 0
+    else:
+        per_row += 2 * d * state + 4
+    sampled = max(int(sample_rate * c_local), 1)
+    copy = 0 if (sampled >= c_local and dtype in (torch.float32, torch.float64)) else d * state
+    transient_row = copy + d * state + 2 * global_batch * state
+    persistent = c_local * per_row
+    transient = sampled * transient_row
+    return {"persistent": persistent, "transient": transient, "total": persistent + transient}

@@ -35,9 +35,10 @@ def batch(n=6, c=11, seed=0, dtype=torch.float64):
 
 
 def reference_loss(head, weight, x, labels):
+    extra = getattr(head, "extra_loss_sum", lambda c, y: c.new_zeros(()))
     cos = F.normalize(x) @ F.normalize(weight).t() if head.normalized else x @ weight.t()
     loss = F.cross_entropy(head(cos, labels), labels)
-    return loss + head.extra_loss_sum(cos, labels) / x.shape[0]
+    return loss + extra(cos, labels) / x.shape[0]
 
 
 @pytest.mark.parametrize(
@@ -312,3 +313,33 @@ def test_export_class_centers_single_process():
     centers = export_class_centers(pfc)
     assert centers.shape == (11, D) and centers.dtype == torch.float32
     assert torch.equal(centers, pfc.weight.float())
+
+
+class _QuadraticHead(torch.nn.Module):
+    """A head outside heads.margins: PartialFC must take its logits through autograd."""
+
+    kind = "margin"
+    normalized = True
+    s = 8.0
+
+    def forward(self, cosine, labels):
+        logits = self.s * cosine**2
+        rows = labels >= 0
+        return (
+            logits - self.s * 0.1 * F.one_hot(labels.clamp_min(0), cosine.shape[1]) * rows[:, None]
+        )
+
+
+def test_any_margin_module_goes_through_the_generic_path():
+    pfc = PartialFC(_QuadraticHead(), D, 11, weight_dtype=torch.float64, init_std=0.5)
+    x, y = batch()
+    x.requires_grad_(True)
+    loss = pfc(x, y)
+    loss.backward()
+    w_ref = pfc.weight.clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference_loss(pfc.margin, w_ref, x_ref, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,245 @@
+"""Partial FC step time (forward / backward / optimizer) and peak memory per rank.
+
+Runs PartialFC (ArcFace, SGD with momentum 0.9 and weight decay, fp32 storage) on a world of
+gloo processes for every combination of class count, sample rate and update mode, with
+random embeddings standing in for the backbone (global batch 256, D 512). Each class count
+and update mode gets its own process group; its sample rates run in it from the smallest
+footprint to the largest, and the peak resident memory (VmHWM) is reset before each one
+through ``/proc/self/clear_refs``, so the reported peak is that configuration's. Each row also
+shows the rank's baseline (RSS before the classifier exists) and the memory model of
+:func:`dist_train.partial_fc.estimate_memory_bytes`; configurations whose model exceeds
+``--max-model-gib`` per rank are listed as skipped rather than run (this machine is shared).
+
+Prints a markdown table and the target ratios and writes them to ``--out``::
+
+    OMP_NUM_THREADS=1 python benchmarks/partial_fc.py --out docs/bench_partial_fc.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import heads  # noqa: E402
+from dist_train.distributed import all_gather_object  # noqa: E402
+from dist_train.partial_fc import PartialFC, estimate_memory_bytes  # noqa: E402
+from tests.dist_utils import run_distributed  # noqa: E402
+
+
+def _read_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _bench_world(rank: int, world: int, num_classes: int, update: str, cfg: dict) -> list[dict]:
+    torch.manual_seed(rank)
+    b_local = cfg["batch"] // world
+    baseline = _read_status("VmRSS")
+    pfc = PartialFC(
+        heads.get_head("arcface"), cfg["dim"], num_classes, sample_rate=1.0, update=update
+    )
+    pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    results = []
+    for rate in cfg["rates"]:
+        pfc.sample_rate, pfc.num_sample = rate, int(rate * pfc.num_local)
+        x = torch.randn(b_local, cfg["dim"], requires_grad=True)
+        y = torch.randint(0, num_classes, (b_local,))
+        dist.barrier()
+        reset_ok = _reset_peak()
+        times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+        for step in range(cfg["warmup"] + cfg["steps"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = pfc(x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            pfc.optimizer.step()
+            pfc.optimizer.zero_grad()
+            x.grad = None
+            t3 = time.perf_counter()
+            if step >= cfg["warmup"]:
+                times["forward"].append(t1 - t0)
+                times["backward"].append(t2 - t1)
+                times["optimizer"].append(t3 - t2)
+        row = {k: sum(v) / len(v) for k, v in times.items()}
+        row.update(
+            sampled=pfc.sampled_index.numel(),
+            peak_rss=_read_status("VmHWM"),
+            baseline=baseline,
+            reset_ok=reset_ok,
+        )
+        rows = all_gather_object(row)
+        # The slowest rank sets the step time; memory is the largest rank's.
+        merged = {k: max(r[k] for r in rows) for k in row if k != "reset_ok"}
+        merged.update(
+            classes=num_classes,
+            rate=rate,
+            update=update,
+            loss=loss.item(),
+            reset_ok=all(r["reset_ok"] for r in rows),
+        )
+        results.append(merged)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--classes", default="85742,1000000,2000000")
+    ap.add_argument("--rates", default="1.0,0.3,0.1")
+    ap.add_argument("--modes", default="sparse,dense")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256, help="global batch")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--out", default="", help="markdown file to write the table to")
+    ap.add_argument(
+        "--max-model-gib",
+        type=float,
+        default=7.0,
+        help="skip configurations whose modelled classifier memory per rank exceeds this",
+    )
+    args = ap.parse_args()
+    cfg = {
+        "rates": [float(r) for r in args.rates.split(",")],
+        "modes": args.modes.split(","),
+        "batch": args.batch,
+        "dim": args.dim,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        # 2M at rate 0.05 samples as many rows per rank as 1M at rate 0.1: the pair for the
+        # "optimizer step independent of the shard size" target.
+        "extra_sparse_rates": {2000000: [0.05]},
+    }
+    t_start = time.time()
+    rows, skipped = [], []
+    for c in (int(float(c)) for c in args.classes.split(",")):
+        for update in cfg["modes"]:
+            extra = cfg["extra_sparse_rates"].get(c, []) if update == "sparse" else []
+            rates = []
+            # Smallest footprint first: a larger earlier run would leave its heap behind.
+            for rate in sorted(set(cfg["rates"] + extra)):
+                model = estimate_memory_bytes(
+                    c,
+                    args.world,
+                    embedding_size=args.dim,
+                    global_batch=args.batch,
+                    sample_rate=rate,
+                )
+                if model["total"] > args.max_model_gib * 2**30:
+                    skipped.append((c, update, rate, model["total"]))
+                else:
+                    rates.append(rate)
+            if not rates:
+                continue
+            t0 = time.time()
+            part = run_distributed(
+                _bench_world, args.world, c, update, {**cfg, "rates": rates}, timeout_s=3600
+            )[0]
+            for r in part:
+                r["model"] = estimate_memory_bytes(
+                    c,
+                    args.world,
+                    embedding_size=args.dim,
+                    global_batch=args.batch,
+                    sample_rate=r["rate"],
+                )["total"]
+            rows += part
+            print(f"C={c} {update}: {time.time() - t0:.0f} s", flush=True)
+
+    lines = [
+        "| classes | mode | rate | sampled/rank | forward s | backward s | optimizer s | "
+        "step s | peak RSS/rank GiB | baseline GiB | model GiB | peak − baseline − model |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        step = r["forward"] + r["backward"] + r["optimizer"]
+        r["step"] = step
+        lines.append(
+            f"| {r['classes']:,} | {r['update']} | {r['rate']} | {r['sampled']:,} | "
+            f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.4f} | {step:.3f} | "
+            f"{r['peak_rss'] / 2**30:.2f} | {r['baseline'] / 2**30:.2f} | "
+            f"{r['model'] / 2**30:.2f} | "
+            f"{(r['peak_rss'] - r['baseline'] - r['model']) / 2**30:+.2f} |"
+        )
+    for c, update, rate, model in skipped:
+        lines.append(
+            f"| {c:,} | {update} | {rate} | skipped: modelled {model / 2**30:.1f} GiB/rank > "
+            f"--max-model-gib {args.max_model_gib} | | | | | | | | |"
+        )
+
+    def find(c, update, rate):
+        for r in rows:
+            if r["classes"] == c and r["update"] == update and r["rate"] == rate:
+                return r
+        return None
+
+    notes = []
+    a, b = find(1000000, "sparse", 1.0), find(1000000, "sparse", 0.1)
+    if a and b:
+        notes.append(
+            f"- 1M identities, sparse: step at rate 1.0 / rate 0.1 = {a['step'] / b['step']:.2f}× "
+            "(target ≥ 5×)"
+        )
+    a, b = find(1000000, "sparse", 0.1), find(2000000, "sparse", 0.05)
+    a2 = find(2000000, "sparse", 0.1)
+    if a and b:
+        notes.append(
+            f"- sparse optimizer step, same sampled count ({a['sampled']:,} rows/rank): "
+            f"2M (rate 0.05) / 1M (rate 0.1) = {b['optimizer'] / a['optimizer']:.2f}× "
+            "(target ≤ 1.2×)"
+        )
+    d1, d2 = find(1000000, "dense", 0.1), find(2000000, "dense", 0.1)
+    if a and a2:
+        ratio = a2["optimizer"] / a["optimizer"]
+        notes.append(f"- sparse optimizer step at rate 0.1 (2× the rows): 2M / 1M = {ratio:.2f}×")
+    if d1 and d2:
+        ratio = d2["optimizer"] / d1["optimizer"]
+        notes.append(f"- dense optimizer step at rate 0.1 (2× the shard): 2M / 1M = {ratio:.2f}×")
+    for c in sorted({r["classes"] for r in rows}):
+        s, d = find(c, "sparse", 0.1), find(c, "dense", 0.1)
+        if s and d:
+            notes.append(
+                f"- C={c:,}, rate 0.1: dense / sparse optimizer step = "
+                f"{d['optimizer'] / s['optimizer']:.1f}×, step = {d['step'] / s['step']:.2f}×"
+            )
+    if not all(r["reset_ok"] for r in rows):
+        notes.append("- /proc/self/clear_refs was not writable: peaks are cumulative per C")
+    header = (
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/partial_fc.py {' '.join(sys.argv[1:])}`\n\n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"{args.world} gloo processes, 1 thread each; ArcFace, SGD momentum 0.9, fp32 storage; "
+        f"global batch {args.batch}, D {args.dim}; mean of {args.steps} steps after "
+        f"{args.warmup} warm-up; time = slowest rank, memory = largest rank. "
+        f"Total benchmark time {time.time() - t_start:.0f} s.\n"
+    )
+    text = header + "\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Partial FC benchmark\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
