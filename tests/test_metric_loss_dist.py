@@ -80,7 +80,26 @@ def _check_all_heads(rank, world):
     losses = _check_heads(rank, world, SPLITS[world], _head_cases())
     some = [c for c in _head_cases() if c[0] in ("triplet_semi_hard", "margin", "angleproto")]
     _check_heads(rank, world, EMPTY_SPLITS[world], some)
+    _check_summed_backbone_gradient(rank, world)
     return losses
+
+
+def _check_summed_backbone_gradient(rank, world):
+    """A linear "backbone" whose gradients are summed over ranks (the trainer's DDP comm hook)
+    gets the single-process gradient of the global metric loss."""
+    sizes = SPLITS[world]
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x, labels = _global_problem()
+    images = torch.cat([x, x.flip(1)], dim=1)  # [14, 12] "images"
+    weight = torch.randn(12, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    head = heads.get_head("contrastive", miner="semi_hard", miner_margin=0.5)
+    ref_w = weight.clone().requires_grad_(True)
+    head(images @ ref_w, labels).backward()
+    w = weight.clone().requires_grad_(True)
+    MetricLoss(head)(images[start:stop] @ w, labels[start:stop]).backward()
+    grad = w.grad.clone()
+    torch.distributed.all_reduce(grad)  # what the SUM comm hook does to backbone gradients
+    assert_close(grad, ref_w.grad, msg=f"summed backbone gradient rank {rank}/{world}")
 
 
 def _check_heads(rank, world, sizes, cases):
