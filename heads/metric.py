@@ -23,6 +23,8 @@ Conventions shared by every head here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,9 +121,11 @@ def semi_hard_triplets(
     return torch.cat(a_parts), torch.cat(p_parts), torch.cat(n_parts)
 
 
-def _positive_pair_chunks(pos: torch.Tensor, neg: torch.Tensor):
-    """Ordered positive pairs ``(a, p)`` whose anchor has a negative, in lexicographic order,
-    in chunks small enough that a ``[chunk, N]`` tensor has at most the chunk budget."""
+def _positive_pair_chunks(
+    pos: torch.Tensor, neg: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Ordered positive pairs ``(a, p)`` whose anchor has a negative, lexicographic, in chunks
+    small enough that a ``[chunk, N]`` tensor stays within ``_TRIPLET_CHUNK_ELEMENTS``."""
     a, p = (pos & neg.any(dim=1, keepdim=True)).nonzero().unbind(1)
     chunk = max(1, _TRIPLET_CHUNK_ELEMENTS // max(1, pos.shape[0]))
     for start in range(0, a.shape[0], chunk):
@@ -314,13 +318,15 @@ class MarginLoss(nn.Module):
         L = 1/(2T) Σ_(a,p,n) ( max(0, α + d_ap - β_a) + max(0, α + β_a - d_an) )
             + ν · 1/T Σ_(a,p,n) β_a
 
-    The ``ν`` term is the paper's regularisation pushing ``β`` up (``ν = 0`` disables it).
+    The ``ν`` term is the paper's ν-SVM-like regularisation: it penalises a large ``β``
+    (pulling the boundary in, so fewer pairs violate the margin); ``ν = 0`` disables it.
     The boundary usually wants its own learning rate (the paper uses one for ``β``).
 
     Randomness. Sampling uses this head's own ``torch.Generator`` seeded by ``seed``: on every
     rank the same seed and the same global batch give the same negatives, which the
     cross-rank wrapper needs (its loss must be identical on every rank). :meth:`reseed`
-    restarts the stream.
+    restarts the stream. The generator's position is not part of ``state_dict()``: a resumed
+    run draws a different (equally distributed) sequence.
 
     Args:
         alpha: margin ``α`` around the boundary.
