@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from dist_train.center_loss import ShardedCenterLoss
@@ -114,6 +115,7 @@ def _run(rank, world, steps, load_path, save_path):
     return (grad_m.start, grad_m.stop), losses
 
 
+@pytest.mark.slow  # two spawns (2 then 3 processes), each building a torch optimizer
 def test_center_loss_matches_single_process_and_reshards_2_to_3(tmp_path):
     path = os.path.join(tmp_path, "center_loss.pt")
     two = run_distributed(_run, 2, [0, 1], "", path)
