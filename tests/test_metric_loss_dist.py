@@ -18,6 +18,18 @@ from heads.metric import AMSoftmaxProto, AngleProtoLoss
 from tests.dist_utils import run_distributed
 
 SPLITS = {2: [5, 9], 3: [3, 6, 5]}  # ragged local batches of a 14-row global batch
+EMPTY_SPLITS = {2: [0, 14], 3: [6, 0, 8]}  # one rank has no sample at all
+
+
+def assert_close(actual, expected, msg=""):
+    """float64 closeness without torch.testing: in a process with an initialised process
+    group, torch.testing.assert_close imports torch.distributed.tensor (~5-10 s per process)."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-7, atol=1e-7):
+        diff = (actual - expected).abs().max().item() if actual.shape == expected.shape else None
+        raise AssertionError(
+            f"{msg}: shapes {tuple(actual.shape)} vs {tuple(expected.shape)}, max |diff| {diff}"
+        )
 
 
 class _MarginStandIn(nn.Module):
@@ -65,16 +77,41 @@ def _loss_and_grads(head, fn, x):
 
 
 def _check_all_heads(rank, world):
+    losses = _check_heads(rank, world, SPLITS[world], _head_cases())
+    some = [c for c in _head_cases() if c[0] in ("triplet_semi_hard", "margin", "angleproto")]
+    _check_heads(rank, world, EMPTY_SPLITS[world], some)
+    _check_summed_backbone_gradient(rank, world)
+    return losses
+
+
+def _check_summed_backbone_gradient(rank, world):
+    """A linear "backbone" whose gradients are summed over ranks (the trainer's DDP comm hook)
+    gets the single-process gradient of the global metric loss."""
     sizes = SPLITS[world]
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x, labels = _global_problem()
+    images = torch.cat([x, x.flip(1)], dim=1)  # [14, 12] "images"
+    weight = torch.randn(12, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    head = heads.get_head("contrastive", miner="semi_hard", miner_margin=0.5)
+    ref_w = weight.clone().requires_grad_(True)
+    head(images @ ref_w, labels).backward()
+    w = weight.clone().requires_grad_(True)
+    MetricLoss(head)(images[start:stop] @ w, labels[start:stop]).backward()
+    grad = w.grad.clone()
+    torch.distributed.all_reduce(grad)  # what the SUM comm hook does to backbone gradients
+    assert_close(grad, ref_w.grad, msg=f"summed backbone gradient rank {rank}/{world}")
+
+
+def _check_heads(rank, world, sizes, cases):
     start = sum(sizes[:rank])
     stop = start + sizes[rank]
     x, labels = _global_problem()
     # The gathered batch is the global batch in rank order, gradient only on our rows.
     gx, gl = gather_with_local_grad(x[start:stop].clone().requires_grad_(True), labels[start:stop])
-    torch.testing.assert_close(gx.detach(), x, rtol=0, atol=0)
+    assert torch.equal(gx.detach(), x)
     assert torch.equal(gl, labels)
     losses = {}
-    for name, build in _head_cases():
+    for name, build in cases:
         ref_head, dist_head = build().double(), build().double()
         dist_loss = MetricLoss(dist_head)
         for step in range(2):  # twice: random heads must stay in step across ranks
@@ -82,13 +119,13 @@ def _check_all_heads(rank, world):
             got = _loss_and_grads(
                 dist_head, lambda t, m=dist_loss: m(t[start:stop], labels[start:stop]), x
             )
-            msg = f"{name} step {step} rank {rank}/{world}"
-            torch.testing.assert_close(got[0], ref[0], msg=msg)
+            msg = f"{name} step {step} rank {rank}/{world} split {sizes}"
+            assert_close(got[0], ref[0], msg=msg)
             # local-embedding gradient = the single-process gradient of our rows
-            torch.testing.assert_close(got[1][start:stop], ref[1][start:stop], msg=msg)
+            assert_close(got[1][start:stop], ref[1][start:stop], msg=msg)
             assert got[1][:start].abs().sum() == 0 and got[1][stop:].abs().sum() == 0, msg
             for g_param, r_param in zip(got[2], ref[2]):
-                torch.testing.assert_close(g_param, r_param, msg=msg)
+                assert_close(g_param, r_param, msg=msg)
             assert ref[0] > 0, msg
             losses[f"{name}/{step}"] = got[0].item()
     return losses
