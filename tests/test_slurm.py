@@ -388,6 +388,27 @@ def test_no_requeue_when_the_run_finished_or_restarts_are_used_up(tmp_path):
     assert "MAX_REQUEUES=5" in out and not (tmp_path / "slurm.log").exists()
 
 
+def test_signal_during_setup_requeues_without_starting_the_training(tmp_path):
+    env = _requeue_env(tmp_path)
+    started = tmp_path / "started"
+    res = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'set -euo pipefail; source "{LIB}"; kill -USR1 $$; '
+            f'slurm_run_and_requeue TERM touch "{started}"',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "before the training started" in res.stderr
+    assert not started.exists()
+    assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"
+
+
 def test_exit_status_passes_through_without_a_signal(tmp_path):
     env = _requeue_env(tmp_path)
     res = subprocess.run(
@@ -564,22 +585,28 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     """The one-node script runs launch/train.py on synthetic data; USR1 to the batch shell makes
     it checkpoint and requeue; starting the script again resumes and completes the run."""
     data = tmp_path / "data"
-    subprocess.run(
+    made = subprocess.run(
         [
             sys.executable,
             str(REPO / "launch" / "make_synthetic.py"),
             "--out",
             str(data),
-            "--num-classes",
+            "--identities",
             "16",
-            "--images-per-class",
+            "--images-per-identity",
             "8",
+            "--val-identities",
+            "4",
+            "--val-pairs",
+            "20",
+            "--quiet",
         ],
-        check=True,
         cwd=REPO,
         capture_output=True,
+        text=True,
         timeout=120,
     )
+    assert made.returncode == 0, made.stderr
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
         textwrap.dedent(f"""\

@@ -160,6 +160,10 @@ _SLURM_CHILD=""
 _SLURM_STOP_SIG=""
 _SLURM_FWD_SIG=TERM
 _SLURM_FORWARDED=0
+# From the moment this file is sourced, a USR1/TERM is remembered instead of killing the shell,
+# so a signal that arrives while the job is still setting up still leads to a requeue.
+trap '_slurm_on_signal USR1' USR1
+trap '_slurm_on_signal TERM' TERM
 
 _slurm_forward() {
   if [[ -n $_SLURM_CHILD && $_SLURM_FORWARDED == 0 ]]; then
@@ -171,7 +175,11 @@ _slurm_forward() {
 _slurm_on_signal() {
   if [[ -z $_SLURM_STOP_SIG ]]; then
     _SLURM_STOP_SIG=$1
-    slurm_log "got SIG$1: asking the training processes (pid $_SLURM_CHILD) to checkpoint and exit (SIG$_SLURM_FWD_SIG)"
+    if [[ -n $_SLURM_CHILD ]]; then
+      slurm_log "got SIG$1: asking the training processes (pid $_SLURM_CHILD) to checkpoint and exit (SIG$_SLURM_FWD_SIG)"
+    else
+      slurm_log "got SIG$1 before the training started"
+    fi
   fi
   # Forward once: a second TERM to torchrun while it shuts its workers down would cut that short.
   _slurm_forward
@@ -182,7 +190,6 @@ _slurm_on_signal() {
 slurm_run_forwarding() {
   _SLURM_FWD_SIG=$1
   shift
-  _SLURM_STOP_SIG=""
   _SLURM_FORWARDED=0
   _SLURM_CHILD=""
   # Traps first: a signal arriving before the child exists is remembered and forwarded below.
@@ -208,8 +215,14 @@ slurm_run_forwarding() {
 slurm_run_and_requeue() {
   local start_mark
   start_mark=$(mktemp "${TMPDIR:-/tmp}/slurm_start.XXXXXX")
-  slurm_log "running: ${*:2}"
-  slurm_run_forwarding "$@"
+  if [[ -n $_SLURM_STOP_SIG ]]; then
+    # Stopped while setting up: starting the training now would only be killed again.
+    SLURM_CHILD_RC=0
+    SLURM_STOP_SIGNAL=$_SLURM_STOP_SIG
+  else
+    slurm_log "running: ${*:2}"
+    slurm_run_forwarding "$@"
+  fi
   local rc=$SLURM_CHILD_RC
   if [[ -z $SLURM_STOP_SIGNAL ]]; then
     rm -f "$start_mark"
