@@ -14,20 +14,22 @@ from typing import Any
 def setup_logging(run_dir: str | Path | None, is_main: bool, rank: int = 0) -> None:
     """Rank 0 logs INFO to the console and to ``run_dir/train.log``; other ranks WARNING only."""
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    for h in list(root.handlers):  # only ours: a host (pytest, a notebook) keeps its own
+        if getattr(h, "_dist_train", False):
+            root.removeHandler(h)
+            h.close()
     fmt = logging.Formatter(
         f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
-    root.addHandler(console)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if is_main and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(run_dir) / "train.log")
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._dist_train = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
 def format_eta(seconds: float) -> str:

@@ -625,6 +625,8 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         self.name = name
         self._pfc = pfc
         self._index: torch.Tensor | None = None
+        self._indices: list[torch.Tensor] = []
+        self._stepped = False
         shape = (pfc.num_local, pfc.embedding_size)
         kw = {"device": device, "dtype": self.state_dtype}
         self.rows: dict[str, torch.Tensor] = {}
@@ -649,20 +651,39 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drops (or zeroes) the gradient of the attached sampled-rows leaf."""
+        """Drops (or zeroes) the gradients of the attached sampled-rows leaves.
+
+        Also detaches the leaves, so the next forward starts a new accumulation.
+        """
         for p in self.param_groups[0]["params"]:
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None
                 else:
                     p.grad.zero_()
+        self.param_groups[0]["params"] = self.param_groups[0]["params"][-1:]
+        self._indices = self._indices[-1:]
 
     def hyperparameters(self) -> dict[str, Any]:
         group = self.param_groups[0]
         return {k: group[k] for k in ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov")}
 
     def _attach(self, leaf: torch.Tensor, index: torch.Tensor) -> None:
-        self.param_groups[0]["params"] = [leaf]
+        """Registers the sampled-rows leaf of a forward.
+
+        Gradient accumulation: while an earlier leaf of this step already holds a gradient
+        (a micro-step's backward ran and no ``step``/``zero_grad`` followed), the new leaf is
+        appended, and :meth:`step` applies the sum of the micro-steps' gradients over the
+        union of their sampled rows. Otherwise the new leaf replaces the old one.
+        """
+        params = self.param_groups[0]["params"]
+        if not self._stepped and any(p.grad is not None for p in params):
+            params.append(leaf)
+            self._indices.append(index)
+        else:
+            self.param_groups[0]["params"] = [leaf]
+            self._indices = [index]
+        self._stepped = False
         self._index = index
 
     def _load_rows(self, a: int, b: int, rows: dict[str, torch.Tensor]) -> None:
@@ -681,17 +702,31 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        leaf = group["params"][0]
-        if leaf.grad is None or self._index is None:
+        parts = [
+            (idx, leaf.grad)
+            for leaf, idx in zip(group["params"], self._indices)
+            if leaf.grad is not None
+        ]
+        if not parts:
             return loss
-        grad = leaf.grad
-        index = self._index
+        if len(parts) == 1:
+            index, grad = parts[0]
+        else:
+            # Accumulated micro-steps: sum their gradients over the union of sampled rows.
+            all_index = torch.cat([i for i, _ in parts])
+            index, inverse = torch.unique(all_index, sorted=True, return_inverse=True)
+            grad = torch.zeros(
+                index.numel(), self._pfc.embedding_size, device=all_index.device,
+                dtype=self.state_dtype,
+            )
+            grad.index_add_(0, inverse, torch.cat([g.to(self.state_dtype) for _, g in parts]))
         if grad.shape != (index.numel(), self._pfc.embedding_size):
             raise RuntimeError(f"gradient {tuple(grad.shape)} does not match {index.numel()} rows")
         if self._pfc.update == "sparse":
             self._sparse_step(index, grad, group)
         else:
             self._dense_step(index, grad, group)
+        self._stepped = True  # the next forward starts a new step even without zero_grad
         return loss
 
     def _store(self, dst: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor) -> None:

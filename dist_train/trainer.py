@@ -35,7 +35,7 @@ import backbones
 from dist_train import checkpoint as ckpt
 from dist_train.config import TrainConfig, save_config, to_dict
 from dist_train.distributed import DistInfo, all_gather_object, all_reduce, barrier
-from dist_train.logging_utils import TensorBoard, format_eta
+from dist_train.logging_utils import TensorBoard, format_eta, setup_logging
 from dist_train.losses import build_loss
 from dist_train.optim import LRSchedule, build_optimizer
 
@@ -129,6 +129,7 @@ class Trainer:
         self.dist = dist_info
         self.device = dist_info.device
         self.run_dir = Path(cfg.output_dir)
+        setup_logging(self.run_dir, dist_info.is_main, dist_info.rank)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Same seed on every rank: identical initial backbones (DDP also broadcasts rank 0's).
@@ -469,7 +470,24 @@ class Trainer:
         self.skipped_total = int(state.get("skipped_total", 0))
         self.best = state.get("best")
         same_world = int(state["world_size"]) == self.dist.world_size
-        self.data.sampler.load_state_dict(state["sampler"])
+        sampler_state = dict(state["sampler"])
+        mine = self.data.sampler.state_dict(0)
+        if (sampler_state["world_size"], sampler_state["batch_size"]) != (
+            mine["world_size"], mine["batch_size"]
+        ):
+            # The epoch's global order does not depend on the world size: continue after the
+            # images already consumed, rounded down to a whole new global batch.
+            consumed = (
+                sampler_state["batches_consumed"]
+                * sampler_state["batch_size"]
+                * sampler_state["world_size"]
+            )
+            sampler_state.update(
+                world_size=mine["world_size"], batch_size=mine["batch_size"],
+                batches_consumed=consumed // (mine["world_size"] * mine["batch_size"]),
+            )
+            self.batches_in_epoch = sampler_state["batches_consumed"]
+        self.data.sampler.load_state_dict(sampler_state)
         if same_world:
             set_rng_state(state["rng"][self.dist.rank])
         log.info(

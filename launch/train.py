@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = init_distributed()
     try:
-        setup_logging(cfg.output_dir, info.is_main, info.rank)
+        setup_logging(None, info.is_main, info.rank)  # the trainer adds run_dir/train.log
         from dist_train.trainer import Trainer
 
         Trainer(cfg, info).fit()
