@@ -7,7 +7,9 @@ PyTorch (``backbones.weights``) nor evaluation.
   output ``embeddings [N, D]`` float32, the batch axis dynamic. Exported with PyTorch's
   TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx`` package; the
   newer dynamo exporter would also need ``onnxscript``.
-* TorchScript: ``torch.jit.trace`` of the eval-mode network (fixed H, W; any batch).
+* TorchScript: ``torch.jit.trace`` of the eval-mode network (fixed H, W; any batch). PyTorch
+  2.13 marks TorchScript deprecated in favour of ``torch.export``; it is kept because C++ and
+  older deployment stacks still load it.
 * safetensors: the state dict without pickle, with ``network`` and ``embedding_size`` in the
   header metadata, loadable by ``backbones.load_weights``.
 """
@@ -54,6 +56,9 @@ def export_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about the shape check in forward(); the check is constant-folded away.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The legacy exporter is chosen on purpose (see the module docstring); its deprecation
+        # notice would only alarm users of the CLI.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             model,
             (_example(input_size),),
@@ -161,7 +166,8 @@ def export(
         path = export_torchscript(model, out, input_size)
         if check:
             x = _example(input_size, batch=3)
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
                 diff = float((torch.jit.load(str(path))(x) - model(x)).abs().max())
     else:
         path = export_safetensors(model, out, network, embedding_size)

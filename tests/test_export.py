@@ -4,6 +4,7 @@ the launch/export.py and launch/model_info.py entry points."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import onnx
 import pytest
@@ -110,7 +111,8 @@ def test_export_cli_round_trip(fmt, tmp_path, capsys):
             torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
     if fmt == "torchscript":
         x = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit in 2.13
             torch.testing.assert_close(torch.jit.load(str(out))(x), model(x))
 
 
