@@ -21,6 +21,7 @@ Formats:
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import os
 import pickle
@@ -230,6 +231,7 @@ class VerificationTarget:
     issame: np.ndarray | None = field(default=None, repr=False)
     pair_names: list[tuple[str, str]] | None = field(default=None, repr=False)
     _packs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _keys: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def labelled(self) -> bool:
@@ -243,22 +245,34 @@ class VerificationTarget:
     def num_pairs(self) -> int:
         return int(self.pairs.shape[0])
 
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """``(encoded bytes, description for errors)`` of image ``i``."""
+        src = self.sources[i]
+        if isinstance(src, bytes):
+            return src, f"{self.path}: image {i}"
+        if isinstance(src, RecordImage):
+            return self._record(src), f"{src.rec}: key {src.key}"
+        try:
+            with open(src, "rb") as f:
+                return f.read(), f"{self.path}: image {src}"
+        except OSError as exc:
+            raise TargetError(f"{self.path}: cannot read image {src} ({exc})") from exc
+
+    def content_keys(self) -> list[bytes]:
+        """A digest of each image's encoded bytes (computed once), to share work across targets."""
+        if self._keys is None:
+            self._keys = [
+                hashlib.blake2b(self.encoded(i)[0], digest_size=16).digest()
+                for i in range(self.num_images)
+            ]
+        return self._keys
+
     def load_images(self, start: int, stop: int, image_size: int | None = None) -> np.ndarray:
         """Images ``start:stop`` decoded to ``[n, 3, S, S]`` uint8 RGB."""
         out = []
         for i in range(start, stop):
-            src = self.sources[i]
-            if isinstance(src, bytes):
-                out.append(decode_image(src, image_size, f"{self.path}: image {i}"))
-            elif isinstance(src, RecordImage):
-                out.append(decode_image(self._record(src), image_size, f"{src.rec}: key {src.key}"))
-            else:
-                try:
-                    with open(src, "rb") as f:
-                        data = f.read()
-                except OSError as exc:
-                    raise TargetError(f"{self.path}: cannot read image {src} ({exc})") from exc
-                out.append(decode_image(data, image_size, f"{self.path}: image {src}"))
+            data, where = self.encoded(i)
+            out.append(decode_image(data, image_size, where))
         if not out:
             size = image_size or 112
             return np.zeros((0, 3, size, size), dtype=np.uint8)
