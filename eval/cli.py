@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images-root",
         default=None,
-        help="root of pair-list image paths (default: each list's directory)",
+        help="root of pair-list image paths, or a .rec pack (default: each list's directory)",
     )
     p.add_argument("--out", default=None, help="output directory: report.json, PNG plots, scores")
     p.add_argument("--json", default=None, help="JSON report path (default: <out>/report.json)")

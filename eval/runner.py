@@ -20,7 +20,7 @@ from torch import nn
 
 from eval import metrics
 from eval.extract import extract_embeddings
-from eval.targets import VerificationTarget, load_target
+from eval.targets import TargetError, VerificationTarget, load_target
 
 # --------------------------------------------------------------------------------------------
 # Loading models
@@ -320,8 +320,9 @@ def evaluate_targets_full(
 ) -> dict[str, TargetResult]:
     """Embeds and scores every target; see :func:`evaluate_targets` for the arguments.
 
-    Under a process group every rank must call this; each embeds its shard of every target
-    and every rank returns the same results.
+    Images are embedded once however many targets use them (matched by a digest of their
+    encoded bytes). Under a process group every rank must call this; each embeds a contiguous
+    shard of the images and every rank returns the same results.
 
     Args:
         image_size: resize images to this side when they differ (default: keep as stored).
@@ -331,26 +332,52 @@ def evaluate_targets_full(
         ``target name -> TargetResult`` in the order given (a repeated name gets a suffix).
     """
     device = torch.device(device)
+    loaded = [_as_target(t) for t in targets]
+    # Images shared by several targets (a .bin and the pair list of the same pairs, say) are
+    # embedded once: every target's images map to rows of one union, found by content digest.
+    union: dict[bytes, int] = {}
+    where: list[tuple[VerificationTarget, int]] = []
+    rows_of: list[np.ndarray] = []
+    for target in loaded:
+        rows = []
+        for i, key in enumerate(target.content_keys()):
+            if key not in union:
+                union[key] = len(where)
+                where.append((target, i))
+            rows.append(union[key])
+        rows_of.append(np.asarray(rows, dtype=np.int64))
+
+    def load(start: int, stop: int) -> np.ndarray:
+        images = [t.load_images(i, i + 1, image_size) for t, i in where[start:stop]]
+        shapes = {im.shape[1:] for im in images}
+        if len(shapes) > 1:
+            names = sorted({t.path for t, _ in where[start:stop]})
+            raise TargetError(
+                f"images of {', '.join(names)} have different sizes {sorted(shapes)}; "
+                "pass image_size (--image-size) to resize them"
+            )
+        return np.concatenate(images)
+
+    emb = extract_embeddings(
+        backbone,
+        load,
+        len(where),
+        device=device,
+        batch_size=batch_size,
+        flip=flip,
+        low_light_transform=low_light,
+        mean=mean,
+        std=std,
+        amp=amp,
+    )
     results: dict[str, TargetResult] = {}
-    for t in targets:
-        target = _as_target(t)
-        emb = extract_embeddings(
-            backbone,
-            lambda a, b, _t=target: _t.load_images(a, b, image_size),
-            target.num_images,
-            device=device,
-            batch_size=batch_size,
-            flip=flip,
-            low_light_transform=low_light,
-            mean=mean,
-            std=std,
-            amp=amp,
-        )
+    for target, rows in zip(loaded, rows_of):
         name = target.name
         while name in results:
             name += "_"
-        results[name] = score_target(target, emb.embeddings, emb.norms, n_folds=n_folds)
-        results[name].name = name
+        result = score_target(target, emb.embeddings[rows], emb.norms[rows], n_folds=n_folds)
+        result.name = name
+        results[name] = result
     return results
 
 

@@ -13,18 +13,21 @@ Formats:
     * Labelled pair list (``*.csv`` / ``*.txt``): lines ``label,path1,path2`` with label 1 for
       "same" and 0 for "different" (comma- or whitespace-separated; blank lines, ``#``
       comments and a ``label,path1,path2`` header are skipped). Paths are relative to an
-      images root, by default the list's directory.
+      images root, by default the list's directory; with a RecordIO ``.rec`` pack as the
+      root, the fields are record keys instead (read with ``dist_train.data.recordio``).
     * Unlabelled test list: lines ``path1,path2``; the evaluator writes ``score,path1,path2``.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -190,6 +193,23 @@ def decode_image(data: bytes, image_size: int | None, where: str) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
+class RecordImage(NamedTuple):
+    """An image stored as record ``key`` of a RecordIO pack (``rec``; its ``.idx`` beside it)."""
+
+    rec: str
+    key: int
+
+
+def _open_pack(rec: str):
+    """A ``RecordIOReader`` for ``rec`` (and ``rec``'s ``.idx`` when it exists)."""
+    try:
+        from dist_train.data.recordio import RecordIOReader
+    except ImportError as exc:  # the data package provides the reader
+        raise TargetError(f"{rec}: RecordIO packs need dist_train.data.recordio") from exc
+    idx = os.path.splitext(rec)[0] + ".idx"
+    return RecordIOReader(rec, idx if os.path.isfile(idx) else None)
+
+
 @dataclass
 class VerificationTarget:
     """Images plus index pairs of one verification set.
@@ -197,7 +217,8 @@ class VerificationTarget:
     Attributes:
         name: short name used in reports and metric keys (the file stem, e.g. ``"lfw"``).
         path: the file it came from.
-        sources: ``N`` images, each encoded bytes (``.bin``) or a file path (pair lists).
+        sources: ``N`` images, each encoded bytes (``.bin``), a file path (pair lists over a
+            folder) or a :class:`RecordImage` (pair lists over a RecordIO pack).
         pairs: ``[P, 2]`` int64 indices into ``sources``.
         issame: ``[P]`` bool labels, or None for an unlabelled test list.
         pair_names: for pair lists, the two paths of each pair as written in the list.
@@ -209,6 +230,8 @@ class VerificationTarget:
     pairs: np.ndarray = field(repr=False)
     issame: np.ndarray | None = field(default=None, repr=False)
     pair_names: list[tuple[str, str]] | None = field(default=None, repr=False)
+    _packs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _keys: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def labelled(self) -> bool:
@@ -222,20 +245,34 @@ class VerificationTarget:
     def num_pairs(self) -> int:
         return int(self.pairs.shape[0])
 
+    def encoded(self, i: int) -> tuple[bytes, str]:
+        """``(encoded bytes, description for errors)`` of image ``i``."""
+        src = self.sources[i]
+        if isinstance(src, bytes):
+            return src, f"{self.path}: image {i}"
+        if isinstance(src, RecordImage):
+            return self._record(src), f"{src.rec}: key {src.key}"
+        try:
+            with open(src, "rb") as f:
+                return f.read(), f"{self.path}: image {src}"
+        except OSError as exc:
+            raise TargetError(f"{self.path}: cannot read image {src} ({exc})") from exc
+
+    def content_keys(self) -> list[bytes]:
+        """A digest of each image's encoded bytes (computed once), to share work across targets."""
+        if self._keys is None:
+            self._keys = [
+                hashlib.blake2b(self.encoded(i)[0], digest_size=16).digest()
+                for i in range(self.num_images)
+            ]
+        return self._keys
+
     def load_images(self, start: int, stop: int, image_size: int | None = None) -> np.ndarray:
         """Images ``start:stop`` decoded to ``[n, 3, S, S]`` uint8 RGB."""
         out = []
         for i in range(start, stop):
-            src = self.sources[i]
-            if isinstance(src, bytes):
-                out.append(decode_image(src, image_size, f"{self.path}: image {i}"))
-            else:
-                try:
-                    with open(src, "rb") as f:
-                        data = f.read()
-                except OSError as exc:
-                    raise TargetError(f"{self.path}: cannot read image {src} ({exc})") from exc
-                out.append(decode_image(data, image_size, f"{self.path}: image {src}"))
+            data, where = self.encoded(i)
+            out.append(decode_image(data, image_size, where))
         if not out:
             size = image_size or 112
             return np.zeros((0, 3, size, size), dtype=np.uint8)
@@ -245,6 +282,14 @@ class VerificationTarget:
                 f"{self.path}: images have different sizes {sorted(shapes)}; pass image_size"
             )
         return np.stack(out)
+
+    def _record(self, src: RecordImage) -> bytes:
+        from dist_train.data.recordio import unpack
+
+        if src.rec not in self._packs:
+            self._packs[src.rec] = _open_pack(src.rec)
+        _, payload = unpack(self._packs[src.rec].read(src.key), path=src.rec, key=src.key)
+        return payload
 
 
 def bin_target(path: str, name: str | None = None) -> VerificationTarget:
@@ -277,10 +322,13 @@ def pair_list_target(
 
     Args:
         path: the list file.
-        images_root: directory the image paths are relative to (default: the list's directory).
+        images_root: directory the image paths are relative to (default: the list's
+            directory), or a RecordIO ``.rec`` pack whose record keys the list names instead of
+            paths (its ``.idx`` is used when it sits beside it).
         name: report name (default: the file stem).
     """
     root = os.path.dirname(os.path.abspath(path)) if images_root is None else images_root
+    pack = _open_pack(root) if root.endswith(".rec") else None
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -314,12 +362,9 @@ def pair_list_target(
             parts = parts[1:]
         ids = []
         for rel in parts:
-            full = rel if os.path.isabs(rel) else os.path.join(root, rel)
             if rel not in index:
-                if not os.path.isfile(full):
-                    raise TargetError(f"{path}:{lineno}: image {full} does not exist")
                 index[rel] = len(sources)
-                sources.append(full)
+                sources.append(_pair_source(path, lineno, root, rel, pack))
             ids.append(index[rel])
         pairs.append((ids[0], ids[1]))
         names.append((parts[0], parts[1]))
@@ -333,6 +378,24 @@ def pair_list_target(
         issame=np.asarray(labels, dtype=bool) if width == 3 else None,
         pair_names=names,
     )
+
+
+def _pair_source(path: str, lineno: int, root: str, rel: str, pack) -> str | RecordImage:
+    """The image a pair-list field names: a file under ``root`` or a record key of ``pack``."""
+    if pack is not None:
+        try:
+            key = int(rel)
+        except ValueError:
+            raise TargetError(
+                f"{path}:{lineno}: {rel!r} is not a record key of {root} (integers expected)"
+            ) from None
+        if key not in pack:
+            raise TargetError(f"{path}:{lineno}: key {key} is not in {root}")
+        return RecordImage(root, key)
+    full = rel if os.path.isabs(rel) else os.path.join(root, rel)
+    if not os.path.isfile(full):
+        raise TargetError(f"{path}:{lineno}: image {full} does not exist")
+    return full
 
 
 def load_target(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,9 +22,9 @@ from eval.runner import (
     read_weights,
     score_target,
 )
-from eval.targets import load_target
+from eval.targets import TargetError, load_bin, load_target, save_bin
 from tests.dist_utils import run_distributed
-from tests.eval_helpers import TINY, TinyNet, tiny_backbone, write_targets  # noqa: F401
+from tests.eval_helpers import TINY, TinyNet, encode, tiny_backbone, write_targets  # noqa: F401
 
 
 def _images(n=5, seed=0):
@@ -119,7 +120,12 @@ def test_extract_spreads_shards_over_two_ranks():
 
 def test_evaluate_targets_bin_and_csv_agree_and_are_good(tmp_path):
     bin_path, csv_path, _, issame = write_targets(str(tmp_path))
-    out = evaluate_targets(TinyNet(16), [bin_path, csv_path], device="cpu", batch_size=8)
+    net = TinyNet(16)
+    seen = []
+    net.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    out = evaluate_targets(net, [bin_path, csv_path], device="cpu", batch_size=8)
+    # Both files hold the same images: each is embedded once (two views with flip).
+    assert sum(seen) == 2 * load_target(bin_path).num_images
     assert list(out) == ["val", "val_pairs"]
     for key in ("accuracy", "accuracy_std", "eer", "auc", "tar@far=1e-1", "best_f1", "xnorm"):
         assert out["val"][key] == pytest.approx(out["val_pairs"][key], rel=1e-5, abs=1e-6), key
@@ -247,3 +253,17 @@ def test_load_backbone_onnx(tmp_path):
     model = load_backbone(str(path))
     assert model.fixed_batch == 1
     _same_output(net, model)
+
+
+def test_targets_with_different_image_sizes_need_image_size(tmp_path):
+    bin_path, _, _, _ = write_targets(str(tmp_path / "a"), num_ids=4)
+    bins, issame = load_bin(bin_path)
+    small = [
+        encode(cv2.resize(cv2.imdecode(np.frombuffer(b, np.uint8), 1), (16, 16))) for b in bins
+    ]
+    other = str(tmp_path / "small.bin")
+    save_bin(other, small, issame)
+    with pytest.raises(TargetError, match="small.bin.*different sizes.*image_size"):
+        evaluate_targets_full(TinyNet(16), [bin_path, other], batch_size=64)
+    res = evaluate_targets_full(TinyNet(16), [bin_path, other], image_size=24, n_folds=2)
+    assert set(res) == {"val", "small"}

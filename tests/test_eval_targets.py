@@ -213,3 +213,27 @@ def test_decode_image_resizes_and_names_bad_data():
     np.testing.assert_array_equal(decode_image(encode(img), None, "x"), img.transpose(2, 0, 1))
     with pytest.raises(TargetError, match="lfw.bin: image 7"):
         decode_image(b"garbage", None, "lfw.bin: image 7")
+
+
+def test_pair_list_over_a_recordio_pack(tmp_path):
+    recordio = pytest.importorskip("dist_train.data.recordio")
+    imgs = identity_images(3, 2)
+    flat = [img for group in imgs for img in group]  # key k = image k, identity k // 2
+    rec, idx = tmp_path / "val.rec", tmp_path / "val.idx"
+    with recordio.RecordIOWriter(str(rec), str(idx)) as writer:
+        for k, img in enumerate(flat):
+            header = recordio.IRHeader(0, float(k // 2), k, 0)
+            writer.write(recordio.pack(header, encode(img)), key=k)
+    lst = tmp_path / "pairs.csv"
+    lst.write_text("1,0,1\n0,1,2\n1,4,5\n0,3,5\n")
+    t = load_target(str(lst), images_root=str(rec))
+    assert t.issame.tolist() == [True, False, True, False] and t.num_images == 6
+    got = t.load_images(0, t.num_images)
+    for i, src in enumerate(t.sources):
+        np.testing.assert_array_equal(got[i], flat[src.key].transpose(2, 0, 1))
+    (tmp_path / "bad.csv").write_text("1,0,x\n")
+    with pytest.raises(TargetError, match="bad.csv:1: 'x' is not a record key"):
+        load_target(str(tmp_path / "bad.csv"), images_root=str(rec))
+    (tmp_path / "missing.csv").write_text("1,0,99\n")
+    with pytest.raises(TargetError, match="missing.csv:1: key 99 is not in"):
+        load_target(str(tmp_path / "missing.csv"), images_root=str(rec))
