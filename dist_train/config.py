@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
     """The valid name a user most likely meant by ``key`` (``None`` if nothing is close)."""
+
     def initials(text: str) -> str:
         return "".join(part[0] for part in text.split("_") if part)
 
@@ -404,9 +405,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then ``--set`` overrides, validated.
 
     Args:

@@ -73,8 +73,12 @@ def env_world_info(environ: dict[str, str] | None = None) -> tuple[int, int, int
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", rank))
-        return rank, local, world, env.get("MASTER_ADDR", "127.0.0.1"), env.get(
-            "MASTER_PORT", "29500"
+        return (
+            rank,
+            local,
+            world,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            env.get("MASTER_PORT", "29500"),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])

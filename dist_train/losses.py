@@ -63,12 +63,21 @@ class TrainLoss(nn.Module):
         margin = head if kind == "margin" else getattr(head, "margin", None)
         if margin is not None:
             self.partial_fc = PartialFC(
-                margin, d, num_classes, sample_rate=pcfg.sample_rate, update=pcfg.update,
+                margin,
+                d,
+                num_classes,
+                sample_rate=pcfg.sample_rate,
+                update=pcfg.update,
                 weight_dtype=_DTYPES[pcfg.weight_dtype],
             ).to(device)
             self.partial_fc.configure_optimizer(
-                o.name, lr=o.lr * pcfg.lr_scale, momentum=o.momentum,
-                weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, nesterov=o.nesterov,
+                o.name,
+                lr=o.lr * pcfg.lr_scale,
+                momentum=o.momentum,
+                weight_decay=o.weight_decay,
+                betas=tuple(o.betas),
+                eps=o.eps,
+                nesterov=o.nesterov,
             )
         if kind in ("metric", "combined"):
             # A combined head's forward is its weighted metric term.
@@ -79,14 +88,21 @@ class TrainLoss(nn.Module):
         if center_weight > 0:
             update = str(hp.get("center_loss_update", "gradient"))
             self.center = ShardedCenterLoss(
-                num_classes, d, update=update, alpha=float(hp.get("center_loss_alpha", 0.5)),
-                weight=center_weight, device=device,
+                num_classes,
+                d,
+                update=update,
+                alpha=float(hp.get("center_loss_alpha", 0.5)),
+                weight=center_weight,
+                device=device,
             )
             if update == "gradient":
                 self.center.configure_optimizer("sgd", lr=o.lr * self.center_lr_scale)
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, micro_step: int = 0,
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        micro_step: int = 0,
         num_micro: int = 1,
     ) -> torch.Tensor:
         """Global-batch loss for local ``embeddings [B_local, D]`` fp32, ``labels [B_local]``."""

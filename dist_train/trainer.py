@@ -265,7 +265,8 @@ class Trainer:
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx:
                 with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype or torch.float32,
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.float32,
                     enabled=self.amp_dtype is not None,
                 ):
                     embeddings = self.model(x)
@@ -310,7 +311,9 @@ class Trainer:
             self.skipped_in_row += 1
             log.warning(
                 "step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
-                self.step, self.skipped_in_row, self.skipped_total,
+                self.step,
+                self.skipped_in_row,
+                self.skipped_total,
             )
             if self.skipped_in_row >= cfg.max_skipped_steps:
                 raise RuntimeError(
@@ -340,8 +343,14 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         log.info(
             "step %d/%d epoch %d loss %.4f lr %.3g samples/s %.1f grad_norm %.3g eta %s",
-            self.step, self.total_steps, self.epoch, loss, lr, sps,
-            float(self.last_grad_norm), format_eta(eta),
+            self.step,
+            self.total_steps,
+            self.epoch,
+            loss,
+            lr,
+            sps,
+            float(self.last_grad_norm),
+            format_eta(eta),
         )
         values = {
             "train/loss": loss,
@@ -374,9 +383,16 @@ class Trainer:
             self._targets = [load_target(p) for p in ecfg.targets]
         with torch.no_grad():
             full = evaluate_targets_full(
-                self.backbone, self._targets, device=self.device, batch_size=ecfg.batch_size,
-                flip=ecfg.flip, low_light=ecfg.low_light, mean=self.cfg.data.mean,
-                std=self.cfg.data.std, amp=self.cfg.amp, image_size=self.cfg.data.image_size,
+                self.backbone,
+                self._targets,
+                device=self.device,
+                batch_size=ecfg.batch_size,
+                flip=ecfg.flip,
+                low_light=ecfg.low_light,
+                mean=self.cfg.data.mean,
+                std=self.cfg.data.std,
+                amp=self.cfg.amp,
+                image_size=self.cfg.data.image_size,
             )
         self.backbone.train()
         results = {name: dict(r.metrics) for name, r in full.items()}
@@ -385,7 +401,9 @@ class Trainer:
             text = " ".join(f"{k} {m[k]:.4f}" for k in shown)
             log.info("eval%s step %d %s: %s", f" ({tag})" if tag else "", self.step, name, text)
         if self.tb.writer is not None:
-            log_tensorboard(self.tb.writer, full, self.step, prefix=f"eval_{tag}" if tag else "eval")
+            log_tensorboard(
+                self.tb.writer, full, self.step, prefix=f"eval_{tag}" if tag else "eval"
+            )
             self.tb.flush()
         if not tag:
             self.last_metrics = results
@@ -473,7 +491,8 @@ class Trainer:
         sampler_state = dict(state["sampler"])
         mine = self.data.sampler.state_dict(0)
         if (sampler_state["world_size"], sampler_state["batch_size"]) != (
-            mine["world_size"], mine["batch_size"]
+            mine["world_size"],
+            mine["batch_size"],
         ):
             # The epoch's global order does not depend on the world size: continue after the
             # images already consumed, rounded down to a whole new global batch.
@@ -483,7 +502,8 @@ class Trainer:
                 * sampler_state["world_size"]
             )
             sampler_state.update(
-                world_size=mine["world_size"], batch_size=mine["batch_size"],
+                world_size=mine["world_size"],
+                batch_size=mine["batch_size"],
                 batches_consumed=consumed // (mine["world_size"] * mine["batch_size"]),
             )
             self.batches_in_epoch = sampler_state["batches_consumed"]
@@ -492,7 +512,10 @@ class Trainer:
             set_rng_state(state["rng"][self.dist.rank])
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)%s",
-            path, self.step, self.epoch, self.batches_in_epoch,
+            path,
+            self.step,
+            self.epoch,
+            self.batches_in_epoch,
             "" if same_world else f" written by {state['world_size']} processes",
         )
 
@@ -505,9 +528,7 @@ class Trainer:
                 json.dump(self.last_metrics, f, indent=2)
         path = self.save_checkpoint()
         if self.dist.is_main:
-            flat = {
-                f"{t}/{k}": v for t, m in self.last_metrics.items() for k, v in m.items()
-            }
+            flat = {f"{t}/{k}": v for t, m in self.last_metrics.items() for k, v in m.items()}
             hp = {
                 "backbone": self.cfg.backbone.name,
                 "head": self.cfg.head.name,
@@ -523,6 +544,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit."""
+
         def handler(signum, _frame):
             self._stop_signal = signum
 

@@ -43,8 +43,13 @@ def tiny_data(tmp_path_factory) -> Path:
     make_synthetic(
         out,
         SyntheticSpec(
-            num_identities=12, images_per_identity=8, val_identities=6,
-            val_images_per_identity=4, val_pairs=40, image_size=32, seed=3,
+            num_identities=12,
+            images_per_identity=8,
+            val_identities=6,
+            val_images_per_identity=4,
+            val_pairs=40,
+            image_size=32,
+            seed=3,
         ),
     )
     return out

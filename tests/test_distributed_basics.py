@@ -10,7 +10,7 @@ from tests.dist_utils import run_distributed
 def test_shard_range_partitions_classes(num_classes, world):
     ranges = [shard_range(num_classes, r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
-    for (a, b), (c, _) in zip(ranges, ranges[1:]):
+    for (_, b), (c, _) in zip(ranges, ranges[1:]):
         assert b == c
     sizes = [b - a for a, b in ranges]
     assert sizes == [num_classes // world + (r < num_classes % world) for r in range(world)]
@@ -22,7 +22,13 @@ def test_shard_range_rejects_bad_rank():
 
 
 def test_env_world_info_torchrun_then_slurm_then_single():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
     assert env_world_info(env) == (3, 1, 4, "h", "1")
     slurm = {
         "SLURM_PROCID": "5",

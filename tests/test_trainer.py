@@ -51,7 +51,7 @@ def _losses(trainer):
 def _ddp_grads(rank, world, global_x, global_y, state):
     import heads
     from dist_train.partial_fc import PartialFC
-    from dist_train.trainer import _wrap_ddp, _allreduce_sum_hook
+    from dist_train.trainer import _allreduce_sum_hook, _wrap_ddp
     from tests.conftest import TinyConvNet
 
     torch.manual_seed(0)
@@ -91,7 +91,8 @@ def test_ddp_sum_hook_gives_single_process_gradients():
 def test_gradient_accumulation_equals_big_batch(tiny_data, tmp_path):
     big = _trainer(tiny_data, tmp_path / "a", **{"data.batch_size": 8, "max_steps": 2})
     small = _trainer(
-        tiny_data, tmp_path / "b",
+        tiny_data,
+        tmp_path / "b",
         **{"data.batch_size": 4, "grad_accum_steps": 2, "max_steps": 2},
     )
     la, lb = _losses(big), _losses(small)
@@ -104,8 +105,14 @@ def test_gradient_accumulation_equals_big_batch(tiny_data, tmp_path):
 
 
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
-    extra = {"num_epochs": 2, "scheduler.name": "poly", "optim.name": "adamw", "optim.lr": 1e-3,
-             "partial_fc.sample_rate": 0.5, "data.random_resized_crop": True}
+    extra = {
+        "num_epochs": 2,
+        "scheduler.name": "poly",
+        "optim.name": "adamw",
+        "optim.lr": 1e-3,
+        "partial_fc.sample_rate": 0.5,
+        "data.random_resized_crop": True,
+    }
     full = _losses(_trainer(tiny_data, tmp_path / "full", **extra))
     assert len(full) == 24  # 96 images / batch 8, 2 epochs
 
@@ -158,9 +165,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
 def test_outputs_of_a_run(tiny_data, tmp_path):
     run = tmp_path / "run"
     trainer = _trainer(
-        tiny_data, run,
-        **{"max_steps": 4, "tensorboard": True, "checkpoint.every_steps": 2,
-           "eval.targets": f"[{tiny_data / 'val.bin'}]", "eval.at_start": True},
+        tiny_data,
+        run,
+        **{
+            "max_steps": 4,
+            "tensorboard": True,
+            "checkpoint.every_steps": 2,
+            "eval.targets": f"[{tiny_data / 'val.bin'}]",
+            "eval.at_start": True,
+        },
     )
     metrics = trainer.fit()
     assert set(metrics) == {"val"} and 0.0 <= metrics["val"]["accuracy"] <= 1.0
@@ -201,14 +214,30 @@ def test_frozen_stages_do_not_change(tiny_data, tmp_path):
 def test_torchrun_two_processes_then_resume_on_one(tiny_data, tmp_path):
     run = tmp_path / "dist"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sets = tiny_overrides(tiny_data, run, **{
-        "max_steps": 6, "checkpoint.every_steps": 3, "data.num_workers": 1,
-        "tensorboard": True, "eval.targets": f"[{tiny_data / 'val.bin'}]",
-        "partial_fc.sample_rate": 0.5, "backbone.name": "mobilefacenet",
-        "backbone.params": "{input_size: 32, width_mult: 0.5}",
-    })
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "launch/configs/demo.yaml")]
+    sets = tiny_overrides(
+        tiny_data,
+        run,
+        **{
+            "max_steps": 6,
+            "checkpoint.every_steps": 3,
+            "data.num_workers": 1,
+            "tensorboard": True,
+            "eval.targets": f"[{tiny_data / 'val.bin'}]",
+            "partial_fc.sample_rate": 0.5,
+            "backbone.name": "mobilefacenet",
+            "backbone.params": "{input_size: 32, width_mult: 0.5}",
+        },
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "launch/configs/demo.yaml"),
+    ]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -217,9 +246,15 @@ def test_torchrun_two_processes_then_resume_on_one(tiny_data, tmp_path):
     assert (run / "model.pt").is_file()
     # continue the same run on one process from the 2-process checkpoint
     sets1 = [s for s in sets if not s.startswith("max_steps")] + [
-        "max_steps=8", "checkpoint.resume=auto"]
-    cmd1 = [sys.executable, str(REPO / "launch" / "train.py"), "--config",
-            str(REPO / "launch/configs/demo.yaml")]
+        "max_steps=8",
+        "checkpoint.resume=auto",
+    ]
+    cmd1 = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "launch/configs/demo.yaml"),
+    ]
     for s in sets1:
         cmd1 += ["--set", s]
     proc = subprocess.run(cmd1, env=env, capture_output=True, text=True, timeout=300)
