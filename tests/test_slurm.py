@@ -442,7 +442,7 @@ def fake_slurm(tmp_path):
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_NNODES": "1",
         "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_CPUS_PER_TASK": "4",
         "RUNS_DIR": str(tmp_path / "runs"),
         "GPUS": "2",
         "MASTER_PORT": str(free_port()),
@@ -508,7 +508,7 @@ def test_srun_per_task_mode_and_preemption(fake_slurm):
         assert rec["env"]["SLURM_PROCID"] == str(r) and rec["env"]["SLURM_NTASKS"] == "2"
         assert rec["env"]["MASTER_ADDR"] == "localhost"
         assert rec["env"]["MASTER_PORT"] == fake_slurm["env"]["MASTER_PORT"]
-        assert rec["env"]["OMP_NUM_THREADS"] == "2"  # the task's CPUs, one process per task
+        assert rec["env"]["OMP_NUM_THREADS"] == "4"  # the task's CPUs, one process per task
     assert got == [str(int(signal.SIGUSR1))] * 2  # srun passed USR1 to every task
     calls = fake_slurm["log"].read_text().splitlines()
     assert calls[0] == "scontrol show hostnames localhost"  # scontrol found the master
@@ -521,7 +521,7 @@ def test_one_node_torchrun_mode_and_preemption(fake_slurm):
     _check_common(fake_slurm, ranks)
     for rec in ranks:
         assert rec["env"]["SLURM_PROCID"] is None  # torchrun, not srun, started the workers
-        assert rec["env"]["OMP_NUM_THREADS"] == "1"  # 2 CPUs shared by 2 processes
+        assert rec["env"]["OMP_NUM_THREADS"] == "2"  # 4 CPUs shared by 2 processes
     assert got == [str(int(signal.SIGTERM))] * 2  # torchrun passed the shell's TERM on
     calls = fake_slurm["log"].read_text().splitlines()
     assert calls == [f"scontrol requeue {fake_slurm['job']}"]  # no srun in this mode
@@ -533,6 +533,7 @@ def test_multinode_torchrun_mode_and_preemption(fake_slurm):
     for rec in ranks:
         assert rec["env"]["TORCHELASTIC_RUN_ID"] == fake_slurm["job"]  # --rdzv_id=$SLURM_JOB_ID
         assert rec["env"]["GROUP_RANK"] == "0"
+        assert rec["env"]["OMP_NUM_THREADS"] == "2"
     # srun got USR1, relay.sh turned it into TERM for torchrun, torchrun into TERM for workers.
     assert got == [str(int(signal.SIGTERM))] * 2
     calls = fake_slurm["log"].read_text().splitlines()
