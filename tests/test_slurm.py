@@ -455,13 +455,32 @@ def fake_slurm(tmp_path):
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20",
     }
     env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from SLURM_CPUS_PER_TASK
-    return {
+    yield {
         "env": env,
         "cfg": cfg,
         "run": tmp_path / "runs" / "probe",
         "job": job_id,
         "log": tmp_path / "slurm.log",
     }
+    _kill_leftovers(f"{tmp_path}/")
+
+
+def _kill_leftovers(marker: str) -> None:
+    """Kills processes this test started that are still alive after a failure (torchrun starts
+    its workers in sessions of their own, so killing the batch shell's group would miss them).
+    They are recognised by this test's temporary directory in their command line."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _ranks(run: Path, n: int = 2) -> list[dict]:
@@ -642,7 +661,7 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     # The "requeued" job: same job, same name, same run directory; finishes from the checkpoint.
     env["SLURM_RESTART_COUNT"] = "1"
     proc = _start("train_1node.sbatch", fake_slurm, f"max_steps={stopped_at + 2}")
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     text = log.read_text()
     assert f"resumed from {ckpts[-1]}" in text
