@@ -643,6 +643,8 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     fake_slurm["cfg"] = cfg
     env = fake_slurm["env"]
     del env["TRAIN_SCRIPT"]
+    # A step can take many seconds on a loaded CPU machine: leave time to finish it and save.
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "180"
     proc = _start("train_1node.sbatch", fake_slurm)
     log = fake_slurm["run"] / "train.log"
     deadline = time.time() + 240
