@@ -442,7 +442,7 @@ def fake_slurm(tmp_path):
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_NNODES": "1",
         "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_CPUS_PER_TASK": "4",
         "RUNS_DIR": str(tmp_path / "runs"),
         "GPUS": "2",
         "MASTER_PORT": str(free_port()),
@@ -455,13 +455,32 @@ def fake_slurm(tmp_path):
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20",
     }
     env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from SLURM_CPUS_PER_TASK
-    return {
+    yield {
         "env": env,
         "cfg": cfg,
         "run": tmp_path / "runs" / "probe",
         "job": job_id,
         "log": tmp_path / "slurm.log",
     }
+    _kill_leftovers(f"{tmp_path}/")
+
+
+def _kill_leftovers(marker: str) -> None:
+    """Kills processes this test started that are still alive after a failure (torchrun starts
+    its workers in sessions of their own, so killing the batch shell's group would miss them).
+    They are recognised by this test's temporary directory in their command line."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _ranks(run: Path, n: int = 2) -> list[dict]:
@@ -508,7 +527,7 @@ def test_srun_per_task_mode_and_preemption(fake_slurm):
         assert rec["env"]["SLURM_PROCID"] == str(r) and rec["env"]["SLURM_NTASKS"] == "2"
         assert rec["env"]["MASTER_ADDR"] == "localhost"
         assert rec["env"]["MASTER_PORT"] == fake_slurm["env"]["MASTER_PORT"]
-        assert rec["env"]["OMP_NUM_THREADS"] == "2"  # the task's CPUs, one process per task
+        assert rec["env"]["OMP_NUM_THREADS"] == "4"  # the task's CPUs, one process per task
     assert got == [str(int(signal.SIGUSR1))] * 2  # srun passed USR1 to every task
     calls = fake_slurm["log"].read_text().splitlines()
     assert calls[0] == "scontrol show hostnames localhost"  # scontrol found the master
@@ -521,7 +540,7 @@ def test_one_node_torchrun_mode_and_preemption(fake_slurm):
     _check_common(fake_slurm, ranks)
     for rec in ranks:
         assert rec["env"]["SLURM_PROCID"] is None  # torchrun, not srun, started the workers
-        assert rec["env"]["OMP_NUM_THREADS"] == "1"  # 2 CPUs shared by 2 processes
+        assert rec["env"]["OMP_NUM_THREADS"] == "2"  # 4 CPUs shared by 2 processes
     assert got == [str(int(signal.SIGTERM))] * 2  # torchrun passed the shell's TERM on
     calls = fake_slurm["log"].read_text().splitlines()
     assert calls == [f"scontrol requeue {fake_slurm['job']}"]  # no srun in this mode
@@ -533,6 +552,7 @@ def test_multinode_torchrun_mode_and_preemption(fake_slurm):
     for rec in ranks:
         assert rec["env"]["TORCHELASTIC_RUN_ID"] == fake_slurm["job"]  # --rdzv_id=$SLURM_JOB_ID
         assert rec["env"]["GROUP_RANK"] == "0"
+        assert rec["env"]["OMP_NUM_THREADS"] == "2"
     # srun got USR1, relay.sh turned it into TERM for torchrun, torchrun into TERM for workers.
     assert got == [str(int(signal.SIGTERM))] * 2
     calls = fake_slurm["log"].read_text().splitlines()
@@ -623,6 +643,8 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     fake_slurm["cfg"] = cfg
     env = fake_slurm["env"]
     del env["TRAIN_SCRIPT"]
+    # A step can take many seconds on a loaded CPU machine: leave time to finish it and save.
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "180"
     proc = _start("train_1node.sbatch", fake_slurm)
     log = fake_slurm["run"] / "train.log"
     deadline = time.time() + 240
@@ -641,7 +663,7 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     # The "requeued" job: same job, same name, same run directory; finishes from the checkpoint.
     env["SLURM_RESTART_COUNT"] = "1"
     proc = _start("train_1node.sbatch", fake_slurm, f"max_steps={stopped_at + 2}")
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     text = log.read_text()
     assert f"resumed from {ckpts[-1]}" in text
