@@ -5,7 +5,7 @@ Owns gathering each rank's embeddings and labels so that a metric head of :mod:`
 rank. Does not own the loss maths (the head does) or the backbone's gradient sync (the
 trainer's DDP hook does).
 
-Gradient convention (the project's, pinned by ``tests/test_metric_loss_dist.py``):
+Gradient convention (the project's, pinned by ``tests/test_metric_dist.py``):
 
 - The returned loss is the head's loss on the global batch, identical on every rank.
 - The gradient reaching this rank's ``local_embeddings`` is exactly the single-process gradient
