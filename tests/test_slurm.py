@@ -655,7 +655,7 @@ def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, 
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
-    ckpts = sorted((fake_slurm["run"] / "checkpoints").glob("step_*.pt"))
+    ckpts = sorted((fake_slurm["run"] / "checkpoints").glob("step_????????.pt"))
     assert ckpts, out
     assert fake_slurm["log"].read_text().splitlines()[-1] == f"scontrol requeue {fake_slurm['job']}"
     stopped_at = int(ckpts[-1].stem.split("_")[1])
