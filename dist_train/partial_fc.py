@@ -712,15 +712,41 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             # Every row sampled (sorted and unique, so index = arange): update through views.
             self._blockwise_step(group, lambda a, b: grad[a:b].to(self.state_dtype, copy=True))
             return
+        # Gathers go into buffers kept across steps: a fresh multi-MB tensor per chunk costs
+        # more in page faults than the gather itself.
+        bufs = self._chunk_buffers()
         for a in range(0, index.numel(), STEP_CHUNK_ROWS):
             rows = index[a : a + STEP_CHUNK_ROWS]
-            w = weight.index_select(0, rows).to(self.state_dtype)
-            g = grad[a : a + STEP_CHUNK_ROWS].to(self.state_dtype, copy=True)
-            state = {k: v.index_select(0, rows) for k, v in self.rows.items()}
+            k = rows.numel()
+            w = bufs["weight"][:k]
+            if weight.dtype == self.state_dtype:
+                torch.index_select(weight, 0, rows, out=w)
+            else:
+                w.copy_(weight.index_select(0, rows))
+            g = bufs["grad"][:k]
+            g.copy_(grad[a : a + k])
+            state = {
+                key: torch.index_select(v, 0, rows, out=bufs[key][:k])
+                if key in bufs
+                else v.index_select(0, rows)
+                for key, v in self.rows.items()
+            }
             self._update_rows(w, g, state, group)
             self._store(weight, rows, w)
-            for k, v in state.items():
-                self.rows[k].index_copy_(0, rows, v)
+            for key, v in state.items():
+                self.rows[key].index_copy_(0, rows, v)
+
+    def _chunk_buffers(self) -> dict[str, torch.Tensor]:
+        """[STEP_CHUNK_ROWS, D] state-dtype buffers for the sparse step (made once)."""
+        if not hasattr(self, "_bufs"):
+            weight = self._pfc.weight
+            n = min(STEP_CHUNK_ROWS, weight.shape[0])
+            names = ["weight", "grad"] + [k for k, v in self.rows.items() if v.dim() == 2]
+            self._bufs = {
+                k: torch.empty(n, weight.shape[1], device=weight.device, dtype=self.state_dtype)
+                for k in names
+            }
+        return self._bufs
 
     def _dense_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = self._pfc.weight
