@@ -544,6 +544,50 @@ class PartialFC(nn.Module):
         )
 
 
+def build_partial_fc(
+    margin: nn.Module,
+    pfc_cfg: Any,
+    optim_cfg: Any,
+    *,
+    embedding_size: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> PartialFC:
+    """PartialFC on ``device`` with its optimizer, from the config sections.
+
+    Args:
+        margin: the margin head (for a ``kind == "combined"`` head, pass ``head.margin``).
+        pfc_cfg: a :class:`dist_train.config.PartialFCConfig` (sample_rate, update,
+            weight_dtype, lr_scale).
+        optim_cfg: a :class:`dist_train.config.OptimConfig`; the classifier's learning rate is
+            ``optim_cfg.lr * pfc_cfg.lr_scale`` (the trainer rescales it with the schedule).
+        embedding_size, num_classes: D and C.
+        device: where the shard and its optimizer state live.
+        seed: initial rows and sampling.
+    """
+    pfc = PartialFC(
+        margin,
+        embedding_size,
+        num_classes,
+        sample_rate=pfc_cfg.sample_rate,
+        update=pfc_cfg.update,
+        weight_dtype=pfc_cfg.weight_dtype,
+        seed=seed,
+    ).to(device)
+    # The optimizer rows are allocated on the shard's device: create it after the move.
+    pfc.configure_optimizer(
+        optim_cfg.name,
+        lr=optim_cfg.lr * pfc_cfg.lr_scale,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        nesterov=optim_cfg.nesterov,
+    )
+    return pfc
+
+
 def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Joins the per-rank states of one model into a single state with every piece.
 
