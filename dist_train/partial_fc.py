@@ -32,6 +32,11 @@ Update semantics (``update=``):
 - ``"dense"``: InsightFace ``partial_fc_v2`` semantics: the shard is one parameter whose
   unsampled rows have zero gradient, so every row sees weight decay and momentum every step;
   the step costs O(C_local·D).
+
+Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
+cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
+gradient) besides the sampled rows and their gradient. The model per rank is
+:func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
 """
 
 from __future__ import annotations
