@@ -103,6 +103,62 @@ def _bench_world(rank: int, world: int, num_classes: int, update: str, cfg: dict
     return results
 
 
+def optimizer_scaling(shards: list[int], sampled: int, dim: int, repeats: int) -> str:
+    """Sparse and dense optimizer step on shards of different sizes, same sampled rows.
+
+    One process, the shards built side by side, steps interleaved A, B, A, B, … and the
+    median taken, so load from other processes hits both alike. The step is rank-local, so
+    a world-size-1 shard of C_local rows times exactly what one rank of a larger world does.
+    """
+    import statistics
+
+    lines = [
+        "| shard rows (C_local) | sampled rows | sparse step ms (median) "
+        "| dense step ms (median) |",
+        "|---:|---:|---:|---:|",
+    ]
+    medians: dict[tuple[str, int], float] = {}
+    for update in ("sparse", "dense"):
+        models = []
+        for c_local in shards:
+            pfc = PartialFC(
+                heads.get_head("arcface"),
+                dim,
+                c_local,
+                sample_rate=sampled / c_local,
+                update=update,
+            )
+            opt = pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+            index = torch.randperm(c_local)[:sampled].sort().values
+            grad = torch.randn(sampled, dim)
+            models.append((c_local, pfc, opt, index, grad))
+        times: dict[int, list[float]] = {c: [] for c in shards}
+        for _ in range(repeats):
+            for c_local, _pfc, opt, index, grad in models:
+                leaf = torch.zeros(sampled, dim, requires_grad=True)
+                leaf.grad = grad.clone()
+                opt._attach(leaf, index)
+                t0 = time.perf_counter()
+                opt.step()
+                times[c_local].append(time.perf_counter() - t0)
+        for c_local in shards:
+            medians[(update, c_local)] = statistics.median(times[c_local][1:])
+        del models
+    for c_local in shards:
+        lines.append(
+            f"| {c_local:,} | {sampled:,} | {medians[('sparse', c_local)] * 1e3:.1f} | "
+            f"{medians[('dense', c_local)] * 1e3:.1f} |"
+        )
+    a, b = shards[0], shards[-1]
+    lines.append("")
+    lines.append(
+        f"- sparse step, {b:,} / {a:,} shard rows at {sampled:,} sampled rows: "
+        f"{medians[('sparse', b)] / medians[('sparse', a)]:.2f}× (target ≤ 1.2×); dense: "
+        f"{medians[('dense', b)] / medians[('dense', a)]:.2f}×"
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", default="85742,1000000,2000000")
@@ -120,7 +176,25 @@ def main() -> None:
         default=7.0,
         help="skip configurations whose modelled classifier memory per rank exceeds this",
     )
+    ap.add_argument(
+        "--scaling-only",
+        action="store_true",
+        help="run only the interleaved optimizer-step scaling comparison (appended to --out)",
+    )
+    ap.add_argument("--scaling-repeats", type=int, default=11)
     args = ap.parse_args()
+    if args.scaling_only:
+        text = (
+            "\n## Optimizer step against shard size (interleaved, one process)\n\n"
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/partial_fc.py "
+            f"{' '.join(sys.argv[1:])}`\n\n"
+            + optimizer_scaling([500000, 1000000], 50000, args.dim, args.scaling_repeats)
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
     cfg = {
         "rates": [float(r) for r in args.rates.split(",")],
         "modes": args.modes.split(","),

@@ -32,6 +32,11 @@ Update semantics (``update=``):
 - ``"dense"``: InsightFace ``partial_fc_v2`` semantics: the shard is one parameter whose
   unsampled rows have zero gradient, so every row sees weight decay and momentum every step;
   the step costs O(C_local·D).
+
+Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
+cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
+gradient) besides the sampled rows and their gradient. The model per rank is
+:func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
 """
 
 from __future__ import annotations
@@ -544,6 +549,50 @@ class PartialFC(nn.Module):
         )
 
 
+def build_partial_fc(
+    margin: nn.Module,
+    pfc_cfg: Any,
+    optim_cfg: Any,
+    *,
+    embedding_size: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> PartialFC:
+    """PartialFC on ``device`` with its optimizer, from the config sections.
+
+    Args:
+        margin: the margin head (for a ``kind == "combined"`` head, pass ``head.margin``).
+        pfc_cfg: a :class:`dist_train.config.PartialFCConfig` (sample_rate, update,
+            weight_dtype, lr_scale).
+        optim_cfg: a :class:`dist_train.config.OptimConfig`; the classifier's learning rate is
+            ``optim_cfg.lr * pfc_cfg.lr_scale`` (the trainer rescales it with the schedule).
+        embedding_size, num_classes: D and C.
+        device: where the shard and its optimizer state live.
+        seed: initial rows and sampling.
+    """
+    pfc = PartialFC(
+        margin,
+        embedding_size,
+        num_classes,
+        sample_rate=pfc_cfg.sample_rate,
+        update=pfc_cfg.update,
+        weight_dtype=pfc_cfg.weight_dtype,
+        seed=seed,
+    ).to(device)
+    # The optimizer rows are allocated on the shard's device: create it after the move.
+    pfc.configure_optimizer(
+        optim_cfg.name,
+        lr=optim_cfg.lr * pfc_cfg.lr_scale,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        nesterov=optim_cfg.nesterov,
+    )
+    return pfc
+
+
 def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Joins the per-rank states of one model into a single state with every piece.
 
@@ -747,15 +796,41 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             # Every row sampled (sorted and unique, so index = arange): update through views.
             self._blockwise_step(group, lambda a, b: grad[a:b].to(self.state_dtype, copy=True))
             return
+        # Gathers go into buffers kept across steps: a fresh multi-MB tensor per chunk costs
+        # more in page faults than the gather itself.
+        bufs = self._chunk_buffers()
         for a in range(0, index.numel(), STEP_CHUNK_ROWS):
             rows = index[a : a + STEP_CHUNK_ROWS]
-            w = weight.index_select(0, rows).to(self.state_dtype)
-            g = grad[a : a + STEP_CHUNK_ROWS].to(self.state_dtype, copy=True)
-            state = {k: v.index_select(0, rows) for k, v in self.rows.items()}
+            k = rows.numel()
+            w = bufs["weight"][:k]
+            if weight.dtype == self.state_dtype:
+                torch.index_select(weight, 0, rows, out=w)
+            else:
+                w.copy_(weight.index_select(0, rows))
+            g = bufs["grad"][:k]
+            g.copy_(grad[a : a + k])
+            state = {
+                key: torch.index_select(v, 0, rows, out=bufs[key][:k])
+                if key in bufs
+                else v.index_select(0, rows)
+                for key, v in self.rows.items()
+            }
             self._update_rows(w, g, state, group)
             self._store(weight, rows, w)
-            for k, v in state.items():
-                self.rows[k].index_copy_(0, rows, v)
+            for key, v in state.items():
+                self.rows[key].index_copy_(0, rows, v)
+
+    def _chunk_buffers(self) -> dict[str, torch.Tensor]:
+        """[STEP_CHUNK_ROWS, D] state-dtype buffers for the sparse step (made once)."""
+        if not hasattr(self, "_bufs"):
+            weight = self._pfc.weight
+            n = min(STEP_CHUNK_ROWS, weight.shape[0])
+            names = ["weight", "grad"] + [k for k, v in self.rows.items() if v.dim() == 2]
+            self._bufs = {
+                k: torch.empty(n, weight.shape[1], device=weight.device, dtype=self.state_dtype)
+                for k in names
+            }
+        return self._bufs
 
     def _dense_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = self._pfc.weight

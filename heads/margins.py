@@ -64,7 +64,10 @@ def monotone_cos(phi: torch.Tensor) -> torch.Tensor:
 class MarginHead(nn.Module):
     """Common part of the normalised margin heads: scale, filtering, intra-class penalty.
 
-    Subclasses override :meth:`target_logit` (the un-scaled target logit from cos θ_y).
+    Subclasses override :meth:`target_logit` (the un-scaled target logit from cos θ_y), not
+    ``forward``: Partial FC fuses ``MarginHead``s into its cross-entropy and calls only
+    ``target_logit``, ``s`` and ``interclass_threshold`` (the tests check that the fused path
+    equals ``forward``).
 
     Args:
         s: scale applied to every logit.

@@ -343,3 +343,19 @@ def test_any_margin_module_goes_through_the_generic_path():
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_build_from_config_sections():
+    from dist_train.config import OptimConfig, PartialFCConfig
+    from dist_train.partial_fc import build_partial_fc
+
+    pfc_cfg = PartialFCConfig(sample_rate=0.5, update="dense", weight_dtype="bfloat16", lr_scale=2)
+    optim_cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.05)
+    pfc = build_partial_fc(
+        heads.get_head("cosface"), pfc_cfg, optim_cfg, embedding_size=D, num_classes=30
+    )
+    assert pfc.weight.dtype == torch.bfloat16 and pfc.update == "dense"
+    assert pfc.num_sample == 15
+    assert pfc.optimizer.name == "adamw"
+    assert pfc.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    assert pfc.optimizer.param_groups[0]["weight_decay"] == 0.05

@@ -114,6 +114,32 @@ def check_parity(rank: int, world: int, name: str, kw: dict, rate: float) -> dic
     }
 
 
+def check_empty_shard(rank: int, world: int) -> dict[str, float]:
+    """Two classes on 2 or 3 ranks: the last rank of 3 holds none and must still take part."""
+    head = heads.get_head("arcface", s=16.0, m=0.3)
+    pfc = PartialFC(head, D, 2, weight_dtype=torch.float64, init_std=STD, seed=SEED)
+    pfc.configure_optimizer(**OPTIM)
+    x, y = global_batch(5)
+    y = y % 2
+    x_local = local_part(x, rank, world).clone().requires_grad_(True)
+    loss = pfc(x_local, local_part(y, rank, world))
+    loss.backward()
+    pfc.optimizer.step()
+    w_ref = init_rows(0, 2, 2, D, std=STD, seed=SEED, dtype=torch.float64).requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    ref = reference_loss(head, w_ref, x_ref, y)
+    ref.backward()
+    errs = {
+        "loss": rel_err(loss.detach(), ref.detach()),
+        "embedding_grad": rel_err(x_local.grad, local_part(x_ref.grad, rank, world)),
+    }
+    if pfc.num_local:
+        errs["weight_grad"] = rel_err(
+            pfc.sampled_weight.grad, w_ref.grad[pfc.class_start : pfc.class_stop]
+        )
+    return errs
+
+
 def worker(rank: int, world: int, state: dict) -> dict:
     out: dict = {"parity": {}, "sampling": {}}
     for name, kw in MARGINS:
@@ -122,6 +148,8 @@ def worker(rank: int, world: int, state: dict) -> dict:
         )
         out["parity"][label] = check_parity(rank, world, name, kw, rate=1.0)
     out["parity"]["arcface@rate0.5"] = check_parity(rank, world, "arcface", {}, rate=0.5)
+
+    out["parity"]["fewer classes than ranks"] = check_empty_shard(rank, world)
 
     pfc = build_pfc(rate=0.5)
     x, y = global_batch(3)
