@@ -632,7 +632,8 @@ class PartialFCOptimizer(torch.optim.Optimizer):
     ``param_groups[0]["params"]`` holds the sampled-rows leaf of the last forward, so
     ``torch.amp.GradScaler.unscale_`` / ``step`` see, unscale and inf-check exactly the
     gradient that :meth:`step` applies; ``param_groups[0]["lr"]`` is read at every step (set
-    it from the scheduler). One forward per step: a second forward replaces the leaf.
+    it from the scheduler). Several forwards before one step (gradient accumulation) each attach a leaf;
+    the step applies their summed gradients over the union of their rows (see `_attach`).
 
     State ``rows`` (fp32, or fp64 for fp64 weights) is per class: ``momentum_buffer``
     ``[C_local, D]`` for SGD with momentum; ``exp_avg``, ``exp_avg_sq`` ``[C_local, D]`` and
