@@ -69,10 +69,14 @@ def test_record_dataset_remaps_sparse_labels(tmp_path):
 
 
 def test_record_dataset_bad_payload_and_label(tmp_path):
-    rec = _write_pack(tmp_path, [0, 1, 1], payload=lambda i: b"not an image" if i == 1 else _jpeg(0))
+    rec = _write_pack(
+        tmp_path, [0, 1, 1], payload=lambda i: b"not an image" if i == 1 else _jpeg(0)
+    )
     ds = RecordDataset(rec)
     off = read_index(tmp_path / "train.idx")[1][2]
-    with pytest.raises(DataError, match=rf"train\.rec key 2 at byte offset {off}: .*not a decodable"):
+    with pytest.raises(
+        DataError, match=rf"train\.rec key 2 at byte offset {off}: .*not a decodable"
+    ):
         ds[1]
     (tmp_path / "b").mkdir()
     _write_pack(tmp_path / "b", [0, -1])

@@ -3,8 +3,9 @@
 Owns: the InsightFace RecordIO layout (with or without the header record; scalar or array
 labels), image folders (``identity/*.jpg``), ``path,label`` list files, labelled and unlabelled
 pair lists and LFW-style ``.bin`` verification sets (reading only), contiguous labels
-0..C-1, OpenCV decoding to RGB, and :func:`build_train_data` (dataset + sampler + DataLoader).
-Does not own: the RecordIO byte format, samplers, transforms, or evaluation metrics.
+0..C-1, OpenCV decoding to RGB, and choosing the dataset from a ``DataConfig``. Does not own:
+the RecordIO byte format, samplers, transforms, the DataLoader (:mod:`.loader`), or
+evaluation metrics. Imports no torch (DataLoader only needs ``__getitem__``/``__len__``).
 
 Every dataset opens its files lazily in the process that reads, so each DataLoader worker
 has its own handles (fork- and spawn-safe).
@@ -17,18 +18,13 @@ import logging
 import os
 import pickle
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
-from .samplers import EpochSampler, build_sampler
-from .transforms import TrainTransform
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +64,7 @@ def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64), classes
 
 
-class LabelledImages(Dataset):
+class LabelledImages:
     """Base class: ``labels [N]`` int64 in 0..C-1, ``load(i) -> RGB uint8`` and a transform.
 
     ``__getitem__`` takes an index or ``(index, seed...)`` (the sampler's per-sample seed, so
@@ -323,7 +319,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Train-data builder
+# Choosing the dataset
 
 
 def open_train_dataset(cfg, transform=None) -> LabelledImages:
@@ -351,113 +347,11 @@ def open_train_dataset(cfg, transform=None) -> LabelledImages:
     raise DataError(f"unknown data.format {fmt!r}")
 
 
-def _collate(batch):
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    return images, labels
-
-
-def _worker_init(_: int) -> None:
-    # one OpenCV thread per worker: the workers are the parallelism
-    cv2.setNumThreads(1)
-
-
-class _SeededOrder(torch.utils.data.Sampler):
-    """Yields ``(index, epoch, rank, position)`` so augmentation is seeded per sample."""
-
-    def __init__(self, sampler: EpochSampler):
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        s = self.sampler
-        indices = list(iter(s))
-        offset = len(s) - len(indices)  # a resumed epoch starts part-way
-        for pos, i in enumerate(indices, offset):
-            yield (i, s.epoch, s.rank, pos)
-
-
-@dataclass
-class TrainData:
-    """What the trainer needs from the data layer."""
-
-    loader: DataLoader
-    """Iterable of ``(images uint8 [B, 3, H, W], labels int64 [B])``; one epoch per pass."""
-    sampler: EpochSampler
-    """``set_epoch(e)``, ``state_dict(batches_consumed)``, ``load_state_dict(state)``."""
-    num_classes: int
-    num_images: int
-    dataset: LabelledImages
-
-
-def build_train_data(cfg, dist, seed: int) -> TrainData:
-    """Dataset, distributed sampler and DataLoader for ``cfg`` (a ``DataConfig``).
-
-    Args:
-        cfg: data section of the config.
-        dist: ``DistInfo`` of this process (rank, world size, device).
-        seed: run seed (sampling order and augmentation derive from it).
-
-    Raises:
-        ConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
-        DataError: missing or unusable data.
-    """
-    from dist_train.config import ConfigError
-
-    dataset = open_train_dataset(cfg, TrainTransform.from_config(cfg))
-    dataset.base_seed = int(seed)
-    where = str(cfg.root)
-    if cfg.num_classes and cfg.num_classes != dataset.num_classes:
-        raise ConfigError(
-            f"data.num_classes={cfg.num_classes} but {where} holds {dataset.num_classes} "
-            "identities (set 0 to derive it from the data)"
-        )
-    if cfg.num_images and cfg.num_images != len(dataset):
-        raise ConfigError(
-            f"data.num_images={cfg.num_images} but {where} holds {len(dataset)} images "
-            "(set 0 to derive it from the data)"
-        )
-    sampler = build_sampler(
-        cfg.sampler,
-        dataset.labels,
-        cfg.batch_size,
-        dist.rank,
-        dist.world_size,
-        seed,
-        max_images_per_identity=cfg.max_images_per_identity,
-        identity_ratio=cfg.identity_ratio,
-        m_per_class=cfg.m_per_class,
-    )
-    if sampler.num_batches == 0:
-        raise DataError(
-            f"{where}: {sampler.name} sampler yields fewer than one global batch "
-            f"({cfg.batch_size} x {dist.world_size} images) per epoch"
-        )
-    workers = int(cfg.num_workers)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=_SeededOrder(sampler),
-        num_workers=workers,
-        collate_fn=_collate,
-        drop_last=True,
-        pin_memory=getattr(dist.device, "type", "cpu") == "cuda",
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-    )
-    return TrainData(loader, sampler, dataset.num_classes, len(dataset), dataset)
-
-
 __all__ = [
     "DataError",
     "FileListDataset",
     "RecordDataset",
     "RecordIOError",
-    "TrainData",
-    "build_train_data",
     "decode_image",
     "folder_dataset",
     "list_dataset",

@@ -465,7 +465,9 @@ def _pool_map(fn, jobs: list, workers: int, progress=None):
                 progress(1)
         return
     # OpenCV's own threads would fight the worker processes for the cores.
-    ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+    # forkserver: workers start from a clean process. A plain fork copies OpenCV's thread
+    # pool in whatever state the parent left it, which deadlocked workers here.
+    ctx = mp.get_context("forkserver" if os.name == "posix" else "spawn")
     with ctx.Pool(workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
         for result in pool.imap(fn, jobs, chunksize=max(1, len(jobs) // (workers * 16))):
             yield result

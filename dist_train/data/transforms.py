@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
 
@@ -76,7 +79,10 @@ def random_resized_crop(
     return resize(img, size)
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+def _luma(x: np.ndarray) -> np.ndarray:
+    # elementwise on purpose: a BLAS matmul here can deadlock in forked DataLoader workers
+    # when the parent process has already used BLAS threads
+    return x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
 
 
 def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -87,9 +93,9 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> 
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     b, c, s = rng.uniform(lo, hi, 3)
     x = img.astype(np.float32) * b
-    gray = x @ _LUMA  # [H, W]
+    gray = _luma(x)  # [H, W]
     x = (x - gray.mean()) * c + gray.mean()
-    gray = x @ _LUMA
+    gray = _luma(x)
     x = gray[..., None] + (x - gray[..., None]) * s
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
@@ -180,6 +186,8 @@ def normalize(
     Returns:
         ``[B, 3, H, W]`` float32.
     """
+    import torch  # here, so the image tools can use this module without torch
+
     x = images.float()
     dev = images.device
     m = torch.as_tensor(mean, dtype=torch.float32, device=dev)
