@@ -280,6 +280,7 @@ def test_crosscheck_with_mxnet(tmp_path):
     plain = list(RecordIOReader(tmp_path / "mx_plain.rec"))
     assert len(plain) == len(spec)
     for (ordinal, record), r in zip(plain, spec):
+        assert ordinal == spec.index(r)
         h, payload = unpack(record)
         h2, payload2 = unpack(mx_reader.read(r["key"]))
         assert payload == payload2 == bytes.fromhex(r["payload"])
