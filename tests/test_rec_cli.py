@@ -60,7 +60,7 @@ def test_pack_list_with_resize(tmp_path):
     lst.write_text("faces/bob/0.jpg,7\nfaces/ann/1.jpg,3\nfaces/ann/0.jpg,3\n")
     pack_images(lst, tmp_path / "out", resize=16, quality=80)
     ds = RecordDataset(tmp_path / "out" / "train.rec")
-    assert ds.labels.tolist() == [0, 0, 1] and ds[0][0].shape == (3, 16, 16)
+    assert ds.labels.tolist() == [0, 0, 1] and ds[0][0].shape == (16, 16, 3)
     assert (tmp_path / "out" / "property").read_text().strip() == "2,16,16"
     (src / "bob" / "0.jpg").write_bytes(b"garbage")
     with pytest.raises(Exception, match="bob/0.jpg: not a decodable image"):

@@ -50,7 +50,7 @@ def test_insightface_layout(small):
     ds = RecordDataset(small / "train.rec")
     assert ds.has_header and len(ds) == 18 and ds.num_classes == 6
     img, label = ds[4]
-    assert img.shape == (3, 48, 48) and label == 1
+    assert img.shape == (48, 48, 3) and label == 1
 
 
 def test_verification_files_agree(small):

@@ -25,8 +25,12 @@ import cv2
 import numpy as np
 
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
+from .transforms import SampleRandom
 
 log = logging.getLogger(__name__)
+
+# OpenCV >= 4.10 decodes straight to RGB, saving a full-image colour conversion per sample.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -41,10 +45,12 @@ def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
     Raises:
         DataError: the bytes are not a decodable image (names ``where``).
     """
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR) if len(buf) else None
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), _IMREAD_RGB) if len(buf) else None
     if img is None:
         raise DataError(f"{where}: {len(buf)}-byte payload is not a decodable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.ndim == 2:  # only an 8-bit gray decode can come back 2-D
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +75,8 @@ class LabelledImages:
 
     ``__getitem__`` takes an index or ``(index, seed...)`` (the sampler's per-sample seed, so
     augmentation does not depend on the worker that draws it) and returns
-    ``(image [3, H, W] uint8 numpy, label int)``.
+    ``(image [H, W, 3] uint8 RGB numpy, label int)``; the loader's collate makes the batch
+    ``[B, 3, H, W]``.
     """
 
     labels: np.ndarray
@@ -94,8 +101,8 @@ class LabelledImages:
             i, seed = item, (0,)
         img = self.load(int(i))
         if self.transform is not None:
-            img = self.transform(img, np.random.default_rng([self.base_seed, *seed]))
-        return np.ascontiguousarray(img.transpose(2, 0, 1)), int(self.labels[i])
+            img = self.transform(img, SampleRandom(self.base_seed, *seed))
+        return img, int(self.labels[i])
 
 
 class RecordDataset(LabelledImages):
@@ -200,8 +207,13 @@ class RecordDataset(LabelledImages):
     def load(self, i: int) -> np.ndarray:
         key = int(self.keys[i])
         _, payload = unpack(self.reader.read(key), path=str(self.rec_path), key=key)
-        where = f"{self.rec_path} key {key} at byte offset {self.reader.offset(key)}"
-        return decode_image(payload, where=where)
+        try:
+            return decode_image(payload)
+        except DataError:
+            where = f"{self.rec_path} key {key} at byte offset {self.reader.offset(key)}"
+            raise DataError(
+                f"{where}: {len(payload)}-byte payload is not a decodable image"
+            ) from None
 
 
 class FileListDataset(LabelledImages):

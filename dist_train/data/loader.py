@@ -23,7 +23,13 @@ from .transforms import TrainTransform
 
 
 def _collate(batch):
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    """``[B, 3, H, W]`` uint8 images (a channels_last-strided view) and int64 labels.
+
+    Stacking the HWC images and permuting the axes avoids a per-image HWC -> CHW copy in the
+    worker: the batch is NCHW by shape and channels_last in memory, the layout convolutions
+    prefer; ``normalize`` keeps it. Call ``.contiguous()`` where NCHW-contiguous is needed.
+    """
+    images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
     labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
     return images, labels
 
