@@ -227,3 +227,12 @@ def test_two_ranks_split_the_epoch(tmp_path):
 
 def _jpeg_values(n):
     return [cv2.imdecode(np.frombuffer(_jpeg(i), np.uint8), 1)[-1, -1, 1] for i in range(n)]
+
+
+def test_dataset_pickles_for_spawned_workers(tmp_path):
+    rec = _write_pack(tmp_path, [0, 1, 1, 2])
+    ds = RecordDataset(rec)
+    first = ds[2][0]  # opens a handle here; the copy must open its own
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.reader._fd is None
+    assert np.array_equal(clone[2][0], first) and clone.labels.tolist() == [0, 1, 1, 2]
