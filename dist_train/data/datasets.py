@@ -29,6 +29,10 @@ from .transforms import SampleRandom
 
 log = logging.getLogger(__name__)
 
+_SEG = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_LEN_MASK = (1 << 29) - 1
+
 # OpenCV >= 4.10 decodes straight to RGB, saving a full-image colour conversion per sample.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
@@ -148,6 +152,7 @@ class RecordDataset(LabelledImages):
         raw = self._read_labels()
         self.labels, self.classes = _contiguous(raw, str(self.rec_path))
         self._check_property()
+        self._fast_tables()
 
     def _read_labels(self) -> np.ndarray:
         """Label of every image from its header alone (one small read per record)."""
@@ -204,7 +209,43 @@ class RecordDataset(LabelledImages):
                     self.num_classes,
                 )
 
+    def _fast_tables(self) -> None:
+        """Byte offset and span of every image as int64 arrays (numpy, not lists of Python
+        ints: forked workers share the pages instead of copying them on refcount writes)."""
+        self.reader._span(0)  # builds the reader's offset -> next-offset table
+        nxt = self.reader._next
+        offsets = np.fromiter(
+            (self.reader.offset(int(k)) for k in self.keys), np.int64, len(self.keys)
+        )
+        ends = np.fromiter((nxt.get(int(o), 0) for o in offsets), np.int64, len(offsets))
+        spans = ends - offsets
+        spans[(spans <= 0) | (spans > 64 << 20)] = 0
+        self._offsets_arr, self._spans_arr = offsets, spans
+
     def load(self, i: int) -> np.ndarray:
+        # Fast path: one pread of the record's span, header parsed in place, payload decoded
+        # from a view (no copies). Anything unusual (split record, damage, unknown span) goes
+        # through the full reader, which raises the precise error.
+        off, span = int(self._offsets_arr[i]), int(self._spans_arr[i])
+        if span >= 8 + IR_SIZE:
+            buf = os.pread(self.reader._handle(), span, off)
+            if len(buf) == span:
+                magic, lrec = _SEG.unpack_from(buf)
+                length = lrec & _LEN_MASK
+                if magic == MAGIC and lrec >> 29 == 0 and IR_SIZE <= length <= span - 8:
+                    flag = _U32.unpack_from(buf, 8)[0]
+                    start = 8 + IR_SIZE + 4 * flag
+                    if start <= 8 + length:
+                        img = cv2.imdecode(
+                            np.frombuffer(buf, np.uint8, 8 + length - start, start), _IMREAD_RGB
+                        )
+                        if img is not None and img.ndim == 3:
+                            if _IMREAD_RGB == cv2.IMREAD_COLOR:
+                                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+                            return img
+        return self._load_slow(i)
+
+    def _load_slow(self, i: int) -> np.ndarray:
         key = int(self.keys[i])
         _, payload = unpack(self.reader.read(key), path=str(self.rec_path), key=key)
         try:
