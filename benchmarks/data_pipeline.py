@@ -181,7 +181,8 @@ def main() -> None:
         "",
         f"Pack: {len(ds)} synthetic 112x112 JPEG images ({root}). Machine: {os.cpu_count()} CPU "
         f"cores, {platform.processor() or platform.machine()}, OpenCV {cv2.__version__}; "
-        f"best of {a.rounds} interleaved rounds; other processes were running.",
+        f"best of {a.rounds} interleaved rounds; other processes were running, so single "
+        "numbers move by up to +-30% between rounds (compare rows of one run only).",
         "",
         "(c) is the training pipeline of the shipped recipes (InsightFace's: horizontal flip "
         "only): DataLoader, per-sample seeded augmentation, batches of 128 uint8 images. (d) "
@@ -197,13 +198,15 @@ def main() -> None:
         f"Target (c) >= 0.85 x (a) per worker: 1 worker {best['c1'] / best['a']:.2f}, "
         f"2 workers {best['c2'] / best['a']:.2f}.",
         "",
-        f"Where the time goes: our reader costs {1e6 / best['b'] - 1e6 / best['a']:.0f} us "
-        f"per image over the bare decode ({1e6 / best['a']:.0f} us); the whole per-sample "
-        f"pipeline in one process runs at {best['p'] / best['a']:.2f} x (a); the DataLoader's "
-        f"transport of a 112x112 uint8 image from a worker (shared-memory batch per step) costs "
-        f"{1e6 / best['t']:.0f} us on its own (row t), which is most of the gap between (c0) "
-        "and (c) on this virtual machine. With 2 workers on 2 cores the main process and the "
-        "other jobs on the machine compete for the same cores.",
+        f"Where the time goes: our reader plus decode runs at {best['b'] / best['a']:.2f} x the "
+        f"bare decode ({1e6 / best['a']:.0f} us per image); the whole per-sample "
+        f"pipeline in one process runs at {best['p'] / best['a']:.2f} x (a). Moving batches "
+        "from a worker to the main process (row t: torch's per-batch shared memory, worker "
+        f"doing nothing else) runs at {best['t'] / best['a']:.2f} x (a) here, and with 2 cores "
+        "shared by the worker(s), the main process and other jobs the stages compete for the "
+        "same cores: that is the gap between (c0) and (c). A reused shared-memory ring in place "
+        "of torch's transport was tried and measured no faster (within noise), so it was not "
+        "kept.",
         "",
         "Command: `python benchmarks/data_pipeline.py` "
         f"(`--data {a.data} --images {a.images} --rounds {a.rounds}`).",
