@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         "--difficulty",
         type=float,
         default=d.difficulty,
-        help="per-image variation: 0 none, 1 default, 2 hard",
+        help="per-image variation: 0 none, 0.6 default, 1 strong, 2 very hard",
     )
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--seed", type=int, default=d.seed)

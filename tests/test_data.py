@@ -57,9 +57,9 @@ def test_record_dataset_layouts(tmp_path, header, array_labels):
     assert len(ds) == 6 and ds.num_classes == 3
     assert ds.labels.tolist() == labels
     img, label = ds[3]
-    assert img.shape == (3, 24, 24) and img.dtype == np.uint8 and label == 2
+    assert img.shape == (24, 24, 3) and img.dtype == np.uint8 and label == 2
     # decoded to RGB: channel 0 (red) of the top half is 255 - value
-    assert img[0, 0, 0] == 255 - 30 and img[2, 0, 0] == 30 and img[0, -1, 0] == 30
+    assert img[0, 0, 0] == 255 - 30 and img[0, 0, 2] == 30 and img[-1, 0, 0] == 30
 
 
 def test_record_dataset_remaps_sparse_labels(tmp_path):
@@ -69,10 +69,14 @@ def test_record_dataset_remaps_sparse_labels(tmp_path):
 
 
 def test_record_dataset_bad_payload_and_label(tmp_path):
-    rec = _write_pack(tmp_path, [0, 1, 1], payload=lambda i: b"not an image" if i == 1 else _jpeg(0))
+    rec = _write_pack(
+        tmp_path, [0, 1, 1], payload=lambda i: b"not an image" if i == 1 else _jpeg(0)
+    )
     ds = RecordDataset(rec)
     off = read_index(tmp_path / "train.idx")[1][2]
-    with pytest.raises(DataError, match=rf"train\.rec key 2 at byte offset {off}: .*not a decodable"):
+    with pytest.raises(
+        DataError, match=rf"train\.rec key 2 at byte offset {off}: .*not a decodable"
+    ):
         ds[1]
     (tmp_path / "b").mkdir()
     _write_pack(tmp_path / "b", [0, -1])
@@ -111,12 +115,12 @@ def test_folder_and_list_datasets(tmp_path):
     ds = folder_dataset(root)
     assert ds.class_names == ["alice", "bob", "carol"]
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 2]
-    assert ds[4][0].shape == (3, 24, 24)
+    assert ds[4][0].shape == (24, 24, 3)
     lst = tmp_path / "list.csv"
     lst.write_text("path,label\nfaces/bob/0.png,4\nfaces/alice/1.png,2\nfaces/carol/0.png,4\n")
     ds = list_dataset(lst)
     assert ds.labels.tolist() == [1, 0, 1] and ds.num_classes == 2
-    assert ds[1][0].shape == (3, 24, 24)
+    assert ds[1][0].shape == (24, 24, 3)
     lst.write_text("faces/bob/0.png,1\nfaces/bob/1.png,x\n")
     with pytest.raises(DataError, match="list.csv line 2"):
         list_dataset(lst)
@@ -160,6 +164,11 @@ def test_build_train_data_batches_and_config_checks(tmp_path):
     assert len(batches) == 7
     x, y = batches[0]
     assert x.dtype == torch.uint8 and x.shape == (4, 3, 24, 24)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    img, label = td.dataset[td.sampler.rank_indices(0)[0]]  # unaugmented: maybe flipped below
+    first = x[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(first, img) or np.array_equal(first, img[:, ::-1])
+    assert y[0] == label
     assert y.dtype == torch.int64 and y.shape == (4,)
     with pytest.raises(ConfigError, match="data.num_classes=11 .* holds 10 identities"):
         build_train_data(_cfg(tmp_path, num_classes=11), DistInfo(), 0)
@@ -218,3 +227,12 @@ def test_two_ranks_split_the_epoch(tmp_path):
 
 def _jpeg_values(n):
     return [cv2.imdecode(np.frombuffer(_jpeg(i), np.uint8), 1)[-1, -1, 1] for i in range(n)]
+
+
+def test_dataset_pickles_for_spawned_workers(tmp_path):
+    rec = _write_pack(tmp_path, [0, 1, 1, 2])
+    ds = RecordDataset(rec)
+    first = ds[2][0]  # opens a handle here; the copy must open its own
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.reader._fd is None
+    assert np.array_equal(clone[2][0], first) and clone.labels.tolist() == [0, 1, 1, 2]

@@ -108,3 +108,17 @@ def test_normalize_matches_formula_and_device():
         1, 3, 1, 1
     )
     torch.testing.assert_close(normalize(x, mean, std), ref)
+
+
+def test_sample_random_is_deterministic_and_uniform():
+    from dist_train.data.transforms import SampleRandom
+
+    a = [SampleRandom(1, 2, 3, 4).random() for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    assert SampleRandom(1, 2, 3, 5).random() != a[0]
+    r = SampleRandom(7)
+    u = np.array([r.random() for _ in range(20000)])
+    assert 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.01 and abs(np.histogram(u, 10)[0] / 2000 - 1).max() < 0.1
+    firsts = np.array([SampleRandom(0, 0, 0, k).random() for k in range(5000)])
+    assert abs(firsts.mean() - 0.5) < 0.02  # neighbouring seeds are not correlated

@@ -3,8 +3,9 @@
 Owns: the InsightFace RecordIO layout (with or without the header record; scalar or array
 labels), image folders (``identity/*.jpg``), ``path,label`` list files, labelled and unlabelled
 pair lists and LFW-style ``.bin`` verification sets (reading only), contiguous labels
-0..C-1, OpenCV decoding to RGB, and :func:`build_train_data` (dataset + sampler + DataLoader).
-Does not own: the RecordIO byte format, samplers, transforms, or evaluation metrics.
+0..C-1, OpenCV decoding to RGB, and choosing the dataset from a ``DataConfig``. Does not own:
+the RecordIO byte format, samplers, transforms, the DataLoader (:mod:`.loader`), or
+evaluation metrics. Imports no torch (DataLoader only needs ``__getitem__``/``__len__``).
 
 Every dataset opens its files lazily in the process that reads, so each DataLoader worker
 has its own handles (fork- and spawn-safe).
@@ -17,20 +18,23 @@ import logging
 import os
 import pickle
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
-from .samplers import EpochSampler, build_sampler
-from .transforms import TrainTransform
+from .transforms import SampleRandom
 
 log = logging.getLogger(__name__)
+
+_SEG = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_LEN_MASK = (1 << 29) - 1
+
+# OpenCV >= 4.10 decodes straight to RGB, saving a full-image colour conversion per sample.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -45,10 +49,12 @@ def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
     Raises:
         DataError: the bytes are not a decodable image (names ``where``).
     """
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR) if len(buf) else None
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), _IMREAD_RGB) if len(buf) else None
     if img is None:
         raise DataError(f"{where}: {len(buf)}-byte payload is not a decodable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.ndim == 2:  # only an 8-bit gray decode can come back 2-D
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,12 +74,13 @@ def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     return labels.astype(np.int64), classes
 
 
-class LabelledImages(Dataset):
+class LabelledImages:
     """Base class: ``labels [N]`` int64 in 0..C-1, ``load(i) -> RGB uint8`` and a transform.
 
     ``__getitem__`` takes an index or ``(index, seed...)`` (the sampler's per-sample seed, so
     augmentation does not depend on the worker that draws it) and returns
-    ``(image [3, H, W] uint8 numpy, label int)``.
+    ``(image [H, W, 3] uint8 RGB numpy, label int)``; the loader's collate makes the batch
+    ``[B, 3, H, W]``.
     """
 
     labels: np.ndarray
@@ -98,8 +105,8 @@ class LabelledImages(Dataset):
             i, seed = item, (0,)
         img = self.load(int(i))
         if self.transform is not None:
-            img = self.transform(img, np.random.default_rng([self.base_seed, *seed]))
-        return np.ascontiguousarray(img.transpose(2, 0, 1)), int(self.labels[i])
+            img = self.transform(img, SampleRandom(self.base_seed, *seed))
+        return img, int(self.labels[i])
 
 
 class RecordDataset(LabelledImages):
@@ -145,6 +152,7 @@ class RecordDataset(LabelledImages):
         raw = self._read_labels()
         self.labels, self.classes = _contiguous(raw, str(self.rec_path))
         self._check_property()
+        self._fast_tables()
 
     def _read_labels(self) -> np.ndarray:
         """Label of every image from its header alone (one small read per record)."""
@@ -201,11 +209,52 @@ class RecordDataset(LabelledImages):
                     self.num_classes,
                 )
 
+    def _fast_tables(self) -> None:
+        """Byte offset and span of every image as int64 arrays (numpy, not lists of Python
+        ints: forked workers share the pages instead of copying them on refcount writes)."""
+        self.reader._span(0)  # builds the reader's offset -> next-offset table
+        nxt = self.reader._next
+        offsets = np.fromiter(
+            (self.reader.offset(int(k)) for k in self.keys), np.int64, len(self.keys)
+        )
+        ends = np.fromiter((nxt.get(int(o), 0) for o in offsets), np.int64, len(offsets))
+        spans = ends - offsets
+        spans[(spans <= 0) | (spans > 64 << 20)] = 0
+        self._offsets_arr, self._spans_arr = offsets, spans
+
     def load(self, i: int) -> np.ndarray:
+        # Fast path: one pread of the record's span, header parsed in place, payload decoded
+        # from a view (no copies). Anything unusual (split record, damage, unknown span) goes
+        # through the full reader, which raises the precise error.
+        off, span = int(self._offsets_arr[i]), int(self._spans_arr[i])
+        if span >= 8 + IR_SIZE:
+            buf = os.pread(self.reader._handle(), span, off)
+            if len(buf) == span:
+                magic, lrec = _SEG.unpack_from(buf)
+                length = lrec & _LEN_MASK
+                if magic == MAGIC and lrec >> 29 == 0 and IR_SIZE <= length <= span - 8:
+                    flag = _U32.unpack_from(buf, 8)[0]
+                    start = 8 + IR_SIZE + 4 * flag
+                    if start <= 8 + length:
+                        img = cv2.imdecode(
+                            np.frombuffer(buf, np.uint8, 8 + length - start, start), _IMREAD_RGB
+                        )
+                        if img is not None and img.ndim == 3:
+                            if _IMREAD_RGB == cv2.IMREAD_COLOR:
+                                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+                            return img
+        return self._load_slow(i)
+
+    def _load_slow(self, i: int) -> np.ndarray:
         key = int(self.keys[i])
         _, payload = unpack(self.reader.read(key), path=str(self.rec_path), key=key)
-        where = f"{self.rec_path} key {key} at byte offset {self.reader.offset(key)}"
-        return decode_image(payload, where=where)
+        try:
+            return decode_image(payload)
+        except DataError:
+            where = f"{self.rec_path} key {key} at byte offset {self.reader.offset(key)}"
+            raise DataError(
+                f"{where}: {len(payload)}-byte payload is not a decodable image"
+            ) from None
 
 
 class FileListDataset(LabelledImages):
@@ -323,7 +372,7 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Train-data builder
+# Choosing the dataset
 
 
 def open_train_dataset(cfg, transform=None) -> LabelledImages:
@@ -351,113 +400,11 @@ def open_train_dataset(cfg, transform=None) -> LabelledImages:
     raise DataError(f"unknown data.format {fmt!r}")
 
 
-def _collate(batch):
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    return images, labels
-
-
-def _worker_init(_: int) -> None:
-    # one OpenCV thread per worker: the workers are the parallelism
-    cv2.setNumThreads(1)
-
-
-class _SeededOrder(torch.utils.data.Sampler):
-    """Yields ``(index, epoch, rank, position)`` so augmentation is seeded per sample."""
-
-    def __init__(self, sampler: EpochSampler):
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        s = self.sampler
-        indices = list(iter(s))
-        offset = len(s) - len(indices)  # a resumed epoch starts part-way
-        for pos, i in enumerate(indices, offset):
-            yield (i, s.epoch, s.rank, pos)
-
-
-@dataclass
-class TrainData:
-    """What the trainer needs from the data layer."""
-
-    loader: DataLoader
-    """Iterable of ``(images uint8 [B, 3, H, W], labels int64 [B])``; one epoch per pass."""
-    sampler: EpochSampler
-    """``set_epoch(e)``, ``state_dict(batches_consumed)``, ``load_state_dict(state)``."""
-    num_classes: int
-    num_images: int
-    dataset: LabelledImages
-
-
-def build_train_data(cfg, dist, seed: int) -> TrainData:
-    """Dataset, distributed sampler and DataLoader for ``cfg`` (a ``DataConfig``).
-
-    Args:
-        cfg: data section of the config.
-        dist: ``DistInfo`` of this process (rank, world size, device).
-        seed: run seed (sampling order and augmentation derive from it).
-
-    Raises:
-        ConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
-        DataError: missing or unusable data.
-    """
-    from dist_train.config import ConfigError
-
-    dataset = open_train_dataset(cfg, TrainTransform.from_config(cfg))
-    dataset.base_seed = int(seed)
-    where = str(cfg.root)
-    if cfg.num_classes and cfg.num_classes != dataset.num_classes:
-        raise ConfigError(
-            f"data.num_classes={cfg.num_classes} but {where} holds {dataset.num_classes} "
-            "identities (set 0 to derive it from the data)"
-        )
-    if cfg.num_images and cfg.num_images != len(dataset):
-        raise ConfigError(
-            f"data.num_images={cfg.num_images} but {where} holds {len(dataset)} images "
-            "(set 0 to derive it from the data)"
-        )
-    sampler = build_sampler(
-        cfg.sampler,
-        dataset.labels,
-        cfg.batch_size,
-        dist.rank,
-        dist.world_size,
-        seed,
-        max_images_per_identity=cfg.max_images_per_identity,
-        identity_ratio=cfg.identity_ratio,
-        m_per_class=cfg.m_per_class,
-    )
-    if sampler.num_batches == 0:
-        raise DataError(
-            f"{where}: {sampler.name} sampler yields fewer than one global batch "
-            f"({cfg.batch_size} x {dist.world_size} images) per epoch"
-        )
-    workers = int(cfg.num_workers)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=_SeededOrder(sampler),
-        num_workers=workers,
-        collate_fn=_collate,
-        drop_last=True,
-        pin_memory=getattr(dist.device, "type", "cpu") == "cuda",
-        worker_init_fn=_worker_init if workers else None,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-    )
-    return TrainData(loader, sampler, dataset.num_classes, len(dataset), dataset)
-
-
 __all__ = [
     "DataError",
     "FileListDataset",
     "RecordDataset",
     "RecordIOError",
-    "TrainData",
-    "build_train_data",
     "decode_image",
     "folder_dataset",
     "list_dataset",

@@ -43,7 +43,11 @@ class Progress:
         """Adds ``n`` finished items and redraws if enough time passed."""
         self.n += n
         now = time.perf_counter()
-        if not self.disable and (now - self._last > 0.2 or self.n >= self.total):
+        # on a terminal redraw often; in a log file (CI) only every 25% to keep it short
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        step = 0.2 if tty else 1e9
+        quarter = self.total and self.n * 4 // self.total != (self.n - n) * 4 // self.total
+        if not self.disable and (now - self._last > step or quarter):
             self._last = now
             self._draw(now)
 
@@ -58,13 +62,19 @@ class Progress:
             f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.n}/{self.total} "
             f"{rate:7.1f} {self.unit}/s ETA {eta_s}"
         )
-        self.stream.write(line)
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        self.stream.write(line if tty else line[1:] + "\n")
         self.stream.flush()
 
     def close(self) -> None:
+        """Final line (always drawn unless disabled)."""
         if not self.disable:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
+            tty = getattr(self.stream, "isatty", lambda: False)()
+            if tty:
+                self._draw(time.perf_counter())
+                self.stream.write("\n")
+            elif self.n * 4 // max(self.total, 1) < 4:  # not yet printed at 100%
+                self._draw(time.perf_counter())
             self.stream.flush()
 
     def __enter__(self) -> Progress:

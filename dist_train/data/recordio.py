@@ -289,6 +289,7 @@ class RecordIOReader:
             self._keys, self._offsets = read_index(self.idx_path)
         self._fd: int | None = None
         self._pid: int | None = None
+        self._next: dict[int, int] | None = None
 
     # Lazy, per-process file handle ------------------------------------------------------
     def _handle(self) -> int:
@@ -353,9 +354,26 @@ class RecordIOReader:
         return key in self._offsets
 
     # Reading ------------------------------------------------------------------------------
+    def _span(self, offset: int) -> int:
+        """Bytes from ``offset`` to the next indexed offset (0 when unknown).
+
+        Reading that many bytes in one ``pread`` usually fetches the whole record at once
+        (one system call instead of two per segment).
+        """
+        if self._next is None:
+            self._ensure_keys()
+            starts = sorted(set(self._offsets.values()))
+            ends = starts[1:] + [self.size]
+            self._next = dict(zip(starts, ends))
+        end = self._next.get(offset, 0)
+        return end - offset if 0 < end - offset <= 64 << 20 else 0
+
     def read(self, key: int) -> bytes:
         """The record stored under ``key`` (segments joined, magic restored)."""
-        return self.read_at(self.offset(key), key=key)[0]
+        offset = self.offset(key)
+        return _read_record(
+            self._handle(), self.rec_path, self.size, offset, key, self._span(offset)
+        )[0]
 
     def read_at(self, offset: int, *, key: Any = None) -> tuple[bytes, int]:
         """``(record, end_offset)`` for the record whose first segment starts at ``offset``."""
@@ -378,7 +396,10 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return os.pread(fd, n, offset)
 
 
-def _read_record(fd: int, path: Path, size: int, offset: int, key: Any) -> tuple[bytes, int]:
+def _read_record(
+    fd: int, path: Path, size: int, offset: int, key: Any, hint: int = 0
+) -> tuple[bytes, int]:
+    """Parses the record at ``offset``; ``hint`` bytes are read up front in one call."""
     if offset % 4:
         raise RecordIOError(
             path,
@@ -390,10 +411,18 @@ def _read_record(fd: int, path: Path, size: int, offset: int, key: Any) -> tuple
         raise RecordIOError(
             path, f"offset is past the end of the {size}-byte file", key=key, offset=offset
         )
+    buf = _pread(fd, hint, offset) if hint else b""
+    buf_end = offset + len(buf)
+
+    def get(at: int, n: int) -> bytes:
+        if at + n <= buf_end:
+            return buf[at - offset : at - offset + n]
+        return _pread(fd, n, at)
+
     parts: list[bytes] = []
     pos, first = offset, True
     while True:
-        head = _pread(fd, 8, pos)
+        head = get(pos, 8)
         if len(head) < 8:
             raise RecordIOError(
                 path, f"truncated segment header ({len(head)} of 8 bytes)", key=key, offset=pos
@@ -434,10 +463,10 @@ def _read_record(fd: int, path: Path, size: int, offset: int, key: Any) -> tuple
                 offset=pos,
             )
         if length:
-            parts.append(_pread(fd, length, pos + 8))
+            parts.append(get(pos + 8, length))
         pos += 8 + padded
         if cflag in (0, 3):
-            return b"".join(parts), pos
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), pos
         parts.append(MAGIC_BYTES)
         first = False
 

@@ -4,18 +4,55 @@ Owns: the training augmentation (center crop, random resized crop, resize, horiz
 colour jitter), the evaluation transform, the public low-light transform, and normalisation of
 uint8 batches on their device. Does not own: decoding (datasets) or sampling.
 
-Images are ``[H, W, 3]`` uint8 RGB in and out; every random choice comes from the
-``numpy.random.Generator`` passed in, so augmentation is reproducible from the sample's seed.
+Images are ``[H, W, 3]`` uint8 RGB in and out; every random choice comes from the ``rng``
+passed in (anything with a ``random()`` method returning floats in [0, 1): a
+:class:`SampleRandom` or a ``numpy.random.Generator``), so augmentation is reproducible from
+the sample's seed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+class SampleRandom:
+    """Small, fast random source for one sample's augmentation (splitmix64 in pure Python).
+
+    Creating a ``numpy.random.Generator`` per sample costs more than some transforms; this
+    one is seeded from a few integers (e.g. seed, epoch, rank, position) in about a
+    microsecond. It provides the ``random()`` method the transforms use (``numpy``
+    generators work as well).
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, *key: int):
+        state = 0x9E3779B97F4A7C15
+        for k in key:
+            state = self._mix((state ^ (int(k) & _MASK64)) + 0x632BE59BD9B4E019)
+        self._state = state
+
+    @staticmethod
+    def _mix(z: int) -> int:
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        return z ^ (z >> 31)
+
+    def random(self) -> float:
+        """Uniform float in [0, 1) (53 random bits)."""
+        self._state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
+        return (self._mix(self._state) >> 11) * (1.0 / (1 << 53))
+
 
 _LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
 
@@ -64,34 +101,41 @@ def random_resized_crop(
     Falls back to the whole image when no crop of the drawn shape fits.
     """
     h, w = img.shape[:2]
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
-        target = rng.uniform(*area) * h * w
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        target = (area[0] + (area[1] - area[0]) * rng.random()) * h * w
+        aspect = math.exp(log_lo + (log_hi - log_lo) * rng.random())
         cw = int(round(math.sqrt(target * aspect)))
         ch = int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
-            top = int(rng.integers(0, h - ch + 1))
-            left = int(rng.integers(0, w - cw + 1))
+            top = min(int(rng.random() * (h - ch + 1)), h - ch)
+            left = min(int(rng.random() * (w - cw + 1)), w - cw)
             return resize(img[top : top + ch, left : left + cw], size)
     return resize(img, size)
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-
-
-def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def color_jitter(img: np.ndarray, rng, strength: float) -> np.ndarray:
     """Brightness, contrast and saturation factors each uniform in ``[1 - s, 1 + s]``.
 
-    Applied in that order on float32 and clipped back to uint8 (RGB input).
+    Applied in that order, each result clipped to uint8 as torchvision does: brightness
+    ``b*x``, contrast ``c*x + (1-c)*mean(gray)``, saturation ``s*x + (1-s)*gray`` (RGB input).
+    Brightness and contrast fold into one 256-entry lookup table, saturation is one OpenCV
+    weighted sum, so the whole jitter costs a few passes over uint8 pixels.
     """
+    if strength <= 0:
+        return img
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    b, c, s = rng.uniform(lo, hi, 3)
-    x = img.astype(np.float32) * b
-    gray = x @ _LUMA  # [H, W]
-    x = (x - gray.mean()) * c + gray.mean()
-    gray = x @ _LUMA
-    x = gray[..., None] + (x - gray[..., None]) * s
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    b = lo + (hi - lo) * rng.random()
+    c = lo + (hi - lo) * rng.random()
+    s = lo + (hi - lo) * rng.random()
+    img = np.ascontiguousarray(img)
+    bright = np.minimum(np.arange(256, dtype=np.float32) * b + 0.5, 255.0).astype(np.uint8)
+    # the contrast pivot is the mean gray level of the brightened image
+    mean = cv2.mean(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), bright))[0]
+    lut = np.clip(bright * np.float32(c) + np.float32((1.0 - c) * mean + 0.5), 0, 255)
+    x = cv2.LUT(img, lut.astype(np.uint8))
+    g = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(x, s, g, 1.0 - s, 0.0)
 
 
 class TrainTransform:
@@ -141,7 +185,9 @@ class TrainTransform:
         else:
             img = resize(img, self.image_size)
         if self.hflip and rng.random() < 0.5:
-            img = img[:, ::-1]
+            img = cv2.flip(
+                np.ascontiguousarray(img), 1
+            )  # SIMD copy; a [:, ::-1] view is slower later
         if self.color_jitter > 0:
             img = color_jitter(img, rng, self.color_jitter)
         if self.low_light:
@@ -180,6 +226,8 @@ def normalize(
     Returns:
         ``[B, 3, H, W]`` float32.
     """
+    import torch  # here, so the image tools can use this module without torch
+
     x = images.float()
     dev = images.device
     m = torch.as_tensor(mean, dtype=torch.float32, device=dev)

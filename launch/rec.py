@@ -1,0 +1,114 @@
+"""RecordIO tool: pack, inspect, verify, stats, unpack (InsightFace layout, no mxnet).
+
+Examples::
+
+    python launch/rec.py pack faces/ --out data/mypack --workers 4 [--resize 112 --quality 95]
+    python launch/rec.py inspect data/mypack/train.rec --json --limit 5
+    python launch/rec.py verify data/mypack/train.rec
+    python launch/rec.py stats data/mypack
+    python launch/rec.py unpack data/mypack/train.rec --out faces_again/
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from dist_train.data import packing  # noqa: E402
+from dist_train.data.datasets import DataError  # noqa: E402
+from dist_train.data.progress import Progress  # noqa: E402
+from dist_train.data.recordio import RecordIOError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pack", help="image folder identity/*.jpg or 'path,label' list -> pack")
+    a.add_argument("source")
+    a.add_argument("--out", required=True, help="directory for train.rec/train.idx/property")
+    a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--resize", type=int, default=0, help="re-encode at this square size")
+    a.add_argument("--quality", type=int, default=0, help="re-encode as JPEG of this quality")
+    a.add_argument("--quiet", action="store_true")
+    for name, text in [
+        ("inspect", "one line per record"),
+        ("verify", "report every problem"),
+        ("stats", "identities, images, histogram"),
+        ("unpack", "to a folder"),
+    ]:
+        s = sub.add_parser(name, help=text)
+        s.add_argument("rec", help="a .rec file or a directory holding train.rec")
+        s.add_argument("--idx", default=None, help="index file (default: beside the .rec)")
+        if name == "inspect":
+            s.add_argument("--json", action="store_true", help="one JSON object per line")
+            s.add_argument("--limit", type=int, default=0, help="first N records only")
+        if name == "verify":
+            s.add_argument("--no-decode", action="store_true", help="skip image decoding")
+        if name == "stats":
+            s.add_argument("--json", action="store_true")
+        if name == "unpack":
+            s.add_argument("--out", required=True)
+            s.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (RecordIOError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.cmd == "pack":
+        total = len(packing.list_sources(args.source)[0])
+        with Progress(total, "images", disable=args.quiet) as bar:
+            summary = packing.pack_images(
+                args.source,
+                args.out,
+                resize=args.resize,
+                quality=args.quality,
+                workers=args.workers,
+                progress=bar.update,
+            )
+        print(json.dumps(summary))
+    elif args.cmd == "inspect":
+        for row in packing.inspect_records(args.rec, args.idx, args.limit):
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(
+                    f"key={row['key']} flag={row['flag']} label={row['label']} id={row['id']} "
+                    f"id2={row['id2']} payload={row['payload_len']}B "
+                    f"sha256={row['payload_sha256'][:16]}"
+                )
+    elif args.cmd == "verify":
+        n, problems = packing.verify_pack(args.rec, args.idx, decode_images=not args.no_decode)
+        for msg in problems:
+            print(msg)
+        print(f"{n} readable records, {len(problems)} problem(s)")
+        return 1 if problems else 0
+    elif args.cmd == "stats":
+        st = packing.dataset_stats(args.rec, args.idx)
+        if args.json:
+            print(json.dumps(st))
+        else:
+            s = st["images_per_identity"]
+            print(
+                f"{st['file']}: {st['identities']} identities, {st['images']} images "
+                f"(per identity min {s['min']} median {s['median']} mean {s['mean']} "
+                f"max {s['max']})"
+            )
+            width = max(st["histogram"].values()) or 1
+            for rng, n in st["histogram"].items():
+                print(f"  {rng:>9} images: {n:8d} {'#' * round(40 * n / width)}")
+    elif args.cmd == "unpack":
+        st = packing.dataset_stats(args.rec, args.idx)
+        with Progress(st["images"], "images", disable=args.quiet) as bar:
+            print(json.dumps(packing.unpack_to_folder(args.rec, args.out, args.idx, bar.update)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
