@@ -96,13 +96,9 @@ def build_backbone(cfg: TrainConfig, device: torch.device) -> nn.Module:
         **bcfg.params,
     )
     if bcfg.init_weights:
-        missing, unexpected = backbones.load_weights(model, bcfg.init_weights)
-        log.info(
-            "backbone initialised from %s (%d missing, %d unexpected keys)",
-            bcfg.init_weights,
-            len(missing),
-            len(unexpected),
-        )
+        # strict: every key must fit (the error names the file and the keys that do not)
+        backbones.load_weights(model, bcfg.init_weights)
+        log.info("backbone initialised from %s", bcfg.init_weights)
     if bcfg.freeze_stages:
         stages = model.stages()
         if bcfg.freeze_stages > len(stages):
@@ -525,11 +521,12 @@ class Trainer:
     def evaluate_test(self) -> dict[str, dict[str, float]]:
         """Scores ``eval.test_targets`` with the best weights (collective: all ranks call).
 
-        Uses ``best_model.pt`` when ``eval.best_metric`` kept one, else the current (final)
-        backbone, on a copy so the trained backbone is left as it is. Rank 0 logs the results,
-        adds them to TensorBoard under ``test/`` and writes ``metrics_test.json`` with the
-        metrics, the weights used and, for a best checkpoint, the step/epoch and value that
-        selected it.
+        Uses ``best_model.pt`` when ``eval.best_metric`` kept one, else the final ``model.pt``.
+        Every rank loads the file (rank 0's weights and BatchNorm statistics, which stay
+        rank-local in training) into a copy of the backbone, so the numbers are exactly those
+        of the file. Rank 0 logs the results, adds them to TensorBoard under ``test/`` and
+        writes ``metrics_test.json`` with the metrics, the weights used and, for a best
+        checkpoint, the step/epoch and value that selected it.
         """
         ecfg = self.cfg.eval
         if not ecfg.test_targets:
@@ -542,14 +539,15 @@ class Trainer:
 
         barrier()  # rank 0 has finished writing best_model.pt / model.pt
         best_path = self.run_dir / "best_model.pt"
-        model = self.backbone
-        source: dict[str, Any] = {"weights": "final", "step": self.step, "epoch": self.epoch}
+        path = self.run_dir / "model.pt"
+        source: dict[str, Any] = {"weights": str(path), "step": self.step, "epoch": self.epoch}
         if ecfg.best_metric and best_path.is_file():
-            model = copy.deepcopy(self.backbone)
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+            path = best_path
             info_path = self.run_dir / "best_model.json"
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
             source = {"weights": str(best_path), **info}
+        model = copy.deepcopy(self.backbone)
+        model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         targets = [load_target(p) for p in ecfg.test_targets]
         with torch.no_grad():
             full = evaluate_targets_full(
