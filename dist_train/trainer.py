@@ -368,6 +368,12 @@ class Trainer:
 
         if self._targets is None:
             self._targets = [load_target(p) for p in ecfg.targets]
+        if self.dist.is_distributed:
+            # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
+            # the images: use rank 0's everywhere, so the metrics are those of the weights rank
+            # 0 saves (best_model.pt, model.pt).
+            for buf in self.backbone.buffers():
+                dist.broadcast(buf, 0)
         with torch.no_grad():
             full = evaluate_targets_full(
                 self.backbone, self._targets, device=self.device, batch_size=ecfg.batch_size,

@@ -555,6 +555,9 @@ def test_two_stage_pretrain_then_finetune(recipe_data, tmp_path):
     assert report["source"]["step"] == best["step"] and report["source"]["epoch"] == best["epoch"]
     net = backbones.get_backbone("thin_resnet50_v2", embedding_size=512)
     net.load_state_dict(torch.load(s2 / "best_model.pt", weights_only=True))
-    want = evaluate_targets(net, [str(korean / "test.csv")], batch_size=32)
+    want = evaluate_targets(net, [str(korean / "test.csv"), str(korean / "val.csv")], batch_size=32)
     assert report["metrics"]["test"]["eer"] == pytest.approx(want["test"]["eer"], abs=1e-6)
+    # the validation EER that selected it is that of best_model.pt too (every rank embedded
+    # its shard of the images with rank 0's BatchNorm statistics)
+    assert best["value"] == pytest.approx(want["val"]["eer"], abs=1e-6)
     assert "test (" in (s2 / "train.log").read_text()
