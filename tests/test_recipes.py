@@ -397,6 +397,18 @@ def recipe_runs(recipe_data, tmp_path_factory):
             **_TINY,
             **{"data.format": "folder"},
         ),
+        # Recipe 1's documented AM-softmax + prototypical variant (a combined head).
+        run(
+            "korean_amsoftmax_proto",
+            "korean_finetune_angleproto_m2.yaml",
+            korean / "train",
+            **_TINY,
+            **{
+                "data.format": "folder",
+                "head.name": "amsoftmax_proto",
+                "head.params": "{s: 30.0, m: 0.1, m_per_class: 2}",
+            },
+        ),
         # Recipe 2: the real iResNet-50 at quarter width and 32x32 input; identity ratio 0.5;
         # the real EfficientNet-B3 at 32x32 with the low-light evaluation.
         run(
@@ -437,6 +449,7 @@ def recipe_runs(recipe_data, tmp_path_factory):
 
 _WANT = {
     "korean_m4": ("TinyConvNet", None, "AngleProtoLoss", "MPerClassSampler"),
+    "korean_amsoftmax_proto": ("TinyConvNet", "CosFace", "AMSoftmaxProto", "MPerClassSampler"),
     "casia_iresnet50": ("IResNet", "ArcFace", None, "IdentityRatioSampler"),
     "casia_efficientnet_b3": ("EfficientNet", "ArcFace", None, "IdentityRatioSampler"),
     "asian_normface": ("ResNet", "NormFace", None, None),
