@@ -349,7 +349,6 @@ def _two_stage(rank, world, stage1, stage2):
     pre = torch.load(Path(t1.cfg.output_dir) / "model.pt", weights_only=True)
     t2 = Trainer(_cfg(*stage2), current_info())
     loaded = all(torch.equal(v, pre[k]) for k, v in t2.backbone.state_dict().items())
-    stem_names = {n for n, _ in t2.backbone.stages()[0].named_parameters(prefix="")}
     losses2, evals = _fit_recording(t2)
     stem = t2.backbone.stages()[0]
     params = dict(t2.backbone.named_parameters())
@@ -369,7 +368,7 @@ def _two_stage(rank, world, stage1, stage2):
             "steps_per_epoch": t2.steps_per_epoch,
         },
         "loaded": loaded,
-        "stem_params": len(stem_names),
+        "stem_params": len(stem_ids),
         "frozen_same": frozen_same,
         "others_moved": others_moved,
     }
