@@ -242,6 +242,9 @@ class EvalConfig:
     """Also apply the low-light transform to the evaluation images."""
     best_metric: str = ""
     """Keep a best checkpoint by this metric, e.g. "val/eer" (lower is better) or "lfw/accuracy"."""
+    test_targets: list = field(default_factory=list)
+    """Test sets scored once after training with best_model.pt (the final weights when no
+    best was kept); results in metrics_test.json."""
 
 
 @dataclass

@@ -60,7 +60,8 @@ class TrainLoss(nn.Module):
         self.partial_fc_lr_scale = float(pcfg.lr_scale)
         self.partial_fc: PartialFC | None = None
         self.metric: MetricLoss | None = None
-        margin = head if kind == "margin" else getattr(head, "margin", None)
+        # Only a combined head carries a margin part (a metric head may have a float `margin`).
+        margin = head if kind == "margin" else head.margin if kind == "combined" else None
         if margin is not None:
             self.partial_fc = PartialFC(
                 margin,

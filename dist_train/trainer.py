@@ -96,13 +96,9 @@ def build_backbone(cfg: TrainConfig, device: torch.device) -> nn.Module:
         **bcfg.params,
     )
     if bcfg.init_weights:
-        missing, unexpected = backbones.load_weights(model, bcfg.init_weights)
-        log.info(
-            "backbone initialised from %s (%d missing, %d unexpected keys)",
-            bcfg.init_weights,
-            len(missing),
-            len(unexpected),
-        )
+        # strict: every key must fit (the error names the file and the keys that do not)
+        backbones.load_weights(model, bcfg.init_weights)
+        log.info("backbone initialised from %s", bcfg.init_weights)
     if bcfg.freeze_stages:
         stages = model.stages()
         if bcfg.freeze_stages > len(stages):
@@ -381,6 +377,12 @@ class Trainer:
 
         if self._targets is None:
             self._targets = [load_target(p) for p in ecfg.targets]
+        if self.dist.is_distributed:
+            # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
+            # the images: use rank 0's everywhere, so the metrics are those of the weights rank
+            # 0 saves (best_model.pt, model.pt).
+            for buf in self.backbone.buffers():
+                dist.broadcast(buf, 0)
         with torch.no_grad():
             full = evaluate_targets_full(
                 self.backbone,
@@ -425,6 +427,7 @@ class Trainer:
             self.best = value
             if self.dist.is_main:
                 ckpt.atomic_save(self.backbone.state_dict(), self.run_dir / "best_model.pt")
+                _write_best_info(self.run_dir, spec, value, self.step, self.epoch)
                 log.info("new best %s = %.4f at step %d: best_model.pt", spec, value, self.step)
 
     # ---------------------------------------------------------------------------------------
@@ -539,7 +542,58 @@ class Trainer:
             if flat:
                 self.tb.hparams(hp, {f"hparam/{k}": v for k, v in flat.items()})
             log.info("weights %s, checkpoint %s", self.run_dir / "model.pt", path)
+        self.evaluate_test()
         self.tb.close()
+
+    def evaluate_test(self) -> dict[str, dict[str, float]]:
+        """Scores ``eval.test_targets`` with the best weights (collective: all ranks call).
+
+        Uses ``best_model.pt`` when ``eval.best_metric`` kept one, else the final ``model.pt``.
+        Every rank loads the file (rank 0's weights and BatchNorm statistics, which stay
+        rank-local in training) into a copy of the backbone, so the numbers are exactly those
+        of the file. Rank 0 logs the results, adds them to TensorBoard under ``test/`` and
+        writes ``metrics_test.json`` with the metrics, the weights used and, for a best
+        checkpoint, the step/epoch and value that selected it.
+        """
+        ecfg = self.cfg.eval
+        if not ecfg.test_targets:
+            return {}
+        import copy
+
+        from eval.report import log_tensorboard
+        from eval.runner import evaluate_targets_full
+        from eval.targets import load_target
+
+        barrier()  # rank 0 has finished writing best_model.pt / model.pt
+        best_path = self.run_dir / "best_model.pt"
+        path = self.run_dir / "model.pt"
+        source: dict[str, Any] = {"weights": str(path), "step": self.step, "epoch": self.epoch}
+        if ecfg.best_metric and best_path.is_file():
+            path = best_path
+            info_path = self.run_dir / "best_model.json"
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            source = {"weights": str(best_path), **info}
+        model = copy.deepcopy(self.backbone)
+        model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        targets = [load_target(p) for p in ecfg.test_targets]
+        with torch.no_grad():
+            full = evaluate_targets_full(
+                model, targets, device=self.device, batch_size=ecfg.batch_size,
+                flip=ecfg.flip, low_light=ecfg.low_light, mean=self.cfg.data.mean,
+                std=self.cfg.data.std, amp=self.cfg.amp, image_size=self.cfg.data.image_size,
+            )
+        self.backbone.train()
+        results = {name: dict(r.metrics) for name, r in full.items()}
+        if self.dist.is_main:
+            for name, m in results.items():
+                text = " ".join(f"{k} {m[k]:.4f}" for k in _LOGGED_METRICS if k in m)
+                log.info("test (%s weights) %s: %s", source["weights"], name, text)
+            with open(self.run_dir / "metrics_test.json", "w") as f:
+                json.dump({"source": source, "metrics": results}, f, indent=2)
+            if self.tb.writer is not None:
+                log_tensorboard(self.tb.writer, full, self.step, prefix="test")
+                self.tb.flush()
+        return results
 
     # ---------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -554,6 +608,14 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         return bool(getattr(self, "_stop_agreed", False))
+
+
+def _write_best_info(run_dir: Path, spec: str, value: float, step: int, epoch: int) -> None:
+    """``best_model.json``: which evaluation selected ``best_model.pt`` (read by the test eval)."""
+    info = {"best_metric": spec, "value": value, "step": step, "epoch": epoch}
+    tmp = run_dir / "best_model.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / "best_model.json")
 
 
 def normalize_batch(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
