@@ -632,8 +632,9 @@ class PartialFCOptimizer(torch.optim.Optimizer):
     ``param_groups[0]["params"]`` holds the sampled-rows leaf of the last forward, so
     ``torch.amp.GradScaler.unscale_`` / ``step`` see, unscale and inf-check exactly the
     gradient that :meth:`step` applies; ``param_groups[0]["lr"]`` is read at every step (set
-    it from the scheduler). Several forwards before one step (gradient accumulation) each attach a leaf;
-    the step applies their summed gradients over the union of their rows (see `_attach`).
+    it from the scheduler). Several forwards before one step (gradient accumulation) each
+    attach a leaf; the step applies their summed gradients over the union of their rows
+    (see :meth:`_attach`).
 
     State ``rows`` (fp32, or fp64 for fp64 weights) is per class: ``momentum_buffer``
     ``[C_local, D]`` for SGD with momentum; ``exp_avg``, ``exp_avg_sq`` ``[C_local, D]`` and
@@ -766,7 +767,9 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             all_index = torch.cat([i for i, _ in parts])
             index, inverse = torch.unique(all_index, sorted=True, return_inverse=True)
             grad = torch.zeros(
-                index.numel(), self._pfc.embedding_size, device=all_index.device,
+                index.numel(),
+                self._pfc.embedding_size,
+                device=all_index.device,
                 dtype=self.state_dtype,
             )
             grad.index_add_(0, inverse, torch.cat([g.to(self.state_dtype) for _, g in parts]))

@@ -58,8 +58,8 @@ class Registry(Generic[T]):
             raise
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
-        return sorted(self._builders)
+        """Registered public names, sorted (names starting with ``_`` are private to tests)."""
+        return sorted(n for n in self._builders if not n.startswith("_"))
 
     def __contains__(self, name: object) -> bool:
         return name in self._builders

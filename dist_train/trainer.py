@@ -578,9 +578,16 @@ class Trainer:
         targets = [load_target(p) for p in ecfg.test_targets]
         with torch.no_grad():
             full = evaluate_targets_full(
-                model, targets, device=self.device, batch_size=ecfg.batch_size,
-                flip=ecfg.flip, low_light=ecfg.low_light, mean=self.cfg.data.mean,
-                std=self.cfg.data.std, amp=self.cfg.amp, image_size=self.cfg.data.image_size,
+                model,
+                targets,
+                device=self.device,
+                batch_size=ecfg.batch_size,
+                flip=ecfg.flip,
+                low_light=ecfg.low_light,
+                mean=self.cfg.data.mean,
+                std=self.cfg.data.std,
+                amp=self.cfg.amp,
+                image_size=self.cfg.data.image_size,
             )
         self.backbone.train()
         results = {name: dict(r.metrics) for name, r in full.items()}

@@ -14,29 +14,32 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ ! -f "$DATA/train.rec" ]; then
   echo "[demo] writing the synthetic dataset to $DATA"
-  "$PY" launch/make_synthetic.py --out "$DATA" --identities 400 --images-per-identity 24 \
-      --val-identities 100 --image-size 112 --seed 0
+  "$PY" launch/make_synthetic.py --out "$DATA" --identities 500 --images-per-identity 20 \
+      --val-identities 100 --image-size 112 --difficulty 0.75 --seed 0 --workers 2
 fi
 
 echo "[demo] training: torchrun --nproc_per_node=$NPROC launch/train.py --config $CONFIG"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" launch/train.py \
     --config "$CONFIG" --set output_dir="$RUN" --set data.root="$DATA" \
-    --set "eval.targets=[$DATA/val.bin,$DATA/val_pairs.csv]" --set eval.at_start=true
+    --set "eval.targets=[$DATA/val.bin,$DATA/val_pairs.csv]"
 
-echo "[demo] evaluating $RUN/model.pt"
-"$PY" launch/eval.py --weights "$RUN/model.pt" --config "$RUN/config.yaml" \
-    --targets "$DATA/val.bin,$DATA/val_pairs.csv" --out "$RUN/eval" --json "$RUN/eval/results.json"
+# The final training checkpoint carries the config (network, input size, normalisation).
+CKPT=$(ls "$RUN"/checkpoints/step_????????.pt | tail -n 1)
+echo "[demo] evaluating $CKPT with launch/eval.py"
+"$PY" launch/eval.py --weights "$CKPT" --image-size 64 \
+    --targets "$DATA/val.bin,$DATA/val_pairs.csv" --out "$RUN/eval"
 
 "$PY" - "$RUN" <<'PYEOF'
 import json, sys
 run = sys.argv[1]
 before = json.load(open(f"{run}/metrics_initial.json"))
-after = json.load(open(f"{run}/eval/results.json"))
+report = json.load(open(f"{run}/eval/report.json"))["targets"]
 print()
 print(f"run directory: {run}")
 for name, m in before.items():
-    a = after.get(name, {})
-    acc = a.get("accuracy", a.get("metrics", {}).get("accuracy"))
-    print(f"  {name}: untrained accuracy {m['accuracy']:.4f} -> trained {acc}")
+    after = report[name]["metrics"]
+    print(f"  {name}: 10-fold accuracy untrained {m['accuracy']:.4f} -> trained "
+          f"{after['accuracy']:.4f} +- {after['accuracy_std']:.4f}, EER {after['eer']:.4f}, "
+          f"AUC {after['auc']:.4f}")
 print(f"TensorBoard: tensorboard --logdir {run}/tensorboard")
 PYEOF
