@@ -1,0 +1,174 @@
+"""Mixed precision in the trainer: fp16 with a GradScaler, its checkpointed state, overflow
+skipping, and Partial FC's logits staying fp32 under autocast.
+
+On CPU, torch 2.13 runs fp16 autocast (convolutions, linear layers) and ``GradScaler("cpu")``;
+every test here runs on CPU without skipping.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+
+import heads
+from dist_train import partial_fc as pfc_module
+from dist_train.config import load_config
+from dist_train.distributed import DistInfo
+from dist_train.partial_fc import PartialFC
+from tests.conftest import TinyConvNet, tiny_overrides
+
+
+def _trainer(data, run, **extra):
+    from dist_train.trainer import Trainer
+
+    cfg = load_config(None, tiny_overrides(data, run, **extra))
+    return Trainer(cfg, DistInfo())
+
+
+def _record_losses(trainer, stop_at: int | None = None, scaler_states: list | None = None):
+    """Runs ``fit()`` recording each step's loss (and, if given a list, the scaler's state
+    after each step); optionally a preemption after step ``stop_at``."""
+    seen: list[float] = []
+    step = trainer.train_step
+
+    def recording(batches):
+        out = step(batches)
+        if out is not None:
+            seen.append(out)
+            if scaler_states is not None:
+                scaler_states.append(trainer.scaler.state_dict())
+        if stop_at is not None and trainer.step == stop_at:
+            trainer._stop_signal = signal.SIGTERM
+        return out
+
+    trainer.train_step = recording
+    trainer.fit()
+    return seen
+
+
+def _scalars(run, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_fp16_uses_a_grad_scaler_and_trains(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, tmp_path / "fp16", **{"amp": "fp16", "max_steps": 10})
+    assert trainer.scaler.is_enabled() and trainer.amp_dtype == torch.float16
+    with torch.autocast("cpu", dtype=trainer.amp_dtype):
+        out = trainer.backbone(torch.zeros(2, 3, 32, 32))
+    assert out.dtype == torch.float16  # the backbone really runs in fp16 on this device
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    states: list[dict] = []
+    losses = _record_losses(trainer, scaler_states=states)
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    # The default initial scale (2^16) overflows this net's fp16 gradients: the scaler backs
+    # off step by step until steps go through, and every skipped step is counted.
+    scales = [s["scale"] for s in states]
+    skipped = sum(b < a for a, b in zip([65536.0] + scales, scales))
+    assert 1 <= skipped == trainer.skipped_total < 10
+    assert scales[-1] < 65536.0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.backbone.state_dict().items())
+    # bf16 needs no scaler
+    assert not _trainer(tiny_data, tmp_path / "bf16", amp="bf16").scaler.is_enabled()
+
+
+def test_overflow_is_skipped_lowers_the_scale_and_is_logged(tiny_data, tmp_path):
+    run = tmp_path / "ovf"
+    trainer = _trainer(tiny_data, run, **{"amp": "fp16", "max_steps": 2, "tensorboard": True})
+    # A scale so large that the scaled gradient overflows in the fp16 backward of the backbone
+    # (a real overflow: nothing is patched).
+    state = trainer.scaler.state_dict()
+    trainer.scaler.load_state_dict({**state, "scale": 2.0**60})
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    weight_before = trainer.loss.partial_fc.weight.detach().clone()
+    loss = trainer.train_step(iter(trainer.data.loader))
+    assert math.isfinite(loss)  # the loss itself is fine; its scaled gradient is not
+    assert trainer.skipped_total == 1 and trainer.skipped_in_row == 1
+    assert trainer.scaler.get_scale() == 2.0**59  # backed off by backoff_factor 0.5
+    for k, v in trainer.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(trainer.loss.partial_fc.weight, weight_before)
+    assert all(p.grad is None for p in trainer.backbone.parameters())  # nothing left over
+
+    # Through fit(): the skipped step is counted in TensorBoard with the scale.
+    trainer = _trainer(
+        tiny_data, tmp_path / "fit", **{"amp": "fp16", "max_steps": 2, "tensorboard": True}
+    )
+    trainer.scaler.load_state_dict({**state, "scale": 2.0**60})
+    trainer.fit()
+    skipped = _scalars(tmp_path / "fit", "train/skipped_steps")
+    scale = _scalars(tmp_path / "fit", "train/loss_scale")
+    assert skipped[1] == 1.0 and scale[1] == 2.0**59
+    assert skipped[2] >= 1.0
+    assert "non-finite loss or gradient, step skipped" in (tmp_path / "fit/train.log").read_text()
+
+
+def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
+    extra = {"amp": "fp16", "num_epochs": 1, "optim.name": "adamw", "optim.lr": 1e-3}
+    # grows every 2 good steps, so the scale and its growth tracker change within the test
+    custom = {
+        "scale": 256.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2,
+        "_growth_tracker": 0,
+    }
+
+    full_trainer = _trainer(tiny_data, tmp_path / "full", **extra)
+    full_trainer.scaler.load_state_dict(custom)
+    full_states: list[dict] = []
+    full = _record_losses(full_trainer, scaler_states=full_states)
+    assert len(full) == 12
+    assert len({(s["scale"], s["_growth_tracker"]) for s in full_states}) > 2
+
+    first = _trainer(tiny_data, tmp_path / "cut", **extra)
+    first.scaler.load_state_dict(custom)
+    _record_losses(first, stop_at=4)
+    assert first.step == 5  # every rank agrees to stop at the next step's all-reduce
+    saved = torch.load(tmp_path / "cut/checkpoints/step_00000005.pt", weights_only=False)
+    assert saved["scaler"] == full_states[4] != custom
+
+    resumed = _trainer(tiny_data, tmp_path / "cut", **extra, **{"checkpoint.resume": "auto"})
+    assert resumed.scaler.state_dict() != saved["scaler"]  # a fresh scaler...
+    resumed.maybe_resume()
+    assert resumed.scaler.state_dict() == saved["scaler"]  # ...takes the checkpoint's state
+    rest_states: list[dict] = []
+    rest = _record_losses(resumed, scaler_states=rest_states)
+    assert rest_states == full_states[5:]
+    assert rest == pytest.approx(full[5:], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtype):
+    seen = []
+    original = pfc_module._ShardedCrossEntropy
+
+    class Recording(original):
+        @staticmethod
+        def apply(logits, target, margin):
+            seen.append(logits.dtype)
+            return original.apply(logits, target, margin)
+
+    monkeypatch.setattr(pfc_module, "_ShardedCrossEntropy", Recording)
+    torch.manual_seed(0)
+    net = TinyConvNet(16)
+    pfc = PartialFC(
+        heads.get_head("arcface", s=16.0, m=0.2), 16, 11, sample_rate=0.5, weight_dtype=weight_dtype
+    )
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 11, (6,))
+    with torch.autocast("cpu", dtype=amp):
+        embeddings = net(x)
+        assert embeddings.dtype == amp  # low precision reaches the classifier...
+        loss = pfc(embeddings, y)
+    assert seen == [torch.float32]  # ...but its logits and softmax are fp32
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert pfc.sampled_weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
