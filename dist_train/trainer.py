@@ -299,17 +299,23 @@ class Trainer:
         if bad[0].item() > 0:
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
+            # A GradScaler overflow while the scale is still large is the scaler searching for
+            # its range (normal in the first fp16 steps); only skips at a scale below 1, or
+            # without a scaler, count towards max_skipped_steps.
+            searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
             if self.scaler.is_enabled():
                 # Back off explicitly: the overflow may have been seen on another rank only,
                 # and every rank's scale must stay the same.
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.skipped_total += 1
-            self.skipped_in_row += 1
+            if not searching:
+                self.skipped_in_row += 1
             log.warning(
-                "step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
-                self.step,
+                "step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all%s)",
+                self.step + 1,
                 self.skipped_in_row,
                 self.skipped_total,
+                f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "",
             )
             if self.skipped_in_row >= cfg.max_skipped_steps:
                 raise RuntimeError(

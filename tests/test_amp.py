@@ -89,7 +89,9 @@ def test_overflow_is_skipped_lowers_the_scale_and_is_logged(tiny_data, tmp_path)
     weight_before = trainer.loss.partial_fc.weight.detach().clone()
     loss = trainer.train_step(iter(trainer.data.loader))
     assert math.isfinite(loss)  # the loss itself is fine; its scaled gradient is not
-    assert trainer.skipped_total == 1 and trainer.skipped_in_row == 1
+    # a skip while the scale is still >= 1 is the scaler searching its range: not counted
+    # towards max_skipped_steps (it is in skipped_total)
+    assert trainer.skipped_total == 1 and trainer.skipped_in_row == 0
     assert trainer.scaler.get_scale() == 2.0**59  # backed off by backoff_factor 0.5
     for k, v in trainer.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
