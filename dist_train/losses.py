@@ -21,7 +21,6 @@ from torch import nn
 import heads
 from dist_train.config import TrainConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Keys of head.params consumed here rather than passed to the head builder.
 _LOCAL_KEYS = ("center_loss_weight", "center_loss_lr_scale")
 
@@ -46,7 +45,7 @@ class TrainLoss(nn.Module):
         super().__init__()
         from dist_train.center_loss import ShardedCenterLoss
         from dist_train.metric_loss import MetricLoss
-        from dist_train.partial_fc import PartialFC
+        from dist_train.partial_fc import PartialFC, build_partial_fc
 
         hp = cfg.head.params
         params = {k: v for k, v in hp.items() if not k.startswith("center_loss_")}
@@ -63,22 +62,14 @@ class TrainLoss(nn.Module):
         # Only a combined head carries a margin part (a metric head may have a float `margin`).
         margin = head if kind == "margin" else head.margin if kind == "combined" else None
         if margin is not None:
-            self.partial_fc = PartialFC(
+            self.partial_fc = build_partial_fc(
                 margin,
-                d,
-                num_classes,
-                sample_rate=pcfg.sample_rate,
-                update=pcfg.update,
-                weight_dtype=_DTYPES[pcfg.weight_dtype],
-            ).to(device)
-            self.partial_fc.configure_optimizer(
-                o.name,
-                lr=o.lr * pcfg.lr_scale,
-                momentum=o.momentum,
-                weight_decay=o.weight_decay,
-                betas=tuple(o.betas),
-                eps=o.eps,
-                nesterov=o.nesterov,
+                pcfg,
+                o,
+                embedding_size=d,
+                num_classes=num_classes,
+                device=device,
+                seed=cfg.seed,
             )
         if kind in ("metric", "combined"):
             # A combined head's forward is its weighted metric term.

@@ -368,31 +368,16 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------------------------------
-    def evaluate(self, tag: str = "") -> dict[str, dict[str, float]]:
-        """Evaluates every configured target (all ranks take part); rank 0 logs.
-
-        TensorBoard gets every metric as a scalar and the ROC, precision-recall, score and
-        angle histograms as images under ``eval/<target>/`` (``eval_<tag>/`` for a baseline).
-        """
-        ecfg = self.cfg.eval
-        if not ecfg.targets:
-            return {}
-        from eval.report import log_tensorboard
+    def _evaluate_model(self, model: nn.Module, targets: list[Any]) -> dict[str, Any]:
+        """``eval.runner.evaluate_targets_full`` with this run's eval and input settings
+        (collective under a process group); the backbone is left in train mode."""
         from eval.runner import evaluate_targets_full
-        from eval.targets import load_target
 
-        if self._targets is None:
-            self._targets = [load_target(p) for p in ecfg.targets]
-        if self.dist.is_distributed:
-            # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
-            # the images: use rank 0's everywhere, so the metrics are those of the weights rank
-            # 0 saves (best_model.pt, model.pt).
-            for buf in self.backbone.buffers():
-                dist.broadcast(buf, 0)
+        ecfg = self.cfg.eval
         with torch.no_grad():
             full = evaluate_targets_full(
-                self.backbone,
-                self._targets,
+                model,
+                targets,
                 device=self.device,
                 batch_size=ecfg.batch_size,
                 flip=ecfg.flip,
@@ -403,6 +388,29 @@ class Trainer:
                 image_size=self.cfg.data.image_size,
             )
         self.backbone.train()
+        return full
+
+    def evaluate(self, tag: str = "") -> dict[str, dict[str, float]]:
+        """Evaluates every configured target (all ranks take part); rank 0 logs.
+
+        TensorBoard gets every metric as a scalar and the ROC, precision-recall, score and
+        angle histograms as images under ``eval/<target>/`` (``eval_<tag>/`` for a baseline).
+        """
+        ecfg = self.cfg.eval
+        if not ecfg.targets:
+            return {}
+        from eval.report import log_tensorboard
+        from eval.targets import load_target
+
+        if self._targets is None:
+            self._targets = [load_target(p) for p in ecfg.targets]
+        if self.dist.is_distributed:
+            # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
+            # the images: use rank 0's everywhere, so the metrics are those of the weights rank
+            # 0 saves (best_model.pt, model.pt).
+            for buf in self.backbone.buffers():
+                dist.broadcast(buf, 0)
+        full = self._evaluate_model(self.backbone, self._targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
         for name, m in results.items():
             shown = [k for k in _LOGGED_METRICS if k in m]
@@ -567,7 +575,6 @@ class Trainer:
         import copy
 
         from eval.report import log_tensorboard
-        from eval.runner import evaluate_targets_full
         from eval.targets import load_target
 
         barrier()  # rank 0 has finished writing best_model.pt / model.pt
@@ -582,20 +589,7 @@ class Trainer:
         model = copy.deepcopy(self.backbone)
         model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         targets = [load_target(p) for p in ecfg.test_targets]
-        with torch.no_grad():
-            full = evaluate_targets_full(
-                model,
-                targets,
-                device=self.device,
-                batch_size=ecfg.batch_size,
-                flip=ecfg.flip,
-                low_light=ecfg.low_light,
-                mean=self.cfg.data.mean,
-                std=self.cfg.data.std,
-                amp=self.cfg.amp,
-                image_size=self.cfg.data.image_size,
-            )
-        self.backbone.train()
+        full = self._evaluate_model(model, targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
         if self.dist.is_main:
             for name, m in results.items():
