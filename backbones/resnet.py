@@ -79,6 +79,27 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module | None:
     )
 
 
+def add_stages(
+    owner: nn.Module,
+    block: type[BasicBlock] | type[Bottleneck],
+    layers: list[int],
+    widths: tuple[int, ...] | list[int],
+    in_ch: int = 64,
+) -> int:
+    """Adds ``layer1 .. layerN`` (torchvision's names) to ``owner``; returns the output channels.
+
+    Stage i has ``layers[i]`` blocks of width ``widths[i]``; every stage but the first halves
+    the resolution in its first block.
+    """
+    for i, (depth, width) in enumerate(zip(layers, widths), start=1):
+        stride = 1 if i == 1 else 2
+        blocks: list[nn.Module] = [block(in_ch, width, stride)]
+        in_ch = width * block.expansion
+        blocks += [block(in_ch, width) for _ in range(depth - 1)]
+        owner.add_module(f"layer{i}", nn.Sequential(*blocks))
+    return in_ch
+
+
 class ResNet(nn.Module):
     """torchvision-layout ResNet with an embedding head.
 
@@ -108,13 +129,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         unregistered_view(self, "_stem", self.conv1, self.bn1, self.relu, self.maxpool)
-        in_ch = 64
-        for i, (depth, width) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
-            stride = 1 if i == 1 else 2
-            blocks: list[nn.Module] = [block(in_ch, width, stride)]
-            in_ch = width * block.expansion
-            blocks += [block(in_ch, width) for _ in range(depth - 1)]
-            self.add_module(f"layer{i}", nn.Sequential(*blocks))
+        in_ch = add_stages(self, block, layers, (64, 128, 256, 512))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_ch, embedding_size)

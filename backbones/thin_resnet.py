@@ -26,42 +26,7 @@ from torch import Tensor, nn
 
 from backbones import register
 from backbones.common import autocast_off, check_checkpointing, run_stage, upcast
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3(stride) -> 1x1 bottleneck with 4x expansion.
-
-    Args:
-        in_ch: input channels.
-        width: the bottleneck width; the block outputs ``4 * width`` channels.
-        stride: stride of the 3x3 convolution and of the shortcut.
-    """
-
-    expansion = 4
-
-    def __init__(self, in_ch: int, width: int, stride: int = 1) -> None:
-        super().__init__()
-        out_ch = width * self.expansion
-        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[B, in_ch, H, W]`` -> ``[B, 4*width, H/stride, W/stride]``."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+from backbones.resnet import Bottleneck, add_stages
 
 
 class ThinResNet(nn.Module):
@@ -94,13 +59,7 @@ class ThinResNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        in_ch = 64
-        for i, (depth, width) in enumerate(zip(layers, widths), start=1):
-            stride = 1 if i == 1 else 2
-            blocks = [Bottleneck(in_ch, width, stride)]
-            in_ch = width * Bottleneck.expansion
-            blocks += [Bottleneck(in_ch, width) for _ in range(depth - 1)]
-            self.add_module(f"layer{i}", nn.Sequential(*blocks))
+        in_ch = add_stages(self, Bottleneck, layers, widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_ch, embedding_size)

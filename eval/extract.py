@@ -17,24 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_train.data.transforms import low_light  # noqa: F401 - also re-exported for eval users
 from dist_train.distributed import all_gather_object, get_rank, get_world_size, shard_range
 
-_LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
-
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def low_light(images: np.ndarray) -> np.ndarray:
-    """The low-light transform ``x <- uint8(clip(sqrt(x) * 2, 0, 255))`` on uint8 pixels.
-
-    A lookup table gives exactly the truncating uint8 cast of the formula for every value.
-
-    Args:
-        images: uint8 array of any shape.
-    """
-    if images.dtype != np.uint8:
-        raise TypeError(f"low_light expects uint8 pixels, got {images.dtype}")
-    return _LOW_LIGHT_LUT[images]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
