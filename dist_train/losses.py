@@ -94,8 +94,6 @@ class TrainLoss(nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        micro_step: int = 0,
-        num_micro: int = 1,
     ) -> torch.Tensor:
         """Global-batch loss for local ``embeddings [B_local, D]`` fp32, ``labels [B_local]``."""
         loss = embeddings.new_zeros(())

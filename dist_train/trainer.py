@@ -164,6 +164,7 @@ class Trainer:
         self.best: float | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # every rank saw a stop request (set by optimizer_step)
         self._saved_step = -1
         self._targets: list[Any] | None = None
         self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.tensorboard and dist_info.is_main)
@@ -217,7 +218,7 @@ class Trainer:
                 ):
                     self.save_checkpoint()
                 # preemption: checkpoint and leave
-                if self._should_stop():
+                if self._stop_agreed:
                     self.save_checkpoint()
                     log.warning("stopped by signal %s at step %d", self._stop_signal, self.step)
                     self.tb.close()
@@ -267,7 +268,7 @@ class Trainer:
                 ):
                     embeddings = self.model(x)
                 # The classifier and its softmax run in fp32 whatever the autocast dtype.
-                loss = self.loss(embeddings.float(), labels, micro_step=i, num_micro=k) / k
+                loss = self.loss(embeddings.float(), labels) / k
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.batches_in_epoch += k
@@ -613,9 +614,6 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread
                 signal.signal(sig, handler)
 
-    def _should_stop(self) -> bool:
-        return bool(getattr(self, "_stop_agreed", False))
-
 
 def _write_best_info(run_dir: Path, spec: str, value: float, step: int, epoch: int) -> None:
     """``best_model.json``: which evaluation selected ``best_model.pt`` (read by the test eval)."""
@@ -628,7 +626,3 @@ def _write_best_info(run_dir: Path, spec: str, value: float, step: int, epoch: i
 def normalize_batch(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 ``[B,3,H,W]`` -> float32 ``(x/255 - mean)/std`` on the images' device."""
     return images.float().div_(255.0).sub_(mean).div_(std)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
