@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -92,6 +93,58 @@ def env_world_info(environ: dict[str, str] | None = None) -> tuple[int, int, int
     return 0, 0, 1, "127.0.0.1", "29500"
 
 
+def restart_namespace(environ: dict[str, str] | Any) -> str | None:
+    """Key prefix that keeps one torchrun restart's process-group keys apart from the last's.
+
+    torchrun's c10d rendezvous hands its workers the agent's own TCP store, which outlives the
+    workers and is *not* cleared between restarts (``TORCHELASTIC_USE_AGENT_STORE=True``). After
+    ``--max-restarts`` restarts a worker, a new rank can read the previous round's addresses
+    (gloo) or unique id (NCCL) before the new owner overwrites them, and fails with "Connection
+    refused" -- pytorch/pytorch#135712. With one agent (all ranks on this node) the restart
+    count is a consistent round number, so ``restart_<count>/`` isolates each round. With several
+    nodes the agents' counts can disagree (an agent restarted by a peer's failure does not count
+    it), so there is no safe prefix: None, and :func:`init_distributed` warns instead; launch
+    multi-node runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store every round),
+    as ``launch/slurm/train_multinode.sbatch`` does.
+
+    Returns:
+        The prefix, or None when not under a torchrun agent store or not on a single node.
+    """
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    count = environ.get("TORCHELASTIC_RESTART_COUNT")
+    local_world = environ.get("LOCAL_WORLD_SIZE")
+    if count is None or local_world is None or local_world != environ.get("WORLD_SIZE"):
+        return None
+    return f"dist_train/restart_{int(count)}/"
+
+
+def _restart_store(environ, world_size: int, timeout: timedelta):
+    """The agent's store under :func:`restart_namespace`, or None for ``init_method="env://"``."""
+    prefix = restart_namespace(environ)
+    if prefix is None:
+        if (
+            environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and environ.get("RANK") == "0"
+            and int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        ):
+            warnings.warn(
+                "multi-node torchrun with --max-restarts and a shared rendezvous store: a restart "
+                "may read the previous round's process-group keys (pytorch/pytorch#135712); "
+                "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+                stacklevel=3,
+            )
+        return None
+    store = dist.TCPStore(
+        environ["MASTER_ADDR"],
+        int(environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(prefix, store)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Creates the process group (when there is more than one process) and picks the device.
 
@@ -113,11 +166,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     if world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", port)
+        timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"),
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
+            store=_restart_store(os.environ, world_size, timeout),
         )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

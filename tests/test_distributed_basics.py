@@ -1,8 +1,19 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from dist_train.collectives import all_gather_with_grad
-from dist_train.distributed import _first_slurm_host, env_world_info, shard_range
+from dist_train.distributed import (
+    _first_slurm_host,
+    env_world_info,
+    restart_namespace,
+    shard_range,
+)
 from tests.dist_utils import run_distributed
 
 
@@ -69,3 +80,67 @@ def test_all_gather_with_grad_sums_gradients_over_ranks():
         # every rank computed the same loss, so the gradient is world x that of one loss
         torch.testing.assert_close(grad, world * rows.expand(-1, 2))
         start += sizes[rank]
+
+
+def test_restart_namespace_only_under_a_single_node_agent_store():
+    agent = {
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+        "LOCAL_WORLD_SIZE": "4",
+        "WORLD_SIZE": "4",
+    }
+    assert restart_namespace(agent) == "dist_train/restart_2/"
+    assert restart_namespace({**agent, "TORCHELASTIC_RESTART_COUNT": "0"}) == (
+        "dist_train/restart_0/"
+    )
+    # several nodes: the agents' counts can disagree, so no prefix
+    assert restart_namespace({**agent, "WORLD_SIZE": "8"}) is None
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store each round), srun, plain env://
+    assert restart_namespace({**agent, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_namespace({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}) is None
+
+
+# Round 0: both ranks join, then rank 1 dies (SIGKILL). Round 1 (the agent's restart): rank 0
+# waits before creating its process group, so rank 1 looks its address up first. Without a
+# per-round namespace it finds the dead round-0 rank's address and gloo fails with "Connection
+# refused" (what CI hit in test_sigkilled_worker_restarts_from_last_checkpoint).
+_RESTART_WORKER = """
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    import torch.distributed as dist
+    from dist_train.distributed import init_distributed
+    restart, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+    if restart > 0 and rank == 0:
+        time.sleep(2.0)
+    init_distributed(timeout_s=60)
+    dist.barrier()
+    if restart == 0:
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # stopped by the agent
+    print(f"round {{restart}} rank {{rank}} ok", flush=True)
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_torchrun_restart_does_not_read_the_previous_rounds_store_keys(tmp_path):
+    repo = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(_RESTART_WORKER.format(repo=repo)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--monitor-interval=0.1",
+        str(script),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "round 1 rank 0 ok" in out and "round 1 rank 1 ok" in out, out[-4000:]
