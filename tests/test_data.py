@@ -236,3 +236,166 @@ def test_dataset_pickles_for_spawned_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert clone.reader._fd is None
     assert np.array_equal(clone[2][0], first) and clone.labels.tolist() == [0, 1, 1, 2]
+
+
+# --- the batch path: TurboJPEG decoding, fill(), the shared-memory ring -----------------------
+
+
+def _photo(seed: int, size: int = 24, **params) -> bytes:
+    """A real (lossy) JPEG of smooth random content; ``params`` are cv2.IMWRITE_* pairs."""
+    rng = np.random.default_rng(seed)
+    img = cv2.resize(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), (size, size))
+    flags = [cv2.IMWRITE_JPEG_QUALITY, 90]
+    for k, v in params.items():
+        flags += [getattr(cv2, k), v]
+    return cv2.imencode(".jpg", img, flags)[1].tobytes()
+
+
+def _opencv_rgb(data: bytes) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), 4)
+
+
+def test_turbojpeg_decoding_is_pixel_identical_to_opencv():
+    from dist_train.data.datasets import _decode_into, decode_rgb
+
+    gray = cv2.imencode(".jpg", np.arange(24 * 24, dtype=np.uint8).reshape(24, 24))[1].tobytes()
+    cases = {
+        "4:2:0": _photo(1),
+        "4:4:4": _photo(2, IMWRITE_JPEG_SAMPLING_FACTOR=cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+        "progressive": _photo(3, IMWRITE_JPEG_PROGRESSIVE=1),
+        "odd size": _photo(4, size=23),
+        "gray": gray,
+    }
+    for name, data in cases.items():
+        want = _opencv_rgb(data)
+        for got in (
+            decode_rgb(data),
+            decode_rgb(memoryview(data)),
+            decode_rgb(np.frombuffer(data, np.uint8)),
+        ):
+            assert got.shape == want.shape and np.array_equal(got, want), name
+        row = np.zeros((24, 24, 3), np.uint8)
+        fits = _decode_into(data, row)
+        assert fits == (want.shape == row.shape), name
+        if fits:
+            assert np.array_equal(row, want), name
+    # larger than the buffer offered: decoded anyway; not an image: None
+    big = _photo(5, size=40)
+    assert np.array_equal(decode_rgb(big, np.zeros((24, 24, 3), np.uint8)), _opencv_rgb(big))
+    assert decode_rgb(b"\xff\xd8 not really a jpeg") is None
+    assert decode_rgb(b"") is None
+    png = _jpeg(7)
+    assert np.array_equal(decode_rgb(png), _opencv_rgb(png))
+
+
+def _mixed_pack(path, n=40):
+    """JPEGs at the training size (24), larger, smaller, gray and a PNG among them."""
+
+    def payload(i):
+        if i % 10 == 3:
+            return _photo(i, size=32)
+        if i % 10 == 5:
+            return _photo(i, size=16)
+        if i % 10 == 7:
+            return _jpeg(i)  # PNG
+        if i % 10 == 9:
+            return cv2.imencode(".jpg", np.full((24, 24), 2 * i, np.uint8))[1].tobytes()
+        return _photo(i)
+
+    return _write_pack(path, [i // 4 for i in range(n)], payload=payload)
+
+
+@pytest.mark.parametrize(
+    "augment",
+    [{}, {"hflip": False}, {"random_resized_crop": True, "color_jitter": 0.5, "low_light": True}],
+    ids=["flip", "none", "heavy"],
+)
+def test_fill_equals_per_sample_getitem(tmp_path, augment):
+    from dist_train.data.transforms import TrainTransform
+
+    rec = _mixed_pack(tmp_path)
+    ds = RecordDataset(rec, transform=TrainTransform(24, **{"hflip": True, **augment}))
+    ds.base_seed = 11
+    items = [(i, 2, 1, 100 + i) for i in range(40)]
+    want = np.stack([ds[t][0] for t in items])
+    for order in (items, np.array(items)):
+        out = np.full((40, 24, 24, 3), 77, np.uint8)
+        labels = ds.fill(order, out)
+        assert np.array_equal(out, want) and labels.tolist() == [i // 4 for i in range(40)]
+    # without a mapping of the file (mmap unavailable) the results are the same
+    ds2 = RecordDataset(rec, transform=ds.transform)
+    ds2.base_seed, ds2._mm_failed = 11, True
+    out = np.zeros_like(want)
+    ds2.fill(items, out)
+    assert np.array_equal(out, want)
+    # plain indices use __getitem__'s default seed
+    out = np.zeros((3, 24, 24, 3), np.uint8)
+    ds.fill([4, 0, 8], out)
+    assert np.array_equal(out, np.stack([ds[i][0] for i in (4, 0, 8)]))
+
+
+def test_fill_names_the_damaged_record(tmp_path):
+    from dist_train.data.transforms import TrainTransform
+
+    rec = _write_pack(
+        tmp_path, [0, 0, 1, 1], payload=lambda i: b"\xff\xd8garbage" if i == 2 else _photo(i)
+    )
+    ds = RecordDataset(rec, transform=TrainTransform(24))
+    off = read_index(tmp_path / "train.idx")[1][3]
+    with pytest.raises(DataError, match=rf"train\.rec key 3 at byte offset {off}: .*decodable"):
+        ds.fill([0, 1, 2, 3], np.zeros((4, 24, 24, 3), np.uint8))
+
+
+def test_ring_transport_equals_in_process_batches_and_frees_its_slots(tmp_path):
+    import gc
+
+    _mixed_pack(tmp_path, n=96)
+    cfg = _cfg(tmp_path, batch_size=4)
+    ref = _all(build_train_data(cfg, DistInfo(), 5), 0)  # in-process: no ring
+    td = build_train_data(_cfg(tmp_path, batch_size=4, num_workers=2), DistInfo(), 5)
+    ring = td.loader.dataset.ring
+    assert ring is not None and ring.flags.sum() == 0
+    held = list(td.loader)  # 24 batches held at once: more than the 12 slots, so some are
+    assert len(held) == len(ref) == 24  # fresh arrays; none may be overwritten
+    for (a, la), (b, lb) in zip(ref, held):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    in_ring = sum(np.shares_memory(x.numpy(), ring.slots) for x, _ in held)
+    assert 0 < in_ring <= ring.flags.size
+    del held, a, b, la, lb
+    gc.collect()
+    assert ring.flags.sum() == 0  # every slot released with its tensor
+    for _ in range(2):  # the slots are reused across epochs
+        for (a, la), (b, lb) in zip(ref, _all(td, 0)):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_loader_without_ring_uses_torch_transport(tmp_path, monkeypatch):
+    import dist_train.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "_ring_supported", lambda: False)
+    _mixed_pack(tmp_path, n=24)
+    ref = _all(build_train_data(_cfg(tmp_path), DistInfo(), 2), 0)
+    td = build_train_data(_cfg(tmp_path, num_workers=1), DistInfo(), 2)
+    assert td.loader.dataset.ring is None
+    for (a, la), (b, lb) in zip(ref, _all(td, 0)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_folder_dataset_batch_path(tmp_path):
+    from dist_train.data.transforms import TrainTransform
+
+    root = tmp_path / "faces"
+    for c in range(3):
+        (root / f"id{c}").mkdir(parents=True)
+        for j in range(4):
+            data = _photo(10 * c + j, size=24 if j < 3 else 30)
+            (root / f"id{c}" / f"{j}.jpg").write_bytes(data)
+    (root / "id1" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    ds = folder_dataset(root, transform=TrainTransform(24))
+    items = [(i, 0, 0, i) for i in range(len(ds)) if not ds.paths[i].endswith("broken.jpg")]
+    out = np.zeros((len(items), 24, 24, 3), np.uint8)
+    ds.fill(items, out)
+    assert np.array_equal(out, np.stack([ds[t][0] for t in items]))
+    bad = [i for i, p in enumerate(ds.paths) if p.endswith("broken.jpg")]
+    with pytest.raises(DataError, match=r"broken\.jpg: 3-byte file is not a decodable image"):
+        ds.fill([(bad[0], 0, 0, 0)], out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import mmap
 import os
 import pickle
 import struct
@@ -25,13 +26,17 @@ import cv2
 import numpy as np
 
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
-from .transforms import SampleRandom
+from .transforms import PresetRandom, SampleRandom, preset_draws, resize
 
 log = logging.getLogger(__name__)
 
-_SEG = struct.Struct("<II")
-_U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<III")  # magic, length-and-flag word, the IRHeader's flag
 _LEN_MASK = (1 << 29) - 1
+
+try:  # libjpeg-turbo's TurboJPEG API: JPEG decoding straight into a batch row
+    from simplejpeg import decode_jpeg as _sj_decode
+except ImportError:  # pragma: no cover - a declared dependency; OpenCV does everything without
+    _sj_decode = None
 
 # OpenCV >= 4.10 decodes straight to RGB, saving a full-image colour conversion per sample.
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
@@ -55,6 +60,57 @@ def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
     if img.ndim == 2:  # only an 8-bit gray decode can come back 2-D
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _decode_cv(data) -> np.ndarray | None:
+    """OpenCV decode of any image format to ``[H, W, 3]`` RGB; None when undecodable."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_RGB) if len(data) else None
+    if img is None:
+        return None
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_rgb(data, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Encoded image bytes (any buffer) -> ``[H, W, 3]`` uint8 RGB, or None if undecodable.
+
+    JPEGs go through libjpeg-turbo's TurboJPEG API (``simplejpeg``): the same library and
+    default settings as OpenCV's decoder (the pixels are identical; tests pin it), less
+    overhead per call, and the image can be written straight into ``out`` -- a row of a batch
+    -- with no copy. Anything else (PNG, BMP, CMYK or damaged JPEGs, images larger than
+    ``out``) goes through OpenCV.
+
+    Args:
+        data: the encoded bytes (``bytes``, ``memoryview`` or uint8 array).
+        out: optional contiguous uint8 array to decode into; the returned array is a view of
+            it when used (check its shape: a smaller image fills only the front of ``out``).
+    """
+    if _sj_decode is not None and _is_jpeg(data):
+        try:
+            return _sj_decode(data, "RGB", buffer=out)
+        except ValueError:  # damaged, CMYK, or larger than ``out``
+            if out is not None:
+                try:
+                    return _sj_decode(data, "RGB")
+                except ValueError:
+                    pass
+    return _decode_cv(data)
+
+
+def _is_jpeg(data) -> bool:
+    return len(data) > 3 and data[0] == 0xFF and data[1] == 0xD8
+
+
+def _decode_into(data, row: np.ndarray) -> bool:
+    """Decode a JPEG straight into ``row``; False (row contents undefined) if it is not a JPEG
+    of exactly ``row``'s shape that TurboJPEG takes."""
+    if _sj_decode is None or not _is_jpeg(data):
+        return False
+    try:
+        return _sj_decode(data, "RGB", buffer=row).shape == row.shape
+    except ValueError:
+        return False
 
 
 def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +143,7 @@ class LabelledImages:
     classes: np.ndarray
     transform: Any = None
     base_seed: int = 0
+    _into_rows: bool = True  # fill() decodes JPEGs straight into the batch (until sizes differ)
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +155,11 @@ class LabelledImages:
     def load(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
+    def _payloads(self, rows: list[int]):
+        """``(i, encoded bytes or None)`` for each of ``rows``; None sends the batch loop of
+        :meth:`fill` to ``load(i)`` (which raises the precise error for damaged data)."""
+        return ((i, None) for i in rows)
+
     def __getitem__(self, item):
         if isinstance(item, tuple):
             i, seed = item[0], item[1:]
@@ -107,6 +169,70 @@ class LabelledImages:
         if self.transform is not None:
             img = self.transform(img, SampleRandom(self.base_seed, *seed))
         return img, int(self.labels[i])
+
+    def fill(self, items: list, out: np.ndarray) -> np.ndarray:
+        """Decode and augment a batch straight into ``out``; what ``__getitem__`` gives per item.
+
+        The batch path of the training loader: one call per batch, the samples' random draws
+        computed together (:func:`preset_draws`, equal to the per-sample ``SampleRandom``), each
+        result written into its row of ``out`` (no per-sample arrays to stack later).
+
+        Args:
+            items: ``B`` indices, ``(index, seed...)`` tuples with seeds of one length, or
+                those tuples as the rows of an integer array ``[B, 1 + k]``.
+            out: ``[>= B, S, S, 3]`` uint8, ``S`` the transform's ``image_size``.
+
+        Returns:
+            int64 labels ``[B]``.
+        """
+        transform = self.transform
+        if transform is None or not hasattr(transform, "image_size"):
+            raise TypeError(f"fill() needs a sized transform, got {transform!r}")
+        if isinstance(items, np.ndarray) and items.ndim == 2:
+            index, seeds = items[:, 0].astype(np.int64), items[:, 1:].astype(np.int64)
+        elif len(items) and isinstance(items[0], tuple):
+            arr = np.array(items, dtype=np.int64)
+            index, seeds = arr[:, 0], arr[:, 1:]
+        else:
+            index = np.asarray(items, dtype=np.int64).reshape(-1)
+            seeds = np.zeros((len(index), 1), np.int64)  # __getitem__'s default seed (0,)
+        keys = np.empty((len(index), 1 + seeds.shape[1]), np.uint64)
+        keys[:, 0] = int(self.base_seed) & ((1 << 64) - 1)
+        keys[:, 1:] = seeds.view(np.uint64)
+        values, states = preset_draws(keys, max(1, transform.typical_draws))
+        size = transform.image_size
+        rows = index.tolist()
+        if not transform.flip_only:
+            draws, starts = values.tolist(), states.tolist()
+            for j, (i, data) in enumerate(self._payloads(rows)):
+                img = decode_rgb(data) if data is not None else None
+                if img is None:
+                    img = self.load(i)
+                transform(img, PresetRandom(draws[j], starts[j]), out=out[j])
+            return self.labels[index]
+        # Resize and flip only (the recipes' augmentation): an unflipped JPEG of the right size
+        # is decoded straight into its row of the batch; a flipped one into a scratch image
+        # that cv2.flip then writes into the row (the flip is the copy).
+        flips = (values[:, 0] < 0.5).tolist() if transform.hflip else [False] * len(rows)
+        scratch = np.empty(out.shape[1:], np.uint8)
+        into = self._into_rows
+        for j, (i, data) in enumerate(self._payloads(rows)):
+            row = out[j]
+            if data is not None and into and not flips[j]:
+                if _decode_into(data, row):
+                    continue
+                into = False  # no JPEG of the training size: stop trying (for this call)
+            img = decode_rgb(data, scratch if flips[j] else None) if data is not None else None
+            if img is None:
+                img = self.load(i)
+            if img.shape != row.shape:
+                img = resize(img, size)
+                self._into_rows = into = False  # the data are not stored at the training size
+            if flips[j]:
+                cv2.flip(img, 1, dst=row)
+            else:
+                row[...] = img
+        return self.labels[index]
 
 
 class RecordDataset(LabelledImages):
@@ -127,6 +253,8 @@ class RecordDataset(LabelledImages):
             idx_path = cand if cand.is_file() else None
         self.reader = RecordIOReader(self.rec_path, idx_path)
         self.transform = transform
+        self._mm: mmap.mmap | None = None
+        self._mm_failed = False
         keys = self.reader.keys
         self.has_header = False
         if 0 in self.reader:
@@ -222,28 +350,55 @@ class RecordDataset(LabelledImages):
         spans[(spans <= 0) | (spans > 64 << 20)] = 0
         self._offsets_arr, self._spans_arr = offsets, spans
 
+    def _mapped(self) -> mmap.mmap | None:
+        """The ``.rec`` file mapped read-only (None where it cannot be: empty file, no mmap).
+
+        A mapping inherited through fork stays valid in DataLoader workers; a pickled dataset
+        (spawned workers) maps the file again.
+        """
+        if self._mm is None and not self._mm_failed:
+            try:
+                self._mm = mmap.mmap(self.reader._handle(), 0, prot=mmap.PROT_READ)
+            except (OSError, ValueError, OverflowError):
+                self._mm_failed = True
+        return self._mm
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mm"], state["_mm_failed"] = None, False
+        return state
+
     def load(self, i: int) -> np.ndarray:
-        # Fast path: one pread of the record's span, header parsed in place, payload decoded
-        # from a view (no copies). Anything unusual (split record, damage, unknown span) goes
-        # through the full reader, which raises the precise error.
-        off, span = int(self._offsets_arr[i]), int(self._spans_arr[i])
-        if span >= 8 + IR_SIZE:
-            buf = os.pread(self.reader._handle(), span, off)
-            if len(buf) == span:
-                magic, lrec = _SEG.unpack_from(buf)
+        data = next(self._payloads([i]))[1]
+        img = decode_rgb(data) if data is not None else None
+        return img if img is not None else self._load_slow(i)
+
+    def _payloads(self, rows: list[int]):
+        # Fast path: the record's header parsed in place in the mapping and its payload handed
+        # out as a memoryview (no copy, no system call). Anything unusual (split record,
+        # damage, unknown span, no mapping) yields None: the caller falls back to ``load``,
+        # whose full reader raises the precise error.
+        mm = self._mapped()
+        if mm is None:
+            yield from ((i, None) for i in rows)
+            return
+        view, size, head = memoryview(mm), len(mm), _HEAD
+        offsets = self._offsets_arr[rows].tolist()
+        spans = self._spans_arr[rows].tolist()
+        for i, off, span in zip(rows, offsets, spans, strict=True):
+            if span >= 8 + IR_SIZE and off + span <= size:
+                magic, lrec, flag = head.unpack_from(mm, off)
                 length = lrec & _LEN_MASK
-                if magic == MAGIC and lrec >> 29 == 0 and IR_SIZE <= length <= span - 8:
-                    flag = _U32.unpack_from(buf, 8)[0]
-                    start = 8 + IR_SIZE + 4 * flag
-                    if start <= 8 + length:
-                        img = cv2.imdecode(
-                            np.frombuffer(buf, np.uint8, 8 + length - start, start), _IMREAD_RGB
-                        )
-                        if img is not None and img.ndim == 3:
-                            if _IMREAD_RGB == cv2.IMREAD_COLOR:
-                                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-                            return img
-        return self._load_slow(i)
+                start = 8 + IR_SIZE + 4 * flag
+                if (
+                    magic == MAGIC
+                    and lrec >> 29 == 0
+                    and IR_SIZE <= length <= span - 8
+                    and start <= 8 + length
+                ):
+                    yield i, view[off + start : off + 8 + length]
+                    continue
+            yield i, None
 
     def _load_slow(self, i: int) -> np.ndarray:
         key = int(self.keys[i])
@@ -266,12 +421,20 @@ class FileListDataset(LabelledImages):
         self.transform = transform
 
     def load(self, i: int) -> np.ndarray:
-        path = self.paths[i]
+        buf = self._read(i)
+        img = decode_rgb(buf)
+        if img is None:
+            raise DataError(f"{self.paths[i]}: {len(buf)}-byte file is not a decodable image")
+        return img
+
+    def _read(self, i: int) -> bytes:
         try:
-            buf = Path(path).read_bytes()
+            return Path(self.paths[i]).read_bytes()
         except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-        return decode_image(buf, where=path)
+            raise DataError(f"{self.paths[i]}: cannot read ({exc.strerror})") from None
+
+    def _payloads(self, rows: list[int]):
+        return ((i, self._read(i)) for i in rows)
 
 
 def folder_dataset(root: str | os.PathLike, transform=None) -> FileListDataset:

@@ -1,37 +1,167 @@
 """The training DataLoader: dataset + distributed sampler + seeded augmentation.
 
-Owns: :func:`build_train_data` (the data layer's contract with the trainer) and
-:class:`TrainData`. Does not own: reading formats (:mod:`.datasets`), sampling order
+Owns: :func:`build_train_data` (the data layer's contract with the trainer),
+:class:`TrainData`, the batch fetch (each worker decodes and augments a whole batch straight
+into one uint8 array) and the worker -> trainer transport of those arrays through a reused
+shared-memory ring. Does not own: reading formats (:mod:`.datasets`), sampling order
 (:mod:`.samplers`) or the augmentation itself (:mod:`.transforms`).
 
 Augmentation is seeded per sample from ``(seed, epoch, rank, position)``, so batches do not
 depend on the number of workers and a resumed epoch continues with identical batches.
+
+Transport: torch's DataLoader moves each batch a worker returns into a *new* shared-memory
+segment; on Linux the first touch of those fresh pages costs about half a JPEG decode per
+image. Here the workers write into slots of a ring of shared pages mapped once, before the
+workers fork, and send only ``(slot, labels)``; the trainer gets a zero-copy tensor over the
+slot, and the slot is free again when the last reference to that tensor goes (a pinned copy
+for CUDA, the next batch on CPU). A worker that finds none of its slots free (a caller holding
+many batches) falls back to a fresh array, so holding batches is always safe.
 """
 
 from __future__ import annotations
 
+import itertools
+import mmap
+import multiprocessing
+import sys
+import weakref
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from .datasets import DataError, LabelledImages, open_train_dataset
 from .samplers import EpochSampler, build_sampler
 from .transforms import TrainTransform
 
 
-def _collate(batch):
+def _as_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, 3, H, W]`` uint8 images (a channels_last-strided view) and int64 labels.
 
-    Stacking the HWC images and permuting the axes avoids a per-image HWC -> CHW copy in the
-    worker: the batch is NCHW by shape and channels_last in memory, the layout convolutions
-    prefer; ``normalize`` keeps it. Call ``.contiguous()`` where NCHW-contiguous is needed.
+    The HWC batch permuted to NCHW by shape is channels_last in memory, the layout
+    convolutions prefer; ``normalize`` keeps it. Call ``.contiguous()`` where NCHW-contiguous
+    is needed.
     """
-    images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
-    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    return images, labels
+    return (
+        torch.from_numpy(images).permute(0, 3, 1, 2),
+        torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+    )
+
+
+def _collate(batch):
+    """Per-sample ``(image HWC, label)`` pairs -> :func:`_as_batch`; ring batches pass through."""
+    if isinstance(batch, (_RingBatch, tuple)):
+        return batch
+    return _as_batch(np.stack([b[0] for b in batch]), np.array([b[1] for b in batch]))
+
+
+_RINGS: weakref.WeakValueDictionary[int, _SlotRing] = weakref.WeakValueDictionary()
+_RING_IDS = itertools.count()
+
+
+class _SlotView(np.ndarray):
+    """A ring slot handed to the trainer; freeing the last reference frees the slot."""
+
+    def __del__(self):
+        release = self.__dict__.get("_release")
+        if release is not None:
+            release()
+
+
+class _SlotRing:
+    """``workers x slots_per_worker`` batch arrays in anonymous shared memory.
+
+    Created in the trainer process before the workers fork, so every worker writes into the
+    same pages the trainer reads (nothing is copied or faulted in per batch). Worker ``w`` owns
+    slots ``[w * k, (w + 1) * k)``: it marks a free slot busy (flag 1), the trainer marks it
+    free (flag 0) when the batch's tensor is gone; each flag has one writer per transition.
+    """
+
+    def __init__(self, workers: int, slots_per_worker: int, batch: int, size: int):
+        self.k = slots_per_worker
+        self.shape = (batch, size, size, 3)
+        n = workers * slots_per_worker
+        nbytes = int(np.prod(self.shape))
+        self._pages = mmap.mmap(-1, n * nbytes)  # MAP_SHARED | MAP_ANONYMOUS
+        self._flag_page = mmap.mmap(-1, max(n, 1))
+        self.slots = np.frombuffer(self._pages, np.uint8).reshape(n, *self.shape)
+        self.flags = np.frombuffer(self._flag_page, np.uint8)
+        self.id = next(_RING_IDS)
+        _RINGS[self.id] = self
+
+    def claim(self, worker: int) -> int:
+        """A free slot of ``worker`` marked busy, or -1 when all of them are in use."""
+        flags = self.flags
+        for s in range(worker * self.k, (worker + 1) * self.k):
+            if flags[s] == 0:
+                flags[s] = 1
+                return s
+        return -1
+
+    def open(self, slot: int, n: int) -> np.ndarray:
+        """The first ``n`` images of ``slot``, freed for reuse when the returned array dies."""
+        view = self.slots[slot, :n].view(_SlotView)
+        flags = self.flags
+
+        def release() -> None:
+            flags[slot] = 0
+
+        view._release = release
+        return view
+
+
+class _RingBatch:
+    """What a worker returns for a batch written into a ring slot: pickles to a few bytes."""
+
+    __slots__ = ("ring", "slot", "labels")
+
+    def __init__(self, ring: int, slot: int, labels: np.ndarray):
+        self.ring, self.slot, self.labels = ring, slot, labels
+
+    def __reduce__(self):
+        return (_open_ring_batch, (self.ring, self.slot, self.labels))
+
+
+def _open_ring_batch(ring_id: int, slot: int, labels: np.ndarray):
+    ring = _RINGS.get(ring_id)
+    if ring is None:  # only the process that made the loader can read its ring
+        raise RuntimeError(f"data loader ring {ring_id} is not mapped in this process")
+    return _as_batch(ring.open(slot, len(labels)), labels)
+
+
+class _BatchFetch(torch.utils.data.Dataset):
+    """The dataset as the DataLoader sees it: ``__getitems__`` builds a whole batch."""
+
+    def __init__(self, dataset: LabelledImages, ring: _SlotRing | None, batch: int, size: int):
+        self.dataset, self.ring = dataset, ring
+        self.shape = (batch, size, size, 3)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        return self.dataset[item]
+
+    def __getitems__(self, items: list):
+        info = get_worker_info()
+        ring = self.ring if info is not None else None
+        slot = ring.claim(info.id) if ring is not None else -1
+        if slot >= 0:
+            try:
+                labels = self.dataset.fill(items, ring.slots[slot])
+            except BaseException:
+                ring.flags[slot] = 0
+                raise
+            return _RingBatch(ring.id, slot, labels)
+        out = np.empty((len(items),) + self.shape[1:], np.uint8)
+        return _as_batch(out, self.dataset.fill(items, out))
+
+
+def _ring_supported() -> bool:
+    """The ring needs forked workers (they inherit its mapping; spawned ones would not)."""
+    return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
 
 def _worker_init(_: int) -> None:
@@ -54,6 +184,30 @@ class _SeededOrder(torch.utils.data.Sampler):
         offset = len(s) - len(indices)  # a resumed epoch starts part-way
         for pos, i in enumerate(indices, offset):
             yield (i, s.epoch, s.rank, pos)
+
+
+class _SeededBatches(torch.utils.data.Sampler):
+    """The batches of :class:`_SeededOrder` as int64 ``[B, 4]`` arrays, incomplete one dropped.
+
+    One small array per batch instead of ``B`` tuples: less for the trainer process to build
+    and pickle to the workers, and :meth:`LabelledImages.fill` takes the array as it is.
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, int(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        s, b = self.sampler, self.batch_size
+        index = np.fromiter(iter(s), np.int64)
+        offset = len(s) - len(index)  # a resumed epoch starts part-way
+        rows = np.empty((len(index), 4), np.int64)
+        rows[:, 0], rows[:, 1], rows[:, 2] = index, s.epoch, s.rank
+        rows[:, 3] = np.arange(offset, offset + len(index))
+        for start in range(0, len(index) - b + 1, b):
+            yield rows[start : start + b]
 
 
 @dataclass
@@ -122,16 +276,21 @@ def build_train_data(cfg, dist, seed: int) -> TrainData:
         # first OpenCV call here. One OpenCV thread in this process (the trainer decodes
         # nothing itself) removes the pool before any fork.
         cv2.setNumThreads(1)
+    prefetch = 4
+    ring, context = None, None
+    if workers and _ring_supported():
+        # prefetch batches in flight per worker, one held by the trainer, one being released
+        ring = _SlotRing(workers, prefetch + 2, cfg.batch_size, dataset.transform.image_size)
+        context = multiprocessing.get_context("fork")
     loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=_SeededOrder(sampler),
+        _BatchFetch(dataset, ring, cfg.batch_size, dataset.transform.image_size),
+        batch_sampler=_SeededBatches(sampler, cfg.batch_size),
         num_workers=workers,
         collate_fn=_collate,
-        drop_last=True,
         pin_memory=getattr(dist.device, "type", "cpu") == "cuda",
         worker_init_fn=_worker_init if workers else None,
+        multiprocessing_context=context,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch if workers else None,
     )
     return TrainData(loader, sampler, dataset.num_classes, len(dataset), dataset)

@@ -53,6 +53,85 @@ class SampleRandom:
         self._state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
         return (self._mix(self._state) >> 11) * (1.0 / (1 << 53))
 
+    @classmethod
+    def _at(cls, state: int) -> SampleRandom:
+        obj = cls.__new__(cls)
+        obj._state = state
+        return obj
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix_np(z: np.ndarray) -> np.ndarray:
+    """:meth:`SampleRandom._mix` on a uint64 array (numpy's uint64 products wrap mod 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class PresetRandom:
+    """One sample's :class:`SampleRandom` stream with its first draws computed in advance.
+
+    ``random()`` returns exactly what ``SampleRandom(*key).random()`` would, call after call:
+    the precomputed values first, then the same splitmix64 sequence continued in Python.
+    """
+
+    __slots__ = ("_draws", "_next", "_state")
+
+    def __init__(self, draws: list[float], state: int):
+        self._draws, self._next, self._state = draws, 0, state
+
+    def random(self) -> float:
+        k = self._next
+        self._next = k + 1
+        if k < len(self._draws):
+            return self._draws[k]
+        state = (self._state + (k + 1) * 0x9E3779B97F4A7C15) & _MASK64
+        return (SampleRandom._mix(state) >> 11) * (1.0 / (1 << 53))
+
+
+def preset_randoms(keys: np.ndarray, draws: int) -> list[PresetRandom]:
+    """:class:`PresetRandom` for each row of ``keys``, its first ``draws`` values vectorised.
+
+    Args:
+        keys: ``[B, K]`` integers; row ``b`` is the key of ``SampleRandom(*keys[b])``
+            (values are taken modulo 2**64, as ``SampleRandom`` does).
+        draws: how many values to compute per row up front (later calls stay exact).
+
+    Returns:
+        ``B`` random sources, each equal in output to ``SampleRandom(*keys[b])``.
+    """
+    values, state = preset_draws(keys, draws)
+    return [PresetRandom(row, s) for row, s in zip(values.tolist(), state.tolist(), strict=True)]
+
+
+def preset_draws(keys: np.ndarray, draws: int) -> tuple[np.ndarray, np.ndarray]:
+    """First ``draws`` values of ``SampleRandom(*row)`` for every row of ``keys``, vectorised.
+
+    Returns:
+        ``(values [B, draws] float64, seeded states [B] uint64)``.
+    """
+    keys = np.asarray(keys)
+    if keys.ndim != 2:
+        raise ValueError(f"keys must be [B, K], got shape {keys.shape}")
+    if keys.dtype != np.uint64:
+        keys = keys.astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        state = np.full(len(keys), 0x9E3779B97F4A7C15, dtype=np.uint64)
+        for col in keys.T:
+            # SampleRandom adds before masking: z = (state ^ key) + C may carry into bit 64,
+            # and that bit reaches the low 64 bits through the first ``z >> 30``.
+            low = state ^ col
+            z = low + np.uint64(0x632BE59BD9B4E019)
+            carry = (z < low).astype(np.uint64) << np.uint64(34)
+            z = (z ^ ((z >> np.uint64(30)) | carry)) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            state = z ^ (z >> np.uint64(31))
+        steps = np.arange(1, draws + 1, dtype=np.uint64) * _GOLDEN
+        values = (_mix_np(state[:, None] + steps[None, :]) >> np.uint64(11)) * (1.0 / (1 << 53))
+    return values, state
+
 
 _LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
 
@@ -176,22 +255,49 @@ class TrainTransform:
             low_light=cfg.low_light,
         )
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``[H, W, 3]`` uint8 RGB -> ``[image_size, image_size, 3]`` uint8 RGB."""
+    @property
+    def flip_only(self) -> bool:
+        """True when the augmentation is at most a resize and a horizontal flip."""
+        return not (
+            self.center_crop or self.random_resized_crop or self.color_jitter > 0 or self.low_light
+        )
+
+    @property
+    def typical_draws(self) -> int:
+        """Random draws per sample when the first random-resized-crop attempt fits."""
+        return int(self.hflip) + 4 * bool(self.random_resized_crop) + 3 * (self.color_jitter > 0)
+
+    def __call__(
+        self, img: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``[H, W, 3]`` uint8 RGB -> ``[image_size, image_size, 3]`` uint8 RGB.
+
+        Args:
+            img: the decoded image.
+            rng: the sample's random source (``random()`` in [0, 1)).
+            out: optional ``[image_size, image_size, 3]`` uint8 array (e.g. a row of a batch)
+                to write the result into; it is returned.
+        """
         if self.center_crop:
             img = center_crop(img, self.center_crop)
         if self.random_resized_crop:
             img = random_resized_crop(img, self.image_size, rng, (self.crop_area_min, 1.0))
         else:
             img = resize(img, self.image_size)
+        last = not (self.color_jitter > 0 or self.low_light)
         if self.hflip and rng.random() < 0.5:
-            img = cv2.flip(
-                np.ascontiguousarray(img), 1
-            )  # SIMD copy; a [:, ::-1] view is slower later
+            img = np.ascontiguousarray(img)  # cv2.flip: a SIMD copy; a [:, ::-1] view is slower
+            if last and out is not None:
+                cv2.flip(img, 1, dst=out)
+                return out
+            img = cv2.flip(img, 1)
         if self.color_jitter > 0:
             img = color_jitter(img, rng, self.color_jitter)
         if self.low_light:
             img = low_light(img)
+        if out is not None:
+            out[...] = img
+            return out
         return img
 
     def __repr__(self) -> str:
