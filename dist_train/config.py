@@ -67,6 +67,8 @@ class DataConfig:
     """Images per rank per micro-step (B_local)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
+    prefetch_factor: int = 4
+    """Batches each loader worker prepares ahead (its shared-memory ring holds this + 2)."""
     sampler: str = "shuffle"
     """"shuffle", "identity_cap", "identity_ratio" or "m_per_class"."""
     max_images_per_identity: int = 200
@@ -101,6 +103,10 @@ class DataConfig:
         )
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 < self.identity_ratio <= 1.0:
             raise ConfigError(f"data.identity_ratio must be in (0, 1], got {self.identity_ratio}")
         if not 0.0 < self.crop_area_min <= 1.0:

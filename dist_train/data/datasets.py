@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import mmap
 import os
 import pickle
 import struct
@@ -100,17 +99,6 @@ def decode_rgb(data, out: np.ndarray | None = None) -> np.ndarray | None:
 
 def _is_jpeg(data) -> bool:
     return len(data) > 3 and data[0] == 0xFF and data[1] == 0xD8
-
-
-def _decode_into(data, row: np.ndarray) -> bool:
-    """Decode a JPEG straight into ``row``; False (row contents undefined) if it is not a JPEG
-    of exactly ``row``'s shape that TurboJPEG takes."""
-    if _sj_decode is None or not _is_jpeg(data):
-        return False
-    try:
-        return _sj_decode(data, "RGB", buffer=row).shape == row.shape
-    except ValueError:
-        return False
 
 
 def _contiguous(raw: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -215,21 +203,28 @@ class LabelledImages:
         # that cv2.flip then writes into the row (the flip is the copy).
         flips = (values[:, 0] < 0.5).tolist() if transform.hflip else [False] * len(rows)
         scratch = np.empty(out.shape[1:], np.uint8)
-        into = self._into_rows
+        shape, turbo, flip = scratch.shape, _sj_decode if self._into_rows else None, cv2.flip
         for j, (i, data) in enumerate(self._payloads(rows)):
             row = out[j]
-            if data is not None and into and not flips[j]:
-                if _decode_into(data, row):
+            if turbo is not None and data is not None and data[0] == 0xFF and data[1] == 0xD8:
+                # the hot path, inlined: a JPEG straight into the row (flipped: via scratch)
+                try:
+                    img = turbo(data, "RGB", buffer=scratch if flips[j] else row)
+                except ValueError:  # damaged, CMYK or larger than the row: the general path
+                    img = None
+                if img is not None and img.shape == shape:
+                    if flips[j]:
+                        flip(img, 1, dst=row)
                     continue
-                into = False  # no JPEG of the training size: stop trying (for this call)
-            img = decode_rgb(data, scratch if flips[j] else None) if data is not None else None
+                turbo = None  # not stored at the training size: stop trying (for this call)
+            img = decode_rgb(data) if data is not None else None
             if img is None:
                 img = self.load(i)
-            if img.shape != row.shape:
+            if img.shape != shape:
                 img = resize(img, size)
-                self._into_rows = into = False  # the data are not stored at the training size
+                self._into_rows, turbo = False, None  # the data are not at the training size
             if flips[j]:
-                cv2.flip(img, 1, dst=row)
+                flip(img, 1, dst=row)
             else:
                 row[...] = img
         return self.labels[index]
@@ -253,8 +248,6 @@ class RecordDataset(LabelledImages):
             idx_path = cand if cand.is_file() else None
         self.reader = RecordIOReader(self.rec_path, idx_path)
         self.transform = transform
-        self._mm: mmap.mmap | None = None
-        self._mm_failed = False
         keys = self.reader.keys
         self.has_header = False
         if 0 in self.reader:
@@ -350,54 +343,36 @@ class RecordDataset(LabelledImages):
         spans[(spans <= 0) | (spans > 64 << 20)] = 0
         self._offsets_arr, self._spans_arr = offsets, spans
 
-    def _mapped(self) -> mmap.mmap | None:
-        """The ``.rec`` file mapped read-only (None where it cannot be: empty file, no mmap).
-
-        A mapping inherited through fork stays valid in DataLoader workers; a pickled dataset
-        (spawned workers) maps the file again.
-        """
-        if self._mm is None and not self._mm_failed:
-            try:
-                self._mm = mmap.mmap(self.reader._handle(), 0, prot=mmap.PROT_READ)
-            except (OSError, ValueError, OverflowError):
-                self._mm_failed = True
-        return self._mm
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_mm"], state["_mm_failed"] = None, False
-        return state
-
     def load(self, i: int) -> np.ndarray:
         data = next(self._payloads([i]))[1]
         img = decode_rgb(data) if data is not None else None
         return img if img is not None else self._load_slow(i)
 
     def _payloads(self, rows: list[int]):
-        # Fast path: the record's header parsed in place in the mapping and its payload handed
-        # out as a memoryview (no copy, no system call). Anything unusual (split record,
-        # damage, unknown span, no mapping) yields None: the caller falls back to ``load``,
-        # whose full reader raises the precise error.
-        mm = self._mapped()
-        if mm is None:
-            yield from ((i, None) for i in rows)
-            return
-        view, size, head = memoryview(mm), len(mm), _HEAD
+        # Fast path: one pread of the record's span, header parsed in place, the payload handed
+        # out as a view (no further copy). Anything unusual (split record, damage, unknown
+        # span) yields None: the caller falls back to ``load``, whose full reader raises the
+        # precise error. (pread rather than a memory map: a worker's first touch of each mapped
+        # page costs more than the copy -- about 10 us per image on the benchmark machine --
+        # and a file truncated under a mapping kills the reader with SIGBUS.)
+        fd, head, pread = self.reader._handle(), _HEAD, os.pread
         offsets = self._offsets_arr[rows].tolist()
         spans = self._spans_arr[rows].tolist()
         for i, off, span in zip(rows, offsets, spans, strict=True):
-            if span >= 8 + IR_SIZE and off + span <= size:
-                magic, lrec, flag = head.unpack_from(mm, off)
-                length = lrec & _LEN_MASK
-                start = 8 + IR_SIZE + 4 * flag
-                if (
-                    magic == MAGIC
-                    and lrec >> 29 == 0
-                    and IR_SIZE <= length <= span - 8
-                    and start <= 8 + length
-                ):
-                    yield i, view[off + start : off + 8 + length]
-                    continue
+            if span >= 8 + IR_SIZE:
+                buf = pread(fd, span, off)
+                if len(buf) == span:
+                    magic, lrec, flag = head.unpack_from(buf)
+                    length = lrec & _LEN_MASK
+                    start = 8 + IR_SIZE + 4 * flag
+                    if (
+                        magic == MAGIC
+                        and lrec >> 29 == 0
+                        and IR_SIZE <= length <= span - 8
+                        and start <= 8 + length
+                    ):
+                        yield i, memoryview(buf)[start : 8 + length]
+                        continue
             yield i, None
 
     def _load_slow(self, i: int) -> np.ndarray:

@@ -88,8 +88,14 @@ class _SlotRing:
         self._flag_page = mmap.mmap(-1, max(n, 1))
         self.slots = np.frombuffer(self._pages, np.uint8).reshape(n, *self.shape)
         self.flags = np.frombuffer(self._flag_page, np.uint8)
+        self.slots.fill(0)  # fault the pages in here (the trainer reads them) ...
         self.id = next(_RING_IDS)
         _RINGS[self.id] = self
+
+    def touch(self, worker: int) -> None:
+        """... and in each worker for its own slots: a forked child faults shared pages in
+        again on its first write, which would otherwise land on its first batches."""
+        self.slots[worker * self.k : (worker + 1) * self.k].fill(0)
 
     def claim(self, worker: int) -> int:
         """A free slot of ``worker`` marked busy, or -1 when all of them are in use."""
@@ -145,15 +151,16 @@ class _BatchFetch(torch.utils.data.Dataset):
         return self.dataset[item]
 
     def __getitems__(self, items: list):
-        info = get_worker_info()
-        ring = self.ring if info is not None else None
-        slot = ring.claim(info.id) if ring is not None else -1
+        info, ring = get_worker_info(), self.ring
+        slot = ring.claim(info.id if info is not None else 0) if ring is not None else -1
         if slot >= 0:
             try:
                 labels = self.dataset.fill(items, ring.slots[slot])
             except BaseException:
                 ring.flags[slot] = 0
                 raise
+            if info is None:  # in the trainer process itself: no transport
+                return _as_batch(ring.open(slot, len(labels)), labels)
             return _RingBatch(ring.id, slot, labels)
         out = np.empty((len(items),) + self.shape[1:], np.uint8)
         return _as_batch(out, self.dataset.fill(items, out))
@@ -164,9 +171,13 @@ def _ring_supported() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(worker: int) -> None:
     # one OpenCV thread per worker: the workers are the parallelism
     cv2.setNumThreads(1)
+    info = get_worker_info()
+    ring = getattr(info.dataset, "ring", None) if info is not None else None
+    if ring is not None:
+        ring.touch(worker)
 
 
 class _SeededOrder(torch.utils.data.Sampler):
@@ -276,14 +287,20 @@ def build_train_data(cfg, dist, seed: int) -> TrainData:
         # first OpenCV call here. One OpenCV thread in this process (the trainer decodes
         # nothing itself) removes the pool before any fork.
         cv2.setNumThreads(1)
-    prefetch = 4
-    ring, context = None, None
-    if workers and _ring_supported():
+    prefetch = int(cfg.prefetch_factor)
+    size, context = dataset.transform.image_size, None
+    if not workers:
+        # reused batch arrays in this process too: a fresh 5 MB array per batch would be
+        # faulted in page by page (the trainer holds one batch while the next is built)
+        ring = _SlotRing(1, 2, cfg.batch_size, size)
+    elif _ring_supported():
         # prefetch batches in flight per worker, one held by the trainer, one being released
-        ring = _SlotRing(workers, prefetch + 2, cfg.batch_size, dataset.transform.image_size)
+        ring = _SlotRing(workers, prefetch + 2, cfg.batch_size, size)
         context = multiprocessing.get_context("fork")
+    else:
+        ring = None
     loader = DataLoader(
-        _BatchFetch(dataset, ring, cfg.batch_size, dataset.transform.image_size),
+        _BatchFetch(dataset, ring, cfg.batch_size, size),
         batch_sampler=_SeededBatches(sampler, cfg.batch_size),
         num_workers=workers,
         collate_fn=_collate,
