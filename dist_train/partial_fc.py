@@ -472,6 +472,13 @@ class PartialFC(nn.Module):
             "stop": self.class_stop,
             "weight": self.weight.detach(),
             "rows": dict(self.optimizer.rows) if self.optimizer is not None else {},
+            # the negative-sampling stream, so a resume at the same world size draws the same
+            # negatives as the uninterrupted run (another world size reseeds)
+            "sampler": {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "states": {str(d): g.get_state() for d, g in self._generators.items()},
+            },
         }
         opt = None
         if self.optimizer is not None:
@@ -534,12 +541,32 @@ class PartialFC(nn.Module):
                 else:
                     self._pending_rows.append((a - self.class_start, b - self.class_start, rows))
             covered += b - a
+            self._load_sampler(piece)
         self._pending_optimizer = opt_name
         if strict and covered != self.num_local:
             raise ValueError(
                 f"PartialFC state covers {covered} of the {self.num_local} classes "
                 f"[{self.class_start}, {self.class_stop}) of rank {self.rank}"
             )
+
+    def _load_sampler(self, piece: dict[str, Any]) -> None:
+        """Restores this rank's sampling generators from its own piece of the same world size."""
+        sampler = piece.get("sampler")
+        if (
+            not sampler
+            or sampler.get("world_size") != self.world_size
+            or sampler.get("rank") != self.rank
+            or (piece["start"], piece["stop"]) != (self.class_start, self.class_stop)
+        ):
+            return
+        for name, state in sampler.get("states", {}).items():
+            device = torch.device(name)
+            try:
+                gen = torch.Generator(device=device)
+                gen.set_state(state)
+            except (RuntimeError, ValueError):  # saved on a device this process does not have
+                continue
+            self._generators[device] = gen
 
     def extra_repr(self) -> str:
         return (

@@ -387,6 +387,7 @@ class Trainer:
                 std=self.cfg.data.std,
                 amp=self.cfg.amp,
                 image_size=self.cfg.data.image_size,
+                center_crop=self.cfg.data.center_crop,
             )
         self.backbone.train()
         return full

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 from dist_train.distributed import cleanup, init_distributed
 from eval import report
-from eval.runner import TargetResult, evaluate_targets_full, load_model, normalisation_from
+from eval.runner import (
+    TargetResult,
+    evaluate_targets_full,
+    input_from,
+    load_model,
+    normalisation_from,
+)
 from eval.targets import TargetError, load_target, write_scores
 
 
@@ -60,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="resize images to this side (default: as stored)",
+        help="resize images to this side (default: the checkpoint config's data.image_size, "
+        "else as stored)",
+    )
+    p.add_argument(
+        "--center-crop",
+        type=int,
+        default=None,
+        help="central square taken before resizing (default: the checkpoint config's "
+        "data.center_crop, else none)",
     )
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast")
     p.add_argument(
@@ -101,7 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
                 raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
         model, config = load_model(args.weights, args.network, args.embedding_size)
         model = model.to(dist.device)
-        norm = normalisation_from(config)
+        norm, size = normalisation_from(config), input_from(config)
+        image_size = args.image_size if args.image_size is not None else size.get("image_size")
+        crop = args.center_crop if args.center_crop is not None else size.get("center_crop", 0)
+        args.image_size, args.center_crop = image_size, crop  # the report records them
         start = time.perf_counter()
         results = evaluate_targets_full(
             model,
@@ -113,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
             mean=args.mean if args.mean is not None else norm.get("mean", 0.5),
             std=args.std if args.std is not None else norm.get("std", 0.5),
             amp=args.amp,
-            image_size=args.image_size,
+            image_size=image_size,
+            center_crop=crop,
             n_folds=args.folds,
         )
         seconds = time.perf_counter() - start
@@ -145,6 +163,8 @@ def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world
             "network": args.network,
             "flip": not args.no_flip,
             "low_light": args.low_light,
+            "image_size": args.image_size,
+            "center_crop": args.center_crop,
             "amp": args.amp,
             "folds": args.folds,
             "world_size": world,

@@ -202,6 +202,13 @@ def normalisation_from(config: dict | None) -> dict[str, float]:
     return {k: float(data[k]) for k in ("mean", "std") if k in data}
 
 
+def input_from(config: dict | None) -> dict[str, int]:
+    """``{"image_size", "center_crop"}`` from a training config's ``data`` section (the input
+    the network was trained on; empty when absent)."""
+    data = (config or {}).get("data") or {}
+    return {k: int(data[k]) for k in ("image_size", "center_crop") if k in data}
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluating targets
 # --------------------------------------------------------------------------------------------
@@ -316,6 +323,7 @@ def evaluate_targets_full(
     std: float = 0.5,
     amp: str = "none",
     image_size: int | None = None,
+    center_crop: int = 0,
     n_folds: int = 10,
 ) -> dict[str, TargetResult]:
     """Embeds and scores every target; see :func:`evaluate_targets` for the arguments.
@@ -326,6 +334,7 @@ def evaluate_targets_full(
 
     Args:
         image_size: resize images to this side when they differ (default: keep as stored).
+        center_crop: central square taken before resizing (the training ``data.center_crop``).
         n_folds: folds of the accuracy protocol.
 
     Returns:
@@ -348,7 +357,7 @@ def evaluate_targets_full(
         rows_of.append(np.asarray(rows, dtype=np.int64))
 
     def load(start: int, stop: int) -> np.ndarray:
-        images = [t.load_images(i, i + 1, image_size) for t, i in where[start:stop]]
+        images = [t.load_images(i, i + 1, image_size, center_crop) for t, i in where[start:stop]]
         shapes = {im.shape[1:] for im in images}
         if len(shapes) > 1:
             names = sorted({t.path for t, _ in where[start:stop]})

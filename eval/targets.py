@@ -181,15 +181,32 @@ def save_bin(path: str, bins: Sequence[bytes], issame: Sequence[bool]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, image_size: int | None, where: str) -> np.ndarray:
-    """Encoded image -> ``[3, S, S]`` uint8 RGB (resized when its side is not ``image_size``)."""
+def decode_image(
+    data: bytes, image_size: int | None, where: str, center_crop: int = 0
+) -> np.ndarray:
+    """Encoded image -> ``[3, S, S]`` uint8 RGB, prepared as the training data were.
+
+    Args:
+        data: the encoded bytes.
+        image_size: resize to this side when the (cropped) image differs (None: keep).
+        where: names the image in errors.
+        center_crop: first take the central ``center_crop`` square (``data.center_crop``; 0 off).
+
+    The crop and the resize are the training pipeline's own (:mod:`dist_train.data.transforms`:
+    area averaging when shrinking, bilinear when growing).
+    """
+    from dist_train.data.transforms import center_crop as crop
+    from dist_train.data.transforms import resize
+
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise TargetError(f"{where}: cannot decode image")
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if center_crop:
+        img = crop(img, center_crop)
     if image_size is not None and img.shape[:2] != (image_size, image_size):
-        img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+        img = resize(img, image_size)
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
@@ -267,12 +284,14 @@ class VerificationTarget:
             ]
         return self._keys
 
-    def load_images(self, start: int, stop: int, image_size: int | None = None) -> np.ndarray:
-        """Images ``start:stop`` decoded to ``[n, 3, S, S]`` uint8 RGB."""
+    def load_images(
+        self, start: int, stop: int, image_size: int | None = None, center_crop: int = 0
+    ) -> np.ndarray:
+        """Images ``start:stop`` as ``[n, 3, S, S]`` uint8 RGB (see :func:`decode_image`)."""
         out = []
         for i in range(start, stop):
             data, where = self.encoded(i)
-            out.append(decode_image(data, image_size, where))
+            out.append(decode_image(data, image_size, where, center_crop))
         if not out:
             size = image_size or 112
             return np.zeros((0, 3, size, size), dtype=np.uint8)

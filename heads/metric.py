@@ -325,8 +325,8 @@ class MarginLoss(nn.Module):
     Randomness. Sampling uses this head's own ``torch.Generator`` seeded by ``seed``: on every
     rank the same seed and the same global batch give the same negatives, which the
     cross-rank wrapper needs (its loss must be identical on every rank). :meth:`reseed`
-    restarts the stream. The generator's position is not part of ``state_dict()``: a resumed
-    run draws a different (equally distributed) sequence.
+    restarts the stream. The generator's position is part of ``state_dict()`` (as the module's
+    extra state), so a resumed run draws the negatives the uninterrupted run would have.
 
     Args:
         alpha: margin ``α`` around the boundary.
@@ -385,6 +385,24 @@ class MarginLoss(nn.Module):
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
         return self._generator
+
+    def get_extra_state(self) -> dict:
+        gen = self._generator
+        return {
+            "seed": self.seed,
+            "device": str(gen.device) if gen is not None else None,
+            "generator": gen.get_state() if gen is not None else None,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        self.seed, self._generator = int(state["seed"]), None
+        if state.get("generator") is not None:
+            try:
+                gen = torch.Generator(device=state["device"])
+                gen.set_state(state["generator"])
+            except (RuntimeError, ValueError):  # saved on a device this process does not have
+                return
+            self._generator = gen
 
     def sampling_weights(
         self, distances: torch.Tensor, negative: torch.Tensor, dim: int

@@ -203,3 +203,31 @@ def test_roc_figure_of_a_perfect_separation():
     tpr = np.array([0.0, 1.0, 1.0, 1.0])
     img = plots.roc_figure(fpr, tpr)
     assert img.shape == (480, 640, 3) and (img < 255).any()
+
+
+@pytest.mark.usefixtures("tiny_backbone")
+def test_cli_prepares_images_as_the_checkpoint_was_trained(tmp_path):
+    from eval.targets import load_target
+
+    bin_path, csv_path, _, _ = write_targets(str(tmp_path / "data"))
+    net = TinyNet(16)
+    ckpt = tmp_path / "step_00000005.pt"
+    config = {
+        "backbone": {"name": TINY, "embedding_size": 16},
+        "data": {"image_size": 20, "center_crop": 24, "mean": 0.5, "std": 0.5},
+    }
+    torch.save({"backbone": net.state_dict(), "config": config, "step": 5}, ckpt)
+    out = tmp_path / "out"
+    got = main(["--weights", str(ckpt), "--targets", csv_path, "--out", str(out), "--no-plots"])
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert (meta["image_size"], meta["center_crop"]) == (20, 24)
+    want = evaluate_targets_full(net, [load_target(csv_path)], image_size=20, center_crop=24)
+    plain = evaluate_targets_full(net, [load_target(csv_path)])
+    name = next(iter(got))
+    np.testing.assert_allclose(got[name].scores, want[name].scores, atol=1e-6)
+    assert not np.allclose(got[name].scores, plain[name].scores, atol=1e-6)  # it mattered
+    # explicit flags win over the checkpoint's config
+    main(["--weights", str(ckpt), "--targets", csv_path, "--out", str(out), "--no-plots",
+          "--image-size", "32", "--center-crop", "0"])  # fmt: skip
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert (meta["image_size"], meta["center_crop"]) == (32, 0)

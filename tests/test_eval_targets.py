@@ -237,3 +237,17 @@ def test_pair_list_over_a_recordio_pack(tmp_path):
     (tmp_path / "missing.csv").write_text("1,0,99\n")
     with pytest.raises(TargetError, match="missing.csv:1: key 99 is not in"):
         load_target(str(tmp_path / "missing.csv"), images_root=str(rec))
+
+
+def test_decode_image_center_crops_like_the_training_transform():
+    from dist_train.data.transforms import EvalTransform
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    data = encode(img)
+    for size, crop in [(24, 32), (16, 0), (40, 0), (48, 36)]:
+        want = EvalTransform(size, center_crop=crop)(
+            decode_image(data, None, "x").transpose(1, 2, 0)
+        )
+        got = decode_image(data, size, "x", center_crop=crop)
+        np.testing.assert_array_equal(got, want.transpose(2, 0, 1))

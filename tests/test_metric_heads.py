@@ -231,6 +231,20 @@ def test_margin_sampling_is_reproducible_from_the_seed():
     assert a(x, labels).item() == b(x, labels).item()
 
 
+def test_margin_sampling_stream_resumes_from_the_state_dict():
+    x, labels = _batch(seed=6)
+    run = MarginLoss(seed=3)
+    run(x, labels)
+    state = run.state_dict()
+    want = [run(x, labels).item() for _ in range(3)]
+    resumed = MarginLoss(seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.seed == 3 and [resumed(x, labels).item() for _ in range(3)] == want
+    unsaved = MarginLoss(seed=3)  # a fresh stream starts over: the first draw again
+    assert unsaved(x, labels).item() != want[0] or unsaved(x, labels).item() != want[1]
+    MarginLoss(seed=3).load_state_dict(MarginLoss(seed=3).state_dict())  # before any draw
+
+
 @pytest.mark.parametrize("m", [2, 3])
 def test_angleproto_matches_loop_reference(m):
     x, labels = _batch(n_classes=4, m=m, d=5, seed=7)

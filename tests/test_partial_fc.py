@@ -308,6 +308,30 @@ def test_state_dict_round_trip_and_errors():
         merge_state_dicts([state, state])
 
 
+def test_resume_draws_the_same_negatives_as_the_uninterrupted_run():
+    pfc = make(c=200, rate=0.1, seed=4)
+    for seed in range(3):
+        pfc.sample(batch(n=8, c=200, seed=seed)[1])
+    state = pfc.state_dict()
+    later = [batch(n=8, c=200, seed=10 + k)[1] for k in range(3)]
+    want = [pfc.sample(labels)[0] for labels in later]
+    resumed = make(c=200, rate=0.1, seed=4)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.sample(y)[0], w) for y, w in zip(later, want))
+    fresh = make(c=200, rate=0.1, seed=4)  # without the saved stream: the run's first draws
+    assert not torch.equal(fresh.sample(later[0])[0], want[0])
+    # a state from another world size (or another rank) leaves the seeded stream alone
+    other = {**state, "pieces": [{**state["pieces"][0]}]}
+    other["pieces"][0]["sampler"] = {**state["pieces"][0]["sampler"], "world_size": 2}
+    reseeded = make(c=200, rate=0.1, seed=4)
+    reseeded.load_state_dict(other)
+    first = make(c=200, rate=0.1, seed=4).sample(later[0])[0]
+    assert torch.equal(reseeded.sample(later[0])[0], first)
+    # states written before the stream was saved still load
+    old = {**state, "pieces": [{k: v for k, v in state["pieces"][0].items() if k != "sampler"}]}
+    make(c=200, rate=0.1, seed=4).load_state_dict(old)
+
+
 def test_export_class_centers_single_process():
     pfc = make(c=11, dtype=torch.bfloat16)
     centers = export_class_centers(pfc)

@@ -3,7 +3,8 @@
 Owns: the InsightFace RecordIO layout (with or without the header record; scalar or array
 labels), image folders (``identity/*.jpg``), ``path,label`` list files, labelled and unlabelled
 pair lists and LFW-style ``.bin`` verification sets (reading only), contiguous labels
-0..C-1, OpenCV decoding to RGB, and choosing the dataset from a ``DataConfig``. Does not own:
+0..C-1, decoding to RGB (TurboJPEG for JPEGs, OpenCV otherwise), the batch fill of the
+loader, and choosing the dataset from a ``DataConfig``. Does not own:
 the RecordIO byte format, samplers, transforms, the DataLoader (:mod:`.loader`), or
 evaluation metrics. Imports no torch (DataLoader only needs ``__getitem__``/``__len__``).
 
@@ -53,12 +54,10 @@ def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
     Raises:
         DataError: the bytes are not a decodable image (names ``where``).
     """
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), _IMREAD_RGB) if len(buf) else None
+    img = _decode_cv(buf)
     if img is None:
         raise DataError(f"{where}: {len(buf)}-byte payload is not a decodable image")
-    if img.ndim == 2:  # only an 8-bit gray decode can come back 2-D
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
 
 
 def _decode_cv(data) -> np.ndarray | None:
@@ -66,7 +65,7 @@ def _decode_cv(data) -> np.ndarray | None:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_RGB) if len(data) else None
     if img is None:
         return None
-    if img.ndim == 2:
+    if img.ndim == 2:  # only an 8-bit gray decode can come back 2-D
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     return img if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
