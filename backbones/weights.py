@@ -10,10 +10,11 @@ Does not own training checkpoints themselves (``dist_train``) nor ONNX/TorchScri
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -33,14 +34,37 @@ def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, admitting the numpy arrays that training
+    checkpoints hold (RNG states) and nothing else that could run code when unpickled.
+
+    Raises:
+        ValueError: the file cannot be read that way; the message names the file and the
+            type torch refused (a whole pickled ``nn.Module`` is one: save ``state_dict()``).
+    """
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    safe = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ("uint8", "uint32", "int64", "float32", "float64")]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # torch's message starts with generic advice; the line naming the culprit is later.
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
+        raise ValueError(
+            f"{path}: cannot load as a weights file or training checkpoint with "
+            f"weights_only=True, so nothing in it was executed ({detail})"
+        ) from exc
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Reads a backbone state dict from any supported weights file.
 
     Args:
         path: a ``.safetensors`` file, a ``torch.save``-d state dict, or a training checkpoint
-            (dict with a ``"backbone"`` key). Torch files are first read with
-            ``weights_only=True``; only if that refuses them (a checkpoint with numpy RNG state)
-            are they unpickled fully, with a warning.
+            (dict with a ``"backbone"`` key). Torch files are read with
+            :func:`safe_torch_load` (never a full unpickle).
 
     Returns:
         ``{key: tensor}`` on CPU with ``module.``/``_orig_mod.`` prefixes removed.
@@ -57,25 +81,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return _strip_prefixes(load_file(str(path), device="cpu"))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # A full training checkpoint also stores RNG states (numpy arrays) that torch's safe
-        # loader rejects; such files are the user's own, so fall back to a full unpickle with
-        # a warning. Weights from elsewhere should be shared as .safetensors.
-        warnings.warn(
-            f"{path}: not loadable with weights_only=True ({str(exc).splitlines()[0]}); "
-            "unpickling it fully, only do this for files you trust",
-            stacklevel=2,
-        )
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise ValueError(f"{path}: cannot be read as a torch weights file ({exc2})") from exc2
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a torch weights file ({exc})") from exc
-    if isinstance(obj, nn.Module):  # a whole pickled model (torch.save(model))
-        obj = obj.state_dict()
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
     if "backbone" in obj:

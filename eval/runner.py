@@ -76,22 +76,12 @@ class OnnxBackbone(nn.Module):
 
 
 def _torch_load(path: str) -> Any:
-    # weights_only keeps pickled code from running; numpy arrays (RNG states in training
-    # checkpoints) are the only extra types admitted.
-    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    safe = [np.ndarray, np.dtype, core.multiarray._reconstruct]
-    safe += [type(np.dtype(t)) for t in ("uint8", "uint32", "int64", "float32", "float64")]
+    from backbones.weights import safe_torch_load
+
     try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch.load raises many types
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        # torch's message starts with generic advice; the line naming the culprit is later.
-        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
-        raise ModelLoadError(
-            f"{path}: cannot load as a weights file or training checkpoint with "
-            f"weights_only=True, so nothing in it was executed ({detail})"
-        ) from exc
+        return safe_torch_load(path)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:

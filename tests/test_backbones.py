@@ -3,6 +3,9 @@ channels_last, bf16 autocast, stages() and weight loading."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -453,7 +456,22 @@ class TestLoadWeights:
         path = tmp_path / "step.pt"
         rng = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         torch.save({"backbone": trained.state_dict(), "rng": rng}, path)
-        # torch's safe loader refuses numpy arrays; the fallback says so and loads.
-        with pytest.warns(UserWarning, match="weights_only"):
+        # numpy arrays are admitted by the safe loader: no full unpickle, no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             loaded = backbones.load_weights(self._fresh(), path)
         self._assert_same(loaded, trained)
+
+    def test_pickled_code_is_never_run(self, tmp_path):
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+        path = tmp_path / "evil.pt"
+        torch.save({"backbone": {}, "x": Boom()}, path)
+        with pytest.raises(ValueError, match="evil.pt: cannot load .* nothing in it was executed"):
+            backbones.load_weights(self._fresh(), path)
+        assert not (tmp_path / "ran").exists()
+        torch.save(self._fresh(), tmp_path / "module.pt")  # a whole pickled model
+        with pytest.raises(ValueError, match="module.pt: cannot load"):
+            backbones.read_state_dict(tmp_path / "module.pt")
