@@ -198,22 +198,29 @@ class LabelledImages:
                 transform(img, PresetRandom(draws[j], starts[j]), out=out[j])
             return self.labels[index]
         # Resize and flip only (the recipes' augmentation): an unflipped JPEG of the right size
-        # is decoded straight into its row of the batch; a flipped one into a scratch image
-        # that cv2.flip then writes into the row (the flip is the copy).
+        # is decoded straight into its row of the batch. A flipped one is decoded as BGR into a
+        # scratch image whose rows are then byte-reversed into the batch row: reversing the
+        # bytes of a BGR row gives the mirrored RGB row, and a one-channel flip is faster than
+        # a three-channel one (the flip is the copy).
         flips = (values[:, 0] < 0.5).tolist() if transform.hflip else [False] * len(rows)
         scratch = np.empty(out.shape[1:], np.uint8)
         shape, turbo, flip = scratch.shape, _sj_decode if self._into_rows else None, cv2.flip
+        flat = (shape[0], shape[1] * shape[2])
+        scratch_rows = scratch.reshape(flat)
         for j, (i, data) in enumerate(self._payloads(rows)):
             row = out[j]
             if turbo is not None and data is not None and data[0] == 0xFF and data[1] == 0xD8:
-                # the hot path, inlined: a JPEG straight into the row (flipped: via scratch)
+                # the hot path, inlined
                 try:
-                    img = turbo(data, "RGB", buffer=scratch if flips[j] else row)
+                    if flips[j]:
+                        img = turbo(data, "BGR", buffer=scratch)
+                    else:
+                        img = turbo(data, "RGB", buffer=row)
                 except ValueError:  # damaged, CMYK or larger than the row: the general path
                     img = None
                 if img is not None and img.shape == shape:
                     if flips[j]:
-                        flip(img, 1, dst=row)
+                        flip(scratch_rows, 1, dst=row.reshape(flat))
                     continue
                 turbo = None  # not stored at the training size: stop trying (for this call)
             img = decode_rgb(data) if data is not None else None
