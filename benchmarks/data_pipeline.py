@@ -323,7 +323,8 @@ def main() -> None:
         f"- 1 worker: **{ratio['c1/along']:.2f}** against (a) measured *at the same time* on the "
         "other core (a thread of the consumer process decoding the same JPEGs while the worker "
         "loads; the steadiest comparison on this machine, whose speed drifts by 10-30% within "
-        f"seconds); {ratio['c1']:.2f} against (a) measured just before and after.",
+        f"seconds); {ratio['c1']:.2f} against (a) measured just before and after (row (a) "
+        f"itself reads {ratio['a']:.2f} against its own neighbours: the size of the drift).",
         f"- 2 workers: {ratio['c2/a_2']:.2f} of the decode limit of 2 processes decoding at once "
         f"({ratio['c2']:.2f} of the 1-process one). Here the trainer process needs the same 2 "
         f"cores: it used {consumer:.2f} of a core (torch's DataLoader machinery per batch); "
