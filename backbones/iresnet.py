@@ -158,101 +158,38 @@ class IResNet(nn.Module):
             return self.features(self.fc(upcast(x)))
 
 
-@register("iresnet18")
-def iresnet18(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    checkpointing: str = "none",
-    input_size: int | tuple[int, int] = 112,
-    width_mult: float = 1.0,
-) -> IResNet:
-    """iResNet-18 (2-2-2-2 blocks); 24,025,600 parameters at D=512, 112x112."""
-    return IResNet(
-        [2, 2, 2, 2],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-        input_size=input_size,
-        width_mult=width_mult,
+def _variant(name: str, layers: list[int], params: int):
+    """Registers ``name``: an :class:`IResNet` with ``layers`` blocks per stage."""
+
+    @register(name)
+    def build(
+        *,
+        embedding_size: int = 512,
+        dropout: float = 0.0,
+        checkpointing: str = "none",
+        input_size: int | tuple[int, int] = 112,
+        width_mult: float = 1.0,
+    ) -> IResNet:
+        return IResNet(
+            layers,
+            embedding_size=embedding_size,
+            dropout=dropout,
+            checkpointing=checkpointing,
+            input_size=input_size,
+            width_mult=width_mult,
+        )
+
+    blocks = "-".join(map(str, layers))
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"iResNet-{name[len('iresnet') :]} ({blocks} blocks); {params:,} parameters at D=512, "
+        "112x112."
     )
+    return build
 
 
-@register("iresnet34")
-def iresnet34(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    checkpointing: str = "none",
-    input_size: int | tuple[int, int] = 112,
-    width_mult: float = 1.0,
-) -> IResNet:
-    """iResNet-34 (3-4-6-3 blocks); 34,139,328 parameters at D=512, 112x112."""
-    return IResNet(
-        [3, 4, 6, 3],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-        input_size=input_size,
-        width_mult=width_mult,
-    )
-
-
-@register("iresnet50")
-def iresnet50(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    checkpointing: str = "none",
-    input_size: int | tuple[int, int] = 112,
-    width_mult: float = 1.0,
-) -> IResNet:
-    """iResNet-50 (3-4-14-3 blocks); 43,590,848 parameters at D=512, 112x112."""
-    return IResNet(
-        [3, 4, 14, 3],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-        input_size=input_size,
-        width_mult=width_mult,
-    )
-
-
-@register("iresnet100")
-def iresnet100(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    checkpointing: str = "none",
-    input_size: int | tuple[int, int] = 112,
-    width_mult: float = 1.0,
-) -> IResNet:
-    """iResNet-100 (3-13-30-3 blocks); 65,156,160 parameters at D=512, 112x112."""
-    return IResNet(
-        [3, 13, 30, 3],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-        input_size=input_size,
-        width_mult=width_mult,
-    )
-
-
-@register("iresnet200")
-def iresnet200(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    checkpointing: str = "none",
-    input_size: int | tuple[int, int] = 112,
-    width_mult: float = 1.0,
-) -> IResNet:
-    """iResNet-200 (6-26-60-6 blocks); 118,833,920 parameters at D=512, 112x112."""
-    return IResNet(
-        [6, 26, 60, 6],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-        input_size=input_size,
-        width_mult=width_mult,
-    )
+iresnet18 = _variant("iresnet18", [2, 2, 2, 2], 24_025_600)
+iresnet34 = _variant("iresnet34", [3, 4, 6, 3], 34_139_328)
+iresnet50 = _variant("iresnet50", [3, 4, 14, 3], 43_590_848)
+iresnet100 = _variant("iresnet100", [3, 13, 30, 3], 65_156_160)
+iresnet200 = _variant("iresnet200", [6, 26, 60, 6], 118_833_920)

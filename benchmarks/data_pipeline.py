@@ -124,13 +124,15 @@ def bench_per_sample(root: Path, batches: int) -> float:
     hflip), ``np.stack`` collate, torch's own per-batch shared-memory transport, 1 worker."""
     from torch.utils.data import DataLoader
 
-    from dist_train.data.loader import _SeededOrder, _worker_init
+    from dist_train.data.loader import _worker_init
 
     td = build_train_data(DataConfig(root=str(root), batch_size=128, hflip=True), DistInfo(), 0)
+    # the same (index, epoch, rank, position) seeds as the batch path, one tuple per sample
+    order = [tuple(row) for batch in td.loader.batch_sampler for row in batch.tolist()]
     dl = DataLoader(
         td.dataset,
         batch_size=128,
-        sampler=_SeededOrder(td.sampler),
+        sampler=order,
         num_workers=1,
         collate_fn=_stack,
         drop_last=True,
@@ -181,7 +183,8 @@ class _DecodeAlongside:
 
 def bench_loader(
     root: Path, workers: int, batches: int, heavy: bool = False, alongside=None
-) -> float:
+) -> tuple[float, float]:
+    """Images/s the trainer process receives, and the CPU share (in cores) it used meanwhile."""
     cfg = DataConfig(
         root=str(root),
         batch_size=128,
@@ -203,12 +206,9 @@ def bench_loader(
     wall = time.perf_counter() - t
     if alongside is not None:
         alongside.__exit__()
-    _CONSUMER[workers, heavy] = (time.process_time() - cpu) / wall
+    consumer = (time.process_time() - cpu) / wall
     del it, td
-    return n / wall
-
-
-_CONSUMER: dict[tuple[int, bool], float] = {}  # trainer-process CPU share, in cores
+    return n / wall, consumer
 
 
 def main() -> None:
@@ -252,21 +252,21 @@ def main() -> None:
         res["a2"], rat["a2"] = near(lambda: bench_decode_turbo(payloads), one)
         res["b"], rat["b"] = near(lambda: bench_reader(ds, order), one)
         res["i"], rat["i"] = near(lambda: bench_in_process(root, order), one)
-        res["c1"], rat["c1"] = near(lambda: bench_loader(root, 1, a.batches), one)
+        res["c1"], rat["c1"] = near(lambda: bench_loader(root, 1, a.batches)[0], one)
         ref = _DecodeAlongside(payloads)
-        c1 = bench_loader(root, 1, a.batches, alongside=ref)
+        c1 = bench_loader(root, 1, a.batches, alongside=ref)[0]
         rat["c1/along"] = c1 / ref.rate
         refs = [one(), two()]
-        res["c2"] = bench_loader(root, 2, a.batches) / 2
+        c2, consumer = bench_loader(root, 2, a.batches)
+        res["c2"] = c2 / 2
         refs += [two(), one()]
         rat["c2"] = res["c2"] / ((refs[0] + refs[3]) / 2)
         rat["c2/a_2"] = res["c2"] / ((refs[1] + refs[2]) / 2)  # 2 processes decoding at once
-        consumer = _CONSUMER[2, False]
         # 2 workers on a 2-core machine: the consumer (trainer) process takes its share of the
         # cores, the physical limit per worker is the 2-process decode rate x the share left
         rat["c2/lim2"] = rat["c2/a_2"] / min(1.0, (cores - consumer) / 2)
         rat["m2"] = consumer
-        res["d1"], rat["d1"] = near(lambda: bench_loader(root, 1, a.batches, heavy=True), one)
+        res["d1"], rat["d1"] = near(lambda: bench_loader(root, 1, a.batches, heavy=True)[0], one)
         res["p"], rat["p"] = near(lambda: bench_per_sample(root, a.batches), one)
         rounds.append(res)
         ratios.append(rat)

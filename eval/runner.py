@@ -381,16 +381,7 @@ def evaluate_targets_full(
 
 
 def evaluate_targets(
-    backbone: nn.Module,
-    targets: Sequence[str | VerificationTarget],
-    *,
-    device: torch.device | str = "cpu",
-    batch_size: int = 128,
-    flip: bool = True,
-    low_light: bool = False,
-    mean: float = 0.5,
-    std: float = 0.5,
-    amp: str = "none",
+    backbone: nn.Module, targets: Sequence[str | VerificationTarget], **options: Any
 ) -> dict[str, dict[str, float]]:
     """Verification metrics of ``backbone`` on each target.
 
@@ -404,6 +395,10 @@ def evaluate_targets(
         low_light: apply the low-light transform to the images.
         mean, std: input normalisation ``(x / 255 - mean) / std``.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
+        image_size, center_crop, n_folds: see :func:`evaluate_targets_full`.
+
+    Keyword arguments (``options``) are those of :func:`evaluate_targets_full`, which does the
+    work; this returns only the metrics.
 
     Returns:
         ``target name -> metric -> value`` with keys ``accuracy``, ``accuracy_std``,
@@ -412,15 +407,5 @@ def evaluate_targets(
         ``best_f1_threshold``, ``precision``, ``recall``, ``xnorm``, ``num_pairs``. Unlabelled
         lists only have ``xnorm`` and ``num_pairs``.
     """
-    full = evaluate_targets_full(
-        backbone,
-        targets,
-        device=device,
-        batch_size=batch_size,
-        flip=flip,
-        low_light=low_light,
-        mean=mean,
-        std=std,
-        amp=amp,
-    )
+    full = evaluate_targets_full(backbone, targets, **options)
     return {name: r.metrics for name, r in full.items()}

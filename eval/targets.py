@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 
 
@@ -192,17 +191,16 @@ def decode_image(
         where: names the image in errors.
         center_crop: first take the central ``center_crop`` square (``data.center_crop``; 0 off).
 
-    The crop and the resize are the training pipeline's own (:mod:`dist_train.data.transforms`:
+    The decoder, crop and resize are the training pipeline's own (:mod:`dist_train.data`:
     area averaging when shrinking, bilinear when growing).
     """
+    from dist_train.data.datasets import decode_rgb
     from dist_train.data.transforms import center_crop as crop
     from dist_train.data.transforms import resize
 
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    img = decode_rgb(data)  # the training decoder (TurboJPEG for JPEGs, else OpenCV)
     if img is None:
         raise TargetError(f"{where}: cannot decode image")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if center_crop:
         img = crop(img, center_crop)
     if image_size is not None and img.shape[:2] != (image_size, image_size):

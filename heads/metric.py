@@ -132,6 +132,7 @@ def _positive_pair_chunks(
         yield a[start : start + chunk], p[start : start + chunk]
 
 
+@register("contrastive")
 class ContrastiveLoss(nn.Module):
     """Contrastive loss (Hadsell et al. 2006) on Euclidean distances.
 
@@ -209,6 +210,7 @@ class ContrastiveLoss(nn.Module):
             return loss
 
 
+@register("triplet")
 class TripletLoss(nn.Module):
     """Triplet loss with in-batch mining on Euclidean distances.
 
@@ -296,6 +298,7 @@ class TripletLoss(nn.Module):
         return d[a, p], d[a, ng]
 
 
+@register("margin")
 class MarginLoss(nn.Module):
     """Margin loss with distance-weighted negative sampling (Wu et al. 2017, "Sampling Matters").
 
@@ -490,6 +493,7 @@ class MarginLoss(nn.Module):
             return loss
 
 
+@register("angleproto")
 class AngleProtoLoss(nn.Module):
     """Angular prototypical loss (Chung et al. 2020, "In defence of metric learning").
 
@@ -587,55 +591,6 @@ class AMSoftmaxProto(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``metric_weight · metric(embeddings, labels)`` on the global batch → scalar."""
         return self.metric_weight * self.metric(embeddings, labels)
-
-
-@register("contrastive")
-def contrastive(
-    *, margin: float = 1.0, normalize: bool = True, miner: str = "none", miner_margin: float = 0.2
-) -> ContrastiveLoss:
-    return ContrastiveLoss(
-        margin=margin, normalize=normalize, miner=miner, miner_margin=miner_margin
-    )
-
-
-@register("triplet")
-def triplet(
-    *, margin: float = 0.2, mining: str = "semi_hard", normalize: bool = True
-) -> TripletLoss:
-    return TripletLoss(margin=margin, mining=mining, normalize=normalize)
-
-
-@register("margin")
-def margin(
-    *,
-    alpha: float = 0.2,
-    beta: float = 1.2,
-    beta_per_class: bool = False,
-    num_classes: int = 0,
-    nu: float = 0.0,
-    cutoff: float = 0.5,
-    nonzero_loss_cutoff: float = 1.4,
-    normalize: bool = True,
-    seed: int = 0,
-) -> MarginLoss:
-    return MarginLoss(
-        alpha=alpha,
-        beta=beta,
-        beta_per_class=beta_per_class,
-        num_classes=num_classes,
-        nu=nu,
-        cutoff=cutoff,
-        nonzero_loss_cutoff=nonzero_loss_cutoff,
-        normalize=normalize,
-        seed=seed,
-    )
-
-
-@register("angleproto")
-def angleproto(
-    *, init_w: float = 10.0, init_b: float = -5.0, m_per_class: int = 0
-) -> AngleProtoLoss:
-    return AngleProtoLoss(init_w=init_w, init_b=init_b, m_per_class=m_per_class)
 
 
 @register("amsoftmax_proto")

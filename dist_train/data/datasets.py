@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
-from .transforms import PresetRandom, SampleRandom, preset_draws, resize
+from .transforms import SampleRandom, preset_draws, preset_randoms, resize
 
 log = logging.getLogger(__name__)
 
@@ -186,23 +186,25 @@ class LabelledImages:
         keys = np.empty((len(index), 1 + seeds.shape[1]), np.uint64)
         keys[:, 0] = int(self.base_seed) & ((1 << 64) - 1)
         keys[:, 1:] = seeds.view(np.uint64)
-        values, states = preset_draws(keys, max(1, transform.typical_draws))
         size = transform.image_size
         rows = index.tolist()
         if not transform.flip_only:
-            draws, starts = values.tolist(), states.tolist()
+            rngs = preset_randoms(keys, max(1, transform.typical_draws))
             for j, (i, data) in enumerate(self._payloads(rows)):
                 img = decode_rgb(data) if data is not None else None
                 if img is None:
                     img = self.load(i)
-                transform(img, PresetRandom(draws[j], starts[j]), out=out[j])
+                transform(img, rngs[j], out=out[j])
             return self.labels[index]
         # Resize and flip only (the recipes' augmentation): an unflipped JPEG of the right size
         # is decoded straight into its row of the batch. A flipped one is decoded as BGR into a
         # scratch image whose rows are then byte-reversed into the batch row: reversing the
         # bytes of a BGR row gives the mirrored RGB row, and a one-channel flip is faster than
         # a three-channel one (the flip is the copy).
-        flips = (values[:, 0] < 0.5).tolist() if transform.hflip else [False] * len(rows)
+        if transform.hflip:  # the transform's one draw: flip when < 0.5
+            flips = (preset_draws(keys, 1)[0][:, 0] < 0.5).tolist()
+        else:
+            flips = [False] * len(rows)
         scratch = np.empty(out.shape[1:], np.uint8)
         shape, turbo, flip = scratch.shape, _sj_decode if self._into_rows else None, cv2.flip
         flat = (shape[0], shape[1] * shape[2])

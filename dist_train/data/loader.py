@@ -51,10 +51,8 @@ def _as_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, tor
 
 
 def _collate(batch):
-    """Per-sample ``(image HWC, label)`` pairs -> :func:`_as_batch`; ring batches pass through."""
-    if isinstance(batch, (_RingBatch, tuple)):
-        return batch
-    return _as_batch(np.stack([b[0] for b in batch]), np.array([b[1] for b in batch]))
+    """``_BatchFetch.__getitems__`` returns whole batches: nothing is left to collate."""
+    return batch
 
 
 _RINGS: weakref.WeakValueDictionary[int, _SlotRing] = weakref.WeakValueDictionary()
@@ -180,25 +178,9 @@ def _worker_init(worker: int) -> None:
         ring.touch(worker)
 
 
-class _SeededOrder(torch.utils.data.Sampler):
-    """Yields ``(index, epoch, rank, position)`` so augmentation is seeded per sample."""
-
-    def __init__(self, sampler: EpochSampler):
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        s = self.sampler
-        indices = list(iter(s))
-        offset = len(s) - len(indices)  # a resumed epoch starts part-way
-        for pos, i in enumerate(indices, offset):
-            yield (i, s.epoch, s.rank, pos)
-
-
 class _SeededBatches(torch.utils.data.Sampler):
-    """The batches of :class:`_SeededOrder` as int64 ``[B, 4]`` arrays, incomplete one dropped.
+    """Batches of ``(index, epoch, rank, position)`` rows as int64 ``[B, 4]`` arrays (the
+    per-sample augmentation seeds), the incomplete last batch dropped.
 
     One small array per batch instead of ``B`` tuples: less for the trainer process to build
     and pickle to the workers, and :meth:`LabelledImages.fill` takes the array as it is.
