@@ -65,6 +65,57 @@ def test_color_jitter_factor_range():
     assert np.array_equal(color_jitter(img, np.random.default_rng(0), 0.0), img)
 
 
+def _jitter_reference(img, b, c, s):
+    """Brightness, contrast, saturation in float64, one rounding and clip at the end."""
+    w = np.array([0.299, 0.587, 0.114])
+    y = b * img.astype(np.float64)
+    z = c * y + (1 - c) * (y @ w).mean()
+    out = s * z + (1 - s) * (z @ w)[..., None]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_color_jitter_matches_the_formula_written_out():
+    img = _img(112, 112)
+    for seed in range(40):
+        b, c, s = np.random.default_rng(seed).uniform(0.3, 1.7, 3)
+        out = color_jitter(img, np.random.default_rng(seed), 0.7)
+        diff = np.abs(out.astype(int) - _jitter_reference(img, b, c, s).astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.1  # OpenCV rounds in fixed point
+    # a mid-range image (no clipping anywhere) agrees with clipping after every step
+    soft = np.random.default_rng(1).integers(100, 140, (32, 32, 3), dtype=np.uint8)
+    b, c, s = 1.1, 0.8, 1.2
+    x = np.clip(b * soft.astype(np.float64), 0, 255)
+    x = np.clip(c * x + (1 - c) * (x @ [0.299, 0.587, 0.114]).mean(), 0, 255)
+    x = np.clip(s * x + (1 - s) * (x @ [0.299, 0.587, 0.114])[..., None], 0, 255)
+
+    class Fixed:
+        draws = iter([(b - 0.3) / 1.4, (c - 0.3) / 1.4, (s - 0.3) / 1.4])
+
+        def random(self):
+            return next(self.draws)
+
+    got = color_jitter(soft, Fixed(), 0.7)
+    assert np.abs(got.astype(int) - np.round(x).astype(int)).max() <= 1
+    # saturation 0 leaves gray; the result can be written into a given array
+    draws = iter([0.5, 0.5, 0.0])  # strength 1: brightness 1, contrast 1, saturation 0
+    gray = color_jitter(img, type("R", (), {"random": lambda self: next(draws)})(), 1.0)
+    luma = np.round(img.astype(np.float64) @ [0.299, 0.587, 0.114])
+    assert np.abs(gray.astype(int) - luma[..., None].astype(int)).max() <= 1
+    dst = np.empty_like(img)
+    assert color_jitter(img, np.random.default_rng(3), 0.7, out=dst) is dst
+    np.testing.assert_array_equal(dst, color_jitter(img, np.random.default_rng(3), 0.7))
+
+
+def test_train_transform_writes_into_out_what_it_returns():
+    img = _img(100, 90)
+    for kw in ({}, {"random_resized_crop": True, "color_jitter": 0.5}, {"low_light": True}):
+        t = TrainTransform(64, **kw)
+        for seed in range(8):
+            dst = np.zeros((64, 64, 3), np.uint8)
+            assert t(img, np.random.default_rng(seed), out=dst) is dst
+            np.testing.assert_array_equal(dst, t(img, np.random.default_rng(seed)))
+
+
 def test_train_transform_flip_and_reproducible():
     img = _img(112, 112)
     t = TrainTransform(112, hflip=True)

@@ -193,28 +193,52 @@ def random_resized_crop(
     return resize(img, size)
 
 
-def color_jitter(img: np.ndarray, rng, strength: float) -> np.ndarray:
+# ITU-R BT.601 luma weights (OpenCV's RGB2GRAY, torchvision's rgb_to_grayscale)
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def jitter_matrix(b: float, c: float, s: float, mean_rgb: Sequence[float]) -> np.ndarray:
+    """The ``3 x 4`` affine colour map of brightness ``b``, contrast ``c``, saturation ``s``.
+
+    With ``gray(v) = 0.299 r + 0.587 g + 0.114 b`` and ``m = gray(mean colour of the image)``:
+    brightness ``y = b x``; contrast ``z = c y + (1 - c) b m`` (the pivot is the mean gray of
+    the brightened image); saturation ``s z + (1 - s) gray(z)`` per pixel. All three are affine
+    in the pixel, so their composition is one matrix ``[A | t]`` applied as ``A x + t``.
+    """
+    w0, w1, w2 = _GRAY
+    k, d = c * b * (1.0 - s), c * b * s  # c*b*(s*I + (1-s) * 1 w^T) = d*I + k * 1 w^T
+    a0, a1, a2 = k * w0, k * w1, k * w2
+    t = (1.0 - c) * b * (w0 * mean_rgb[0] + w1 * mean_rgb[1] + w2 * mean_rgb[2])
+    return np.array(
+        [[a0 + d, a1, a2, t], [a0, a1 + d, a2, t], [a0, a1, a2 + d, t]], np.float32
+    )  # the saturation map keeps gray pixels gray: each row sums to c*b
+
+
+def color_jitter(img: np.ndarray, rng, strength: float, out: np.ndarray | None = None):
     """Brightness, contrast and saturation factors each uniform in ``[1 - s, 1 + s]``.
 
-    Applied in that order, each result clipped to uint8 as torchvision does: brightness
-    ``b*x``, contrast ``c*x + (1-c)*mean(gray)``, saturation ``s*x + (1-s)*gray`` (RGB input).
-    Brightness and contrast fold into one 256-entry lookup table, saturation is one OpenCV
-    weighted sum, so the whole jitter costs a few passes over uint8 pixels.
+    Drawn in that order and applied as one affine colour map (:func:`jitter_matrix`) with one
+    rounding and clip to uint8 at the end: one OpenCV pass over the pixels plus a mean.
+    (torchvision clips after each of the three steps; the results are the same wherever no
+    intermediate value leaves [0, 255], and differ only in how saturated colours clip.)
+
+    Args:
+        img: ``[H, W, 3]`` uint8 RGB.
+        rng: the sample's random source.
+        strength: ``s``; 0 returns ``img`` unchanged.
+        out: optional uint8 array of ``img``'s shape to write into (and return).
     """
     if strength <= 0:
+        if out is not None:
+            out[...] = img
+            return out
         return img
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     b = lo + (hi - lo) * rng.random()
     c = lo + (hi - lo) * rng.random()
     s = lo + (hi - lo) * rng.random()
-    img = np.ascontiguousarray(img)
-    bright = np.minimum(np.arange(256, dtype=np.float32) * b + 0.5, 255.0).astype(np.uint8)
-    # the contrast pivot is the mean gray level of the brightened image
-    mean = cv2.mean(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), bright))[0]
-    lut = np.clip(bright * np.float32(c) + np.float32((1.0 - c) * mean + 0.5), 0, 255)
-    x = cv2.LUT(img, lut.astype(np.uint8))
-    g = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(x, s, g, 1.0 - s, 0.0)
+    mean = cv2.mean(img)[:3]
+    return cv2.transform(img, jitter_matrix(b, c, s, mean), dst=out)
 
 
 class TrainTransform:
@@ -284,19 +308,22 @@ class TrainTransform:
             img = random_resized_crop(img, self.image_size, rng, (self.crop_area_min, 1.0))
         else:
             img = resize(img, self.image_size)
-        last = not (self.color_jitter > 0 or self.low_light)
-        if self.hflip and rng.random() < 0.5:
-            img = np.ascontiguousarray(img)  # cv2.flip: a SIMD copy; a [:, ::-1] view is slower
-            if last and out is not None:
-                cv2.flip(img, 1, dst=out)
-                return out
-            img = cv2.flip(img, 1)
+        flip = self.hflip and rng.random() < 0.5
+        # The colour steps act on each pixel alone, so they commute with the flip: the flip
+        # (a copy) goes last and writes the result; each step before it writes a small scratch
+        # array that stays in the CPU cache.
+        last_out = out if not flip else None
         if self.color_jitter > 0:
-            img = color_jitter(img, rng, self.color_jitter)
+            dst = last_out if not self.low_light else None
+            img = color_jitter(np.ascontiguousarray(img), rng, self.color_jitter, out=dst)
         if self.low_light:
-            img = low_light(img)
+            img = cv2.LUT(img, _LOW_LIGHT_LUT, dst=last_out)
+        if flip:
+            # cv2.flip: a SIMD copy; a [:, ::-1] view is slower
+            return cv2.flip(np.ascontiguousarray(img), 1, dst=out)
         if out is not None:
-            out[...] = img
+            if img is not out:
+                out[...] = img
             return out
         return img
 
