@@ -4,7 +4,7 @@ Measures images/s per worker on one RecordIO pack (default: a synthetic pack of 
 112x112 JPEG images, generated once into ``--data``):
 
   (a) ``cv2.imdecode`` alone on the records' JPEG bytes, already in memory: the decode limit;
-  (b) our reader + decode (``RecordDataset.load``: pread, unpack, decode to RGB), random order;
+  (b) our reader + decode (``RecordDataset.load``: mapped read, unpack, decode to RGB), random order;
   (c) the full training pipeline: ``build_train_data`` DataLoader with the recipes'
       augmentation (horizontal flip), uint8 batches, with 1 and 2 workers;
   (r) as (c) with the ThinResNet recipes' augmentation instead (random resized crop of area

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import cv2
@@ -338,6 +339,29 @@ def test_fill_names_the_damaged_record(tmp_path):
     off = read_index(tmp_path / "train.idx")[1][3]
     with pytest.raises(DataError, match=rf"train\.rec key 3 at byte offset {off}: .*decodable"):
         ds.fill([0, 1, 2, 3], np.zeros((4, 24, 24, 3), np.uint8))
+
+
+def test_mapped_and_pread_reads_agree_and_a_file_truncated_while_open_is_named(tmp_path):
+    from dist_train.data.transforms import TrainTransform
+
+    rec = _write_pack(tmp_path, [0, 0, 1, 1, 2, 2], payload=_photo)
+    ds = RecordDataset(rec, transform=TrainTransform(24))
+    rows = np.stack([np.arange(6), np.arange(6)], 1)
+    mapped = np.zeros((6, 24, 24, 3), np.uint8)
+    ds.fill(rows, mapped)
+    assert ds._view() is not None  # the fast path really used the memory map
+    ds._mapped = (os.getpid(), None, None)  # where mmap is unavailable: one pread per record
+    read = np.zeros_like(mapped)
+    ds.fill(rows, read)
+    np.testing.assert_array_equal(mapped, read)
+    assert "_mapped" not in pickle.loads(pickle.dumps(ds)).__dict__  # spawned workers map again
+    # truncated after the dataset opened it: an error naming the file, not a SIGBUS
+    ds2 = RecordDataset(rec, transform=TrainTransform(24))
+    ds2.fill(rows, read)
+    with open(rec, "r+b") as f:
+        f.truncate(rec.stat().st_size // 2)
+    with pytest.raises(RecordIOError, match=r"train\.rec: file shrank from \d+ to \d+ bytes"):
+        ds2.fill(rows, read)
 
 
 def test_ring_transport_equals_in_process_batches_and_frees_its_slots(tmp_path):
