@@ -4,7 +4,8 @@ Measures images/s per worker on one RecordIO pack (default: a synthetic pack of 
 112x112 JPEG images, generated once into ``--data``):
 
   (a) ``cv2.imdecode`` alone on the records' JPEG bytes, already in memory: the decode limit;
-  (b) our reader + decode (``RecordDataset.load``: mapped read, unpack, decode to RGB), random order;
+  (b) our reader + decode (``RecordDataset.load``: mapped read, unpack, decode to RGB),
+      random order;
   (c) the full training pipeline: ``build_train_data`` DataLoader with the recipes'
       augmentation (horizontal flip), uint8 batches, with 1 and 2 workers;
   (r) as (c) with the ThinResNet recipes' augmentation instead (random resized crop of area
@@ -338,9 +339,10 @@ def main() -> None:
         "against the 2-process limit scaled to the share left to each worker, "
         f"**{ratio['c2/lim2']:.2f}**.",
         f"- Heavier augmentation is extra work per image on top of the decode: (r) reads "
-        f"{ratio['r1']:.2f} of (a) (the crop's bilinear resize back to 112 costs about a "
-        f"third of a decode), (d) {ratio['d1']:.2f} (that resize, the flip, and colour jitter "
-        "as one affine colour map: a mean and one OpenCV pass per image).",
+        f"{ratio['r1']:.2f} of (a), i.e. the crop adds {1 / ratio['r1'] - 1 / ratio['c1']:.2f} "
+        "of a decode per image to (c) (mostly OpenCV's bilinear resize back to 112); (d) "
+        f"{ratio['d1']:.2f}, adding {1 / ratio['d1'] - 1 / ratio['c1']:.2f} (that resize and "
+        "the colour jitter, one affine colour map: a mean and one OpenCV pass per image).",
         f"- Against the usual PyTorch structure (p): {ratio['c1'] / ratio['p']:.2f}x as fast "
         f"with 1 worker; against the pipeline's own decoder alone (a2): "
         f"{ratio['c1'] / ratio['a2']:.2f}.",

@@ -354,6 +354,8 @@ def test_mapped_and_pread_reads_agree_and_a_file_truncated_while_open_is_named(t
     read = np.zeros_like(mapped)
     ds.fill(rows, read)
     np.testing.assert_array_equal(mapped, read)
+    with pytest.raises(ValueError, match="C-contiguous"):  # rows are written through views
+        ds.fill(rows, np.zeros((6, 24, 48, 3), np.uint8)[:, :, ::2])
     assert "_mapped" not in pickle.loads(pickle.dumps(ds)).__dict__  # spawned workers map again
     # truncated after the dataset opened it: an error naming the file, not a SIGBUS
     ds2 = RecordDataset(rec, transform=TrainTransform(24))

@@ -188,6 +188,8 @@ class LabelledImages:
         keys[:, 0] = int(self.base_seed) & ((1 << 64) - 1)
         keys[:, 1:] = seeds.view(np.uint64)
         size = transform.image_size
+        if not out.flags.c_contiguous:  # rows are written through reshaped views of ``out``
+            raise ValueError("fill() needs a C-contiguous output array")
         rows = index.tolist()
         if not transform.flip_only:
             rngs = preset_randoms(keys, max(1, transform.typical_draws))
@@ -214,7 +216,7 @@ class LabelledImages:
         scratch = np.empty(out.shape[1:], np.uint8)
         shape, turbo, flip = scratch.shape, _sj_decode if self._into_rows else None, cv2.flip
         flat = (shape[0], shape[1] * shape[2])
-        scratch_rows = scratch.reshape(flat)
+        scratch_rows, out_rows = scratch.reshape(flat), out.reshape(len(out), *flat)
         for j, (i, data) in enumerate(self._payloads(rows)):
             row = out[j]
             if turbo is not None and data is not None and data[0] == 0xFF and data[1] == 0xD8:
@@ -228,7 +230,7 @@ class LabelledImages:
                     img = None
                 if img is not None and img.shape == shape:
                     if flips[j]:
-                        flip(scratch_rows, 1, dst=row.reshape(flat))
+                        flip(scratch_rows, 1, dst=out_rows[j])
                     continue
                 turbo = None  # not stored at the training size: stop trying (for this call)
             img = decode_rgb(data) if data is not None else None
