@@ -340,7 +340,8 @@ def main() -> None:
         f"**{ratio['c2/lim2']:.2f}**.",
         f"- Heavier augmentation is extra work per image on top of the decode: (r) reads "
         f"{ratio['r1']:.2f} of (a), i.e. the crop adds {1 / ratio['r1'] - 1 / ratio['c1']:.2f} "
-        "of a decode per image to (c) (mostly OpenCV's bilinear resize back to 112); (d) "
+        "of a decode per image to (c) (OpenCV's bilinear resize back to 112, the crop's draws "
+        "and its geometry in Python, the copy into the batch row); (d) "
         f"{ratio['d1']:.2f}, adding {1 / ratio['d1'] - 1 / ratio['c1']:.2f} (that resize and "
         "the colour jitter, one affine colour map: a mean and one OpenCV pass per image).",
         f"- Against the usual PyTorch structure (p): {ratio['c1'] / ratio['p']:.2f}x as fast "
@@ -348,7 +349,8 @@ def main() -> None:
         f"{ratio['c1'] / ratio['a2']:.2f}.",
         "",
         "How: each worker builds a whole batch in one call (`LabelledImages.fill`: the batch's "
-        "random draws vectorised, every image decoded and flipped straight into its row of "
+        "random draws vectorised, each record read in place from the worker's memory map of "
+        "the .rec, every image decoded and flipped straight into its row of "
         "the batch array) and writes it into a slot of a shared-memory ring mapped once "
         "before the workers fork, sending only the slot number and labels "
         "(`dist_train/data/loader.py`). torch's own transport puts every batch in a fresh "
