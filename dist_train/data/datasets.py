@@ -192,7 +192,9 @@ class LabelledImages:
             raise ValueError("fill() needs a C-contiguous output array")
         rows = index.tolist()
         if not transform.flip_only:
-            rngs = preset_randoms(keys, max(1, transform.typical_draws))
+            # every draw the transform can make, vectorised (a crop that needs several attempts
+            # would otherwise continue its stream in Python)
+            rngs = preset_randoms(keys, max(1, transform.max_draws))
             # one decode buffer for the batch (it stays in the CPU cache; a fresh array per
             # image costs about a quarter of a decode here); grown for larger images
             scratch = np.empty(out[0].size, np.uint8)

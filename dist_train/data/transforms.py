@@ -168,6 +168,9 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+CROP_ATTEMPTS = 10  # random resized crop: shapes drawn before falling back to the whole image
+
+
 def random_resized_crop(
     img: np.ndarray,
     size: int,
@@ -181,7 +184,7 @@ def random_resized_crop(
     """
     h, w = img.shape[:2]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
+    for _ in range(CROP_ATTEMPTS):
         target = (area[0] + (area[1] - area[0]) * rng.random()) * h * w
         aspect = math.exp(log_lo + (log_hi - log_lo) * rng.random())
         cw = int(round(math.sqrt(target * aspect)))
@@ -287,9 +290,11 @@ class TrainTransform:
         )
 
     @property
-    def typical_draws(self) -> int:
-        """Random draws per sample when the first random-resized-crop attempt fits."""
-        return int(self.hflip) + 4 * bool(self.random_resized_crop) + 3 * (self.color_jitter > 0)
+    def max_draws(self) -> int:
+        """Random draws per sample at most: a random resized crop takes 2 per attempt (up to
+        :data:`CROP_ATTEMPTS`) and 2 for the position of the one that fits."""
+        crop = 2 * CROP_ATTEMPTS + 2 if self.random_resized_crop else 0
+        return int(self.hflip) + crop + 3 * (self.color_jitter > 0)
 
     def __call__(
         self, img: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None
