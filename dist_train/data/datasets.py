@@ -371,13 +371,12 @@ class RecordDataset(LabelledImages):
         mapped: the reads then use ``pread``). Mapped lazily in each process, like the handle."""
         mapped = self.__dict__.get("_mapped")
         if mapped is None or mapped[0] != os.getpid():
-            try:
-                m = mmap.mmap(self.reader._handle(), 0, access=mmap.ACCESS_READ)
-                view = memoryview(m)
+            try:  # the view keeps the map open
+                view = memoryview(mmap.mmap(self.reader._handle(), 0, access=mmap.ACCESS_READ))
             except (OSError, ValueError):  # e.g. a file system without mmap support
-                m = view = None
-            mapped = self._mapped = (os.getpid(), m, view)
-        return mapped[2]
+                view = None
+            mapped = self._mapped = (os.getpid(), view)
+        return mapped[1]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -394,10 +393,9 @@ class RecordDataset(LabelledImages):
         # checked once per call: a shrunken file is an error naming it.
         view, head = self._view(), _HEAD
         fd = self.reader._handle()
-        if view is not None and os.fstat(fd).st_size < len(view):
+        if view is not None and (now := os.fstat(fd).st_size) < len(view):
             raise RecordIOError(
-                self.rec_path,
-                f"file shrank from {len(view)} to {os.fstat(fd).st_size} bytes while open",
+                self.rec_path, f"file shrank from {len(view)} to {now} bytes while open"
             )
         offsets = self._offsets_arr[rows].tolist()
         spans = self._spans_arr[rows].tolist()

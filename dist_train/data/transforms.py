@@ -51,13 +51,12 @@ class SampleRandom:
     def random(self) -> float:
         """Uniform float in [0, 1) (53 random bits)."""
         self._state = (self._state + 0x9E3779B97F4A7C15) & _MASK64
-        return (self._mix(self._state) >> 11) * (1.0 / (1 << 53))
+        return self._unit(self._state)
 
     @classmethod
-    def _at(cls, state: int) -> SampleRandom:
-        obj = cls.__new__(cls)
-        obj._state = state
-        return obj
+    def _unit(cls, state: int) -> float:
+        """The draw at a stream position: 53 bits of the mixed state, scaled to [0, 1)."""
+        return (cls._mix(state) >> 11) * (1.0 / (1 << 53))
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -87,8 +86,7 @@ class PresetRandom:
         self._next = k + 1
         if k < len(self._draws):
             return self._draws[k]
-        state = (self._state + (k + 1) * 0x9E3779B97F4A7C15) & _MASK64
-        return (SampleRandom._mix(state) >> 11) * (1.0 / (1 << 53))
+        return SampleRandom._unit((self._state + (k + 1) * 0x9E3779B97F4A7C15) & _MASK64)
 
 
 def preset_randoms(keys: np.ndarray, draws: int) -> list[PresetRandom]:
@@ -136,18 +134,19 @@ def preset_draws(keys: np.ndarray, draws: int) -> tuple[np.ndarray, np.ndarray]:
 _LOW_LIGHT_LUT = np.clip(np.sqrt(np.arange(256, dtype=np.float64)) * 2.0, 0, 255).astype(np.uint8)
 
 
-def low_light(img: np.ndarray) -> np.ndarray:
+def low_light(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Low-light version of an image: ``x <- uint8(clip(sqrt(x) * 2))`` per channel value.
 
     Args:
         img: uint8 array of any shape.
+        out: optional uint8 array of ``img``'s shape to write into (and return).
 
     Returns:
         uint8 array of the same shape (values 0..31).
     """
     if img.dtype != np.uint8:
         raise TypeError(f"low_light expects uint8, got {img.dtype}")
-    return _LOW_LIGHT_LUT[img]
+    return np.take(_LOW_LIGHT_LUT, img, out=out)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -322,7 +321,7 @@ class TrainTransform:
             dst = last_out if not self.low_light else None
             img = color_jitter(np.ascontiguousarray(img), rng, self.color_jitter, out=dst)
         if self.low_light:
-            img = cv2.LUT(img, _LOW_LIGHT_LUT, dst=last_out)
+            img = low_light(img, out=last_out)
         if flip:
             # cv2.flip: a SIMD copy; a [:, ::-1] view is slower
             return cv2.flip(np.ascontiguousarray(img), 1, dst=out)
