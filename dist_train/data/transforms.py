@@ -365,7 +365,6 @@ def normalize(
     """
     import torch  # here, so the image tools can use this module without torch
 
-    x = images.float()
     dev = images.device
     m = torch.as_tensor(mean, dtype=torch.float32, device=dev)
     s = torch.as_tensor(std, dtype=torch.float32, device=dev)
@@ -373,5 +372,5 @@ def normalize(
         m = m.view(1, -1, 1, 1)
     if s.ndim == 1:
         s = s.view(1, -1, 1, 1)
-    # fold /255 into the affine map: one fused multiply-add over the batch
-    return (x - m * 255.0) / (s * 255.0)
+    # /255, then -mean, then /std, in that order: training and evaluation see the same bits
+    return images.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)
