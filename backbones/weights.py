@@ -2,9 +2,10 @@
 
 Owns the file formats a backbone's weights travel in: a plain ``state_dict`` saved with
 ``torch.save`` (the trainer's ``model.pt``), a full training checkpoint (a dict whose
-``"backbone"`` entry is that state dict), and ``.safetensors`` (no pickle, for sharing).
-Does not own training checkpoints themselves (``dist_train``) nor ONNX/TorchScript export
-(``backbones.export``).
+``"backbone"`` entry is that state dict, next to its ``"config"``), and ``.safetensors`` (no
+pickle, for sharing). :func:`read_weights_file` is the project's one reader of them (the
+evaluator's ``eval.runner.load_model`` reads through it). Does not own training checkpoints
+themselves (``dist_train``) nor ONNX/TorchScript export (``backbones.export``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile wrappers
+
+
+class WeightsFile(NamedTuple):
+    """What a weights file holds for a backbone."""
+
+    state: dict[str, Tensor]
+    """``{key: tensor}`` on CPU, wrapper prefixes removed."""
+    config: dict | None
+    """The training config (a training checkpoint's ``"config"`` dict), else None."""
 
 
 def _strip_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -58,43 +68,55 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         ) from exc
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Reads a backbone state dict from any supported weights file.
+def read_weights_file(path: str | os.PathLike[str]) -> WeightsFile:
+    """Reads a backbone state dict, and the training config when present, from a weights file.
 
     Args:
         path: a ``.safetensors`` file, a ``torch.save``-d state dict, or a training checkpoint
-            (dict with a ``"backbone"`` key). Torch files are read with
-            :func:`safe_torch_load` (never a full unpickle).
+            (dict with a ``"backbone"`` key and optionally ``"config"``). Torch files are read
+            with :func:`safe_torch_load` (never a full unpickle).
 
     Returns:
-        ``{key: tensor}`` on CPU with ``module.``/``_orig_mod.`` prefixes removed.
+        The state on CPU with ``module.``/``_orig_mod.`` prefixes (DDP, DataParallel,
+        ``torch.compile``) removed from every key, and the config dict or None.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no recognisable state dict (the message names the file and
-            the keys it did find).
+        ValueError: the file cannot be read or holds no recognisable state dict (the message
+            names the file and the keys it did find).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    config = None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _strip_prefixes(load_file(str(path), device="cpu"))
-    obj = safe_torch_load(path)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
-    if "backbone" in obj:
-        obj = obj["backbone"]
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+            raise ValueError(f"{path}: cannot read safetensors file ({exc})") from exc
+    else:
+        obj = safe_torch_load(path)
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}: key 'backbone' holds {type(obj).__name__}, not a dict")
+            raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+        if "backbone" in obj:
+            config = obj.get("config")
+            obj = obj["backbone"]
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}: key 'backbone' holds {type(obj).__name__}, not a dict")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ValueError(
             f"{path}: not a state dict (entries {bad[:5]} are not name -> tensor; top-level "
             f"keys: {list(obj)[:10]})"
         )
-    return _strip_prefixes(obj)
+    return WeightsFile(_strip_prefixes(obj), config if isinstance(config, dict) else None)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The backbone state dict of a weights file (see :func:`read_weights_file`)."""
+    return read_weights_file(path).state
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> nn.Module:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from dist_train.distributed import cleanup, init_distributed
 from eval import report
+from eval.options import EvalOptions
 from eval.runner import (
     TargetResult,
     evaluate_targets_full,
@@ -98,6 +99,27 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def options_from(args: argparse.Namespace, config: dict | None) -> EvalOptions:
+    """The evaluation options of the arguments; normalisation and input size not given fall
+    back to the checkpoint's training config, then to the defaults."""
+    given = {
+        "mean": args.mean,
+        "std": args.std,
+        "image_size": args.image_size,
+        "center_crop": args.center_crop,
+    }
+    inputs = {**normalisation_from(config), **input_from(config)}
+    inputs.update({k: v for k, v in given.items() if v is not None})
+    return EvalOptions(
+        batch_size=args.batch_size,
+        flip=not args.no_flip,
+        low_light=args.low_light,
+        amp=args.amp,
+        n_folds=args.folds,
+        **inputs,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
     """Runs an evaluation; returns the results (on every rank)."""
     args = build_parser().parse_args(argv)
@@ -115,34 +137,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
                 raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
         model, config = load_model(args.weights, args.network, args.embedding_size)
         model = model.to(dist.device)
-        norm, size = normalisation_from(config), input_from(config)
-        image_size = args.image_size if args.image_size is not None else size.get("image_size")
-        crop = args.center_crop if args.center_crop is not None else size.get("center_crop", 0)
-        args.image_size, args.center_crop = image_size, crop  # the report records them
+        options = options_from(args, config)
         start = time.perf_counter()
-        results = evaluate_targets_full(
-            model,
-            loaded,
-            device=dist.device,
-            batch_size=args.batch_size,
-            flip=not args.no_flip,
-            low_light=args.low_light,
-            mean=args.mean if args.mean is not None else norm.get("mean", 0.5),
-            std=args.std if args.std is not None else norm.get("std", 0.5),
-            amp=args.amp,
-            image_size=image_size,
-            center_crop=crop,
-            n_folds=args.folds,
-        )
+        results = evaluate_targets_full(model, loaded, options, device=dist.device)
         seconds = time.perf_counter() - start
         if dist.is_main:
-            _write_outputs(args, results, seconds, dist.world_size)
+            _write_outputs(args, options, results, seconds, dist.world_size)
         return results
     finally:
         cleanup()
 
 
-def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world: int) -> None:
+def _write_outputs(
+    args, options: EvalOptions, results: dict[str, TargetResult], seconds: float, world: int
+) -> None:
     labelled = {n: r for n, r in results.items() if r.issame is not None}
     if labelled:
         print(report.format_table({n: r.metrics for n, r in labelled.items()}))
@@ -161,12 +169,12 @@ def _write_outputs(args, results: dict[str, TargetResult], seconds: float, world
         meta = {
             "weights": args.weights,
             "network": args.network,
-            "flip": not args.no_flip,
-            "low_light": args.low_light,
-            "image_size": args.image_size,
-            "center_crop": args.center_crop,
-            "amp": args.amp,
-            "folds": args.folds,
+            "flip": options.flip,
+            "low_light": options.low_light,
+            "image_size": options.image_size,
+            "center_crop": options.center_crop,
+            "amp": options.amp,
+            "folds": options.n_folds,
             "world_size": world,
             "seconds": seconds,
         }

@@ -1,14 +1,16 @@
-"""Embedding extraction for verification: batching, flip TTA, low-light, autocast, rank shards.
+"""Embedding extraction for verification: batching, flip TTA, autocast, rank shards.
 
-Owns turning a target's images into one embedding per image. Each rank embeds a contiguous
+Owns turning prepared images into one embedding per image. Each rank embeds a contiguous
 shard of the images (``dist_train.distributed.shard_range``) and the shards are gathered
 with ``all_gather_object`` so every rank ends with the full matrix; at world size 1 the
-helpers are no-ops. It does not read target files (:mod:`eval.targets`) or compute metrics.
+helpers are no-ops. Normalisation and autocast are training's own
+(``dist_train.data.transforms.normalize``, ``dist_train.precision``). It does not read or
+prepare images (crop, resize and low light happen in :mod:`eval.targets` through the training
+evaluation transform) nor compute metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_train.data.transforms import low_light  # noqa: F401 - also re-exported for eval users
+from dist_train.data.transforms import (
+    low_light,  # noqa: F401 - also re-exported for eval users
+    normalize,
+)
 from dist_train.distributed import all_gather_object, get_rank, get_world_size, shard_range
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dist_train.precision import autocast
+from eval.options import EvalOptions
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -54,50 +59,33 @@ class Embeddings:
         return float(self.norms.mean())
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
-    dtype = AMP_DTYPES[amp]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def embed_batch(
     model: Callable[[torch.Tensor], torch.Tensor],
     images: np.ndarray,
+    options: EvalOptions | None = None,
     *,
     device: torch.device,
-    flip: bool = True,
-    low_light_transform: bool = False,
-    mean: float = 0.5,
-    std: float = 0.5,
-    amp: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeds one batch.
 
     Args:
         model: backbone in eval mode (``[B, 3, H, W]`` float -> ``[B, D]``).
-        images: ``[B, 3, H, W]`` uint8 RGB.
+        images: ``[B, 3, H, W]`` uint8 RGB, already prepared (:meth:`EvalOptions.transform`).
+        options: ``flip``, ``mean``/``std`` and ``amp`` are used here (default: the defaults).
         device: where the forward pass runs.
-        flip: add the embedding of the horizontally mirrored image.
-        low_light_transform: apply :func:`low_light` to the pixels first.
-        mean, std: normalisation ``(x / 255 - mean) / std``.
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
 
     Returns:
         ``([B, D] float32 embeddings, [B, V] float64 single-view norms)``, V = 2 with flip.
     """
-    if low_light_transform:
-        images = low_light(images)
+    options = options or EvalOptions()
     # uint8 travels to the device; the float conversion happens there.
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-    x = (x.float() / 255.0 - mean) / std
-    with _autocast(device, amp):
+    x = normalize(x, options.mean, options.std)
+    with autocast(device, options.amp):
         out = model(x).float()
         views = [out]
-        if flip:
+        if options.flip:
             views.append(model(torch.flip(x, dims=[3])).float())
     norms = torch.stack([v.double().norm(dim=1) for v in views], dim=1)
     total = views[0] if len(views) == 1 else views[0] + views[1]
@@ -109,14 +97,9 @@ def extract_embeddings(
     model: nn.Module,
     load_images: Callable[[int, int], np.ndarray],
     num_images: int,
+    options: EvalOptions | None = None,
     *,
     device: torch.device,
-    batch_size: int = 128,
-    flip: bool = True,
-    low_light_transform: bool = False,
-    mean: float = 0.5,
-    std: float = 0.5,
-    amp: str = "none",
 ) -> Embeddings:
     """Embeds ``num_images`` images, spreading contiguous shards over the ranks.
 
@@ -126,14 +109,14 @@ def extract_embeddings(
     Args:
         model: backbone (a DDP wrapper is unwrapped); put in eval mode during the call and
             restored to its previous mode after.
-        load_images: ``(start, stop) -> [stop - start, 3, H, W]`` uint8 RGB.
+        load_images: ``(start, stop) -> [stop - start, 3, H, W]`` uint8 RGB, prepared.
         num_images: N.
+        options: ``batch_size`` (images per forward pass, per view) and those of
+            :func:`embed_batch`.
         device: where the forward passes run.
-        batch_size: images per forward pass (per view).
-        flip, low_light_transform, mean, std, amp: see :func:`embed_batch`.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = options or EvalOptions()
+    batch_size = options.batch_size
     net = unwrap(model) if isinstance(model, nn.Module) else model
     was_training = isinstance(net, nn.Module) and net.training
     if isinstance(net, nn.Module):
@@ -153,16 +136,7 @@ def extract_embeddings(
                 images = pending.result()
                 if i + 1 < len(batches):
                     pending = pool.submit(load_images, *batches[i + 1])
-                emb, norms = embed_batch(
-                    net,
-                    images,
-                    device=device,
-                    flip=flip,
-                    low_light_transform=low_light_transform,
-                    mean=mean,
-                    std=std,
-                    amp=amp,
-                )
+                emb, norms = embed_batch(net, images, options, device=device)
                 chunks.append(emb)
                 norm_chunks.append(norms)
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank

@@ -20,6 +20,7 @@ from torch import nn
 
 from eval import metrics
 from eval.extract import extract_embeddings
+from eval.options import EvalOptions
 from eval.targets import TargetError, VerificationTarget, load_target
 
 # --------------------------------------------------------------------------------------------
@@ -75,51 +76,19 @@ class OnnxBackbone(nn.Module):
         return torch.from_numpy(np.concatenate(outs).astype(np.float32)).to(x.device)
 
 
-def _torch_load(path: str) -> Any:
-    from backbones.weights import safe_torch_load
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Backbone state dict and training config of a weights file, read by
+    :func:`backbones.weights.read_weights_file` (the project's one weights reader).
+
+    Raises:
+        ModelLoadError: the file is missing or holds no backbone state dict (names the file).
+    """
+    from backbones.weights import read_weights_file
 
     try:
-        return safe_torch_load(path)
-    except ValueError as exc:
+        return read_weights_file(path)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(str(exc)) from exc
-
-
-def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Backbone state dict (and the training config, when present) from a weights file.
-
-    Accepts a training checkpoint (a dict with ``"backbone"`` and optional ``"config"``), a
-    plain state dict (``torch.save(backbone.state_dict())``), or a ``.safetensors`` file. A
-    ``module.`` prefix left by DistributedDataParallel is removed.
-
-    Returns:
-        ``(state_dict, config_dict_or_None)``.
-    """
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{path}: weights file does not exist")
-    config = None
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from exc
-    else:
-        obj = _torch_load(path)
-        if not isinstance(obj, dict):
-            raise ModelLoadError(f"{path}: expected a dict, got {type(obj).__name__}")
-        if "backbone" in obj:
-            state, config = obj["backbone"], obj.get("config")
-            if not isinstance(state, dict):
-                raise ModelLoadError(f"{path}: key 'backbone' is not a state dict")
-        else:
-            state = obj
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ModelLoadError(f"{path}: entries {bad[:3]} are not tensors; not a state dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state, config if isinstance(config, dict) else None
 
 
 def load_model(
@@ -304,17 +273,10 @@ def _as_target(t: str | VerificationTarget) -> VerificationTarget:
 def evaluate_targets_full(
     backbone: nn.Module,
     targets: Sequence[str | VerificationTarget],
+    options: EvalOptions | None = None,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 128,
-    flip: bool = True,
-    low_light: bool = False,
-    mean: float = 0.5,
-    std: float = 0.5,
-    amp: str = "none",
-    image_size: int | None = None,
-    center_crop: int = 0,
-    n_folds: int = 10,
+    **overrides: Any,
 ) -> dict[str, TargetResult]:
     """Embeds and scores every target; see :func:`evaluate_targets` for the arguments.
 
@@ -322,14 +284,11 @@ def evaluate_targets_full(
     encoded bytes). Under a process group every rank must call this; each embeds a contiguous
     shard of the images and every rank returns the same results.
 
-    Args:
-        image_size: resize images to this side when they differ (default: keep as stored).
-        center_crop: central square taken before resizing (the training ``data.center_crop``).
-        n_folds: folds of the accuracy protocol.
-
     Returns:
         ``target name -> TargetResult`` in the order given (a repeated name gets a suffix).
     """
+    options = EvalOptions.with_overrides(options, **overrides)
+    transform = options.transform()
     device = torch.device(device)
     loaded = [_as_target(t) for t in targets]
     # Images shared by several targets (a .bin and the pair list of the same pairs, say) are
@@ -347,7 +306,7 @@ def evaluate_targets_full(
         rows_of.append(np.asarray(rows, dtype=np.int64))
 
     def load(start: int, stop: int) -> np.ndarray:
-        images = [t.load_images(i, i + 1, image_size, center_crop) for t, i in where[start:stop]]
+        images = [t.load_images(i, i + 1, transform) for t, i in where[start:stop]]
         shapes = {im.shape[1:] for im in images}
         if len(shapes) > 1:
             names = sorted({t.path for t, _ in where[start:stop]})
@@ -357,31 +316,27 @@ def evaluate_targets_full(
             )
         return np.concatenate(images)
 
-    emb = extract_embeddings(
-        backbone,
-        load,
-        len(where),
-        device=device,
-        batch_size=batch_size,
-        flip=flip,
-        low_light_transform=low_light,
-        mean=mean,
-        std=std,
-        amp=amp,
-    )
+    emb = extract_embeddings(backbone, load, len(where), options, device=device)
     results: dict[str, TargetResult] = {}
     for target, rows in zip(loaded, rows_of):
         name = target.name
         while name in results:
             name += "_"
-        result = score_target(target, emb.embeddings[rows], emb.norms[rows], n_folds=n_folds)
+        result = score_target(
+            target, emb.embeddings[rows], emb.norms[rows], n_folds=options.n_folds
+        )
         result.name = name
         results[name] = result
     return results
 
 
 def evaluate_targets(
-    backbone: nn.Module, targets: Sequence[str | VerificationTarget], **options: Any
+    backbone: nn.Module,
+    targets: Sequence[str | VerificationTarget],
+    options: EvalOptions | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    **overrides: Any,
 ) -> dict[str, dict[str, float]]:
     """Verification metrics of ``backbone`` on each target.
 
@@ -389,16 +344,13 @@ def evaluate_targets(
         backbone: image -> embedding module (DDP wrappers are unwrapped; its train/eval mode
             is restored afterwards).
         targets: ``.bin`` / pair-list paths or already loaded :class:`VerificationTarget`.
+        options: batch, flip, low light, normalisation, autocast, input size and folds
+            (default: :class:`EvalOptions`'s defaults).
         device: where the forward passes run.
-        batch_size: images per forward pass.
-        flip: flip test-time augmentation.
-        low_light: apply the low-light transform to the images.
-        mean, std: input normalisation ``(x / 255 - mean) / std``.
-        amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast.
-        image_size, center_crop, n_folds: see :func:`evaluate_targets_full`.
+        overrides: fields of :class:`EvalOptions` replacing those of ``options``
+            (``evaluate_targets(model, paths, batch_size=32)``).
 
-    Keyword arguments (``options``) are those of :func:`evaluate_targets_full`, which does the
-    work; this returns only the metrics.
+    :func:`evaluate_targets_full` does the work; this returns only the metrics.
 
     Returns:
         ``target name -> metric -> value`` with keys ``accuracy``, ``accuracy_std``,
@@ -407,5 +359,5 @@ def evaluate_targets(
         ``best_f1_threshold``, ``precision``, ``recall``, ``xnorm``, ``num_pairs``. Unlabelled
         lists only have ``xnorm`` and ``num_pairs``.
     """
-    full = evaluate_targets_full(backbone, targets, **options)
+    full = evaluate_targets_full(backbone, targets, options, device=device, **overrides)
     return {name: r.metrics for name, r in full.items()}

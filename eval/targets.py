@@ -1,8 +1,13 @@
 """Verification targets: InsightFace ``.bin`` sets, labelled pair lists and unlabelled test lists.
 
-Owns reading a target file into a :class:`VerificationTarget` (a list of images plus index
-pairs and, when known, the same/different labels) and decoding its images to uint8 RGB.
-It does not embed images (:mod:`eval.extract`) nor compute metrics (:mod:`eval.metrics`).
+Owns the project's one reader of each verification format (:func:`load_bin`,
+:func:`read_pair_list`), reading a target file into a :class:`VerificationTarget` (a list of
+images plus index pairs and, when known, the same/different labels), and preparing its images
+as training's evaluation path does: the training decoder
+(``dist_train.data.datasets.decode_image``) and evaluation transform
+(``dist_train.data.transforms.EvalTransform``). It does not embed images (:mod:`eval.extract`)
+nor compute metrics (:mod:`eval.metrics`). The synthetic generator writes ``.bin`` files with
+:func:`save_bin`'s layout.
 
 Formats:
     * ``*.bin`` (LFW, CFP-FP, CFP-FF, AgeDB-30, CALFW, CPLFW): a pickle of
@@ -12,27 +17,33 @@ Formats:
       ints and numpy bool/uint8 arrays can be built, so a hostile file cannot run code.
     * Labelled pair list (``*.csv`` / ``*.txt``): lines ``label,path1,path2`` with label 1 for
       "same" and 0 for "different" (comma- or whitespace-separated; blank lines, ``#``
-      comments and a ``label,path1,path2`` header are skipped). Paths are relative to an
-      images root, by default the list's directory; with a RecordIO ``.rec`` pack as the
-      root, the fields are record keys instead (read with ``dist_train.data.recordio``).
+      comments and a ``label,path1,path2`` header are skipped; comma-separated lines may
+      quote fields as CSV does). Paths are relative to an images root, by default the list's
+      directory; with a RecordIO ``.rec`` pack as the root, the fields are record keys
+      instead (read with ``dist_train.data.recordio``).
     * Unlabelled test list: lines ``path1,path2``; the evaluator writes ``score,path1,path2``.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
 import io
 import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from dist_train.data.datasets import DataError, decode_image
+from dist_train.data.transforms import EvalTransform
 
-class TargetError(ValueError):
+
+class TargetError(DataError):
     """A target file that cannot be read; the message names the file (and line/record)."""
 
 
@@ -180,31 +191,24 @@ def save_bin(path: str, bins: Sequence[bytes], issame: Sequence[bool]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_image(
-    data: bytes, image_size: int | None, where: str, center_crop: int = 0
-) -> np.ndarray:
-    """Encoded image -> ``[3, S, S]`` uint8 RGB, prepared as the training data were.
+def prepare_image(data: bytes, where: str, transform: EvalTransform | None = None) -> np.ndarray:
+    """Encoded image -> ``[3, S, S]`` uint8 RGB, prepared as training's evaluation path does.
 
     Args:
         data: the encoded bytes.
-        image_size: resize to this side when the (cropped) image differs (None: keep).
         where: names the image in errors.
-        center_crop: first take the central ``center_crop`` square (``data.center_crop``; 0 off).
+        transform: the training evaluation transform (center crop, resize, low light; see
+            :meth:`eval.options.EvalOptions.transform`); None keeps the decoded pixels.
 
-    The decoder, crop and resize are the training pipeline's own (:mod:`dist_train.data`:
-    area averaging when shrinking, bilinear when growing).
+    Raises:
+        TargetError: the bytes are not a decodable image (names ``where``).
     """
-    from dist_train.data.datasets import decode_rgb
-    from dist_train.data.transforms import center_crop as crop
-    from dist_train.data.transforms import resize
-
-    img = decode_rgb(data)  # the training decoder (TurboJPEG for JPEGs, else OpenCV)
-    if img is None:
-        raise TargetError(f"{where}: cannot decode image")
-    if center_crop:
-        img = crop(img, center_crop)
-    if image_size is not None and img.shape[:2] != (image_size, image_size):
-        img = resize(img, image_size)
+    try:
+        img = decode_image(data, where=where)  # the training decoder
+    except DataError as exc:
+        raise TargetError(str(exc)) from None
+    if transform is not None:
+        img = transform(img)
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
@@ -283,15 +287,15 @@ class VerificationTarget:
         return self._keys
 
     def load_images(
-        self, start: int, stop: int, image_size: int | None = None, center_crop: int = 0
+        self, start: int, stop: int, transform: EvalTransform | None = None
     ) -> np.ndarray:
-        """Images ``start:stop`` as ``[n, 3, S, S]`` uint8 RGB (see :func:`decode_image`)."""
+        """Images ``start:stop`` as ``[n, 3, S, S]`` uint8 RGB (see :func:`prepare_image`)."""
         out = []
         for i in range(start, stop):
             data, where = self.encoded(i)
-            out.append(decode_image(data, image_size, where, center_crop))
+            out.append(prepare_image(data, where, transform))
         if not out:
-            size = image_size or 112
+            size = (transform.image_size if transform is not None else None) or 112
             return np.zeros((0, 3, size, size), dtype=np.uint8)
         shapes = {im.shape for im in out}
         if len(shapes) > 1:
@@ -326,8 +330,91 @@ def bin_target(path: str, name: str | None = None) -> VerificationTarget:
     )
 
 
+class PairLine(NamedTuple):
+    """One pair of a pair list, as written."""
+
+    lineno: int
+    """Line number in the list (1-based), for messages."""
+    label: bool | None
+    """True for "same", False for "different", None in an unlabelled list."""
+    first: str
+    second: str
+
+
 def _split_line(line: str) -> list[str]:
-    return [p.strip() for p in line.split(",")] if "," in line else line.split()
+    if "," in line:
+        return [p.strip() for p in next(csv.reader([line]))]
+    return line.split()
+
+
+def parse_pair_list(path: str | os.PathLike) -> list[PairLine]:
+    """Reads a labelled (``label,path1,path2``) or unlabelled (``path1,path2``) pair list.
+
+    This is the one reader of the format (see the module docstring); the fields are returned
+    as written, neither resolved nor checked.
+
+    Raises:
+        TargetError: the file cannot be read, a line has the wrong number of fields or a label
+            other than 0/1, labelled and unlabelled lines are mixed, or there is no pair
+            (messages name ``path:line``).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise TargetError(f"{path}: cannot read pair list ({exc})") from exc
+    out: list[PairLine] = []
+    width = None
+    for lineno, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = _split_line(text)
+        if lineno == 1 and parts and parts[0].lower() in ("label", "path1"):
+            continue  # header row
+        if len(parts) not in (2, 3):
+            raise TargetError(
+                f"{path}:{lineno}: expected 'label,path1,path2' or 'path1,path2', got {text!r}"
+            )
+        if width is None:
+            width = len(parts)
+        elif len(parts) != width:
+            raise TargetError(f"{path}:{lineno}: {len(parts)} fields, earlier lines had {width}")
+        label = None
+        if width == 3:
+            if parts[0] not in ("0", "1"):
+                raise TargetError(f"{path}:{lineno}: label must be 0 or 1, got {parts[0]!r}")
+            label = parts[0] == "1"
+            parts = parts[1:]
+        out.append(PairLine(lineno, label, parts[0], parts[1]))
+    if not out:
+        raise TargetError(f"{path}: no pairs found")
+    return out
+
+
+def read_pair_list(
+    path: str | os.PathLike, root: str | os.PathLike | None = None
+) -> tuple[list[tuple[Path, Path]], np.ndarray | None]:
+    """A pair list's image paths and labels (:func:`parse_pair_list` resolved as paths).
+
+    Args:
+        path: the list file.
+        root: directory relative paths are resolved against (default: the list's directory).
+
+    Returns:
+        ``(pairs, issame)``: ``P`` pairs of paths and ``[P]`` bool labels, or None for an
+        unlabelled list. The images are not checked (:func:`pair_list_target` does).
+    """
+    base = Path(root) if root is not None else Path(path).parent
+    lines = parse_pair_list(path)
+    pairs = [
+        tuple(p if p.is_absolute() else base / p for p in (Path(ln.first), Path(ln.second)))
+        for ln in lines
+    ]
+    if lines[0].label is None:
+        return pairs, None
+    return pairs, np.asarray([ln.label for ln in lines], dtype=bool)
 
 
 def pair_list_target(
@@ -346,54 +433,26 @@ def pair_list_target(
     """
     root = os.path.dirname(os.path.abspath(path)) if images_root is None else images_root
     pack = _open_pack(root) if root.endswith(".rec") else None
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise TargetError(f"{path}: cannot read pair list ({exc})") from exc
+    lines = parse_pair_list(path)
     index: dict[str, int] = {}
-    sources: list[str] = []
+    sources: list = []
     pairs: list[tuple[int, int]] = []
-    labels: list[bool] = []
-    names: list[tuple[str, str]] = []
-    width = None
-    for lineno, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = _split_line(text)
-        if lineno == 1 and parts and parts[0].lower() in ("label", "path1"):
-            continue  # header row
-        if len(parts) not in (2, 3):
-            raise TargetError(
-                f"{path}:{lineno}: expected 'label,path1,path2' or 'path1,path2', got {text!r}"
-            )
-        if width is None:
-            width = len(parts)
-        elif len(parts) != width:
-            raise TargetError(f"{path}:{lineno}: {len(parts)} fields, earlier lines had {width}")
-        if width == 3:
-            if parts[0] not in ("0", "1"):
-                raise TargetError(f"{path}:{lineno}: label must be 0 or 1, got {parts[0]!r}")
-            labels.append(parts[0] == "1")
-            parts = parts[1:]
+    for line in lines:
         ids = []
-        for rel in parts:
+        for rel in (line.first, line.second):
             if rel not in index:
                 index[rel] = len(sources)
-                sources.append(_pair_source(path, lineno, root, rel, pack))
+                sources.append(_pair_source(path, line.lineno, root, rel, pack))
             ids.append(index[rel])
         pairs.append((ids[0], ids[1]))
-        names.append((parts[0], parts[1]))
-    if not pairs:
-        raise TargetError(f"{path}: no pairs found")
+    labelled = lines[0].label is not None
     return VerificationTarget(
         name=_stem(path) if name is None else name,
         path=path,
         sources=sources,
         pairs=np.asarray(pairs, dtype=np.int64),
-        issame=np.asarray(labels, dtype=bool) if width == 3 else None,
-        pair_names=names,
+        issame=np.asarray([ln.label for ln in lines], dtype=bool) if labelled else None,
+        pair_names=[(ln.first, ln.second) for ln in lines],
     )
 
 

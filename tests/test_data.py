@@ -17,11 +17,10 @@ from dist_train.data import (
     build_train_data,
     folder_dataset,
     list_dataset,
-    read_bin,
-    read_pair_list,
 )
 from dist_train.data.recordio import IRHeader, RecordIOError, RecordIOWriter, pack, read_index
 from dist_train.distributed import DistInfo
+from eval.targets import load_bin, read_pair_list
 
 
 def _jpeg(value: int, size: int = 24) -> bytes:
@@ -138,16 +137,16 @@ def test_pair_lists_and_bin(tmp_path):
     pairs, issame = read_pair_list(tmp_path / "u.csv", root="/data")
     assert issame is None and str(pairs[0][0]) == "/data/a/1.jpg"
     (tmp_path / "bad.csv").write_text("1,a\n2,b,c,d\n")
-    with pytest.raises(DataError, match="bad.csv line 2"):
+    with pytest.raises(DataError, match="bad.csv:2"):
         read_pair_list(tmp_path / "bad.csv")
     with open(tmp_path / "v.bin", "wb") as f:
         pickle.dump(([b"x", b"y", b"z", b"w"], [True, False]), f)
-    bins, issame = read_bin(tmp_path / "v.bin")
+    bins, issame = load_bin(tmp_path / "v.bin")
     assert bins[2] == b"z" and issame.tolist() == [True, False]
     with open(tmp_path / "v.bin", "wb") as f:
         pickle.dump(([b"x"], [True]), f)
     with pytest.raises(DataError, match="1 images for 1 pairs"):
-        read_bin(tmp_path / "v.bin")
+        load_bin(tmp_path / "v.bin")
 
 
 def _cfg(root, **kw):

@@ -12,6 +12,7 @@ from torch import nn
 
 from eval import metrics
 from eval.extract import embed_batch, extract_embeddings, low_light, unwrap
+from eval.options import EvalOptions
 from eval.runner import (
     ModelLoadError,
     evaluate_targets,
@@ -47,17 +48,19 @@ def test_embed_batch_flip_normalisation_and_low_light():
     with torch.no_grad():
         ref = net(x) + net(torch.flip(x, dims=[3]))
         ref_norms = torch.stack([net(x).norm(dim=1), net(torch.flip(x, dims=[3])).norm(dim=1)], 1)
-    emb, norms = embed_batch(net, imgs, device=torch.device("cpu"), mean=0.4, std=0.3)
+    emb, norms = embed_batch(net, imgs, EvalOptions(mean=0.4, std=0.3), device=torch.device("cpu"))
     np.testing.assert_allclose(emb, ref.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norms, ref_norms.numpy(), rtol=1e-5)
-    emb1, norms1 = embed_batch(net, imgs, device=torch.device("cpu"), flip=False)
+    no_flip = EvalOptions(flip=False)
+    emb1, norms1 = embed_batch(net, imgs, no_flip, device=torch.device("cpu"))
     with torch.no_grad():
         np.testing.assert_allclose(emb1, net((torch.from_numpy(imgs).float() / 255 - 0.5) / 0.5))
     assert norms1.shape == (5, 1)
-    dark, _ = embed_batch(
-        net, imgs, device=torch.device("cpu"), flip=False, low_light_transform=True
-    )
-    same, _ = embed_batch(net, low_light(imgs), device=torch.device("cpu"), flip=False)
+    # Low light is part of preparing the images (the training evaluation transform).
+    dark_transform = EvalOptions(flip=False, low_light=True).transform()
+    prepared = np.stack([dark_transform(im.transpose(1, 2, 0)).transpose(2, 0, 1) for im in imgs])
+    dark, _ = embed_batch(net, prepared, no_flip, device=torch.device("cpu"))
+    same, _ = embed_batch(net, low_light(imgs), no_flip, device=torch.device("cpu"))
     np.testing.assert_array_equal(dark, same)
 
 
@@ -65,11 +68,11 @@ def test_embed_batch_bf16_close_to_fp32():
     net = TinyNet(8).eval()
     imgs = _images()
     fp32, _ = embed_batch(net, imgs, device=torch.device("cpu"))
-    bf16, _ = embed_batch(net, imgs, device=torch.device("cpu"), amp="bf16")
+    bf16, _ = embed_batch(net, imgs, EvalOptions(amp="bf16"), device=torch.device("cpu"))
     assert bf16.dtype == np.float32
     assert np.max(np.abs(bf16 - fp32)) < 0.05 * np.max(np.abs(fp32))
     with pytest.raises(ValueError, match="amp"):
-        embed_batch(net, imgs, device=torch.device("cpu"), amp="int8")
+        embed_batch(net, imgs, EvalOptions(amp="int8"), device=torch.device("cpu"))
 
 
 def test_extract_batches_restore_mode_and_unwrap():
@@ -77,7 +80,7 @@ def test_extract_batches_restore_mode_and_unwrap():
     net.train()
     imgs = _images(11)
     full = extract_embeddings(
-        net, lambda a, b: imgs[a:b], 11, device=torch.device("cpu"), batch_size=4
+        net, lambda a, b: imgs[a:b], 11, EvalOptions(batch_size=4), device=torch.device("cpu")
     )
     assert net.training  # mode restored
     one, _ = embed_batch(net.eval(), imgs, device=torch.device("cpu"))
@@ -94,7 +97,8 @@ def _extract_on_ranks(rank, world_size, imgs):
         seen.append((a, b))
         return imgs[a:b]
 
-    out = extract_embeddings(net, load, len(imgs), device=torch.device("cpu"), batch_size=2)
+    two = EvalOptions(batch_size=2)
+    out = extract_embeddings(net, load, len(imgs), two, device=torch.device("cpu"))
 
     def broken(a, b):
         if b > 5:
@@ -103,7 +107,7 @@ def _extract_on_ranks(rank, world_size, imgs):
 
     # A failure on one rank must stop every rank (not leave rank 0 waiting in the gather).
     with pytest.raises(RuntimeError, match="rank 1: ValueError: cannot decode image 5") as err:
-        extract_embeddings(net, broken, len(imgs), device=torch.device("cpu"), batch_size=2)
+        extract_embeddings(net, broken, len(imgs), two, device=torch.device("cpu"))
     return out.embeddings, out.xnorm, seen, str(err.value)
 
 
@@ -267,3 +271,41 @@ def test_targets_with_different_image_sizes_need_image_size(tmp_path):
         evaluate_targets_full(TinyNet(16), [bin_path, other], batch_size=64)
     res = evaluate_targets_full(TinyNet(16), [bin_path, other], image_size=24, n_folds=2)
     assert set(res) == {"val", "small"}
+
+
+def test_eval_options_from_train_config_and_overrides():
+    from dist_train.config import DataConfig, EvalConfig, TrainConfig
+
+    cfg = TrainConfig(
+        amp="bf16",
+        data=DataConfig(image_size=96, center_crop=100, mean=0.4, std=0.2),
+        eval=EvalConfig(batch_size=16, flip=False, low_light=True),
+    )
+    assert EvalOptions.from_train_config(cfg) == EvalOptions(
+        batch_size=16,
+        flip=False,
+        low_light=True,
+        mean=0.4,
+        std=0.2,
+        amp="bf16",
+        image_size=96,
+        center_crop=100,
+    )
+    base = EvalOptions(flip=False)
+    assert EvalOptions.with_overrides(base, batch_size=8) == EvalOptions(flip=False, batch_size=8)
+    assert EvalOptions.with_overrides(None) == EvalOptions()
+    with pytest.raises(TypeError):
+        EvalOptions.with_overrides(base, no_such_option=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalOptions(batch_size=0)
+    transform = EvalOptions(image_size=24, center_crop=30, low_light=True).transform()
+    assert (transform.image_size, transform.center_crop, transform.low_light) == (24, 30, True)
+
+
+def test_read_weights_strips_every_wrapper_prefix(tmp_path):
+    net = TinyNet(8)
+    path = tmp_path / "compiled.pt"
+    state = {f"_orig_mod.module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"backbone": state, "config": {"amp": "none"}}, path)
+    got, config = read_weights(str(path))
+    assert list(got) == list(net.state_dict()) and config == {"amp": "none"}

@@ -10,12 +10,14 @@ import sys
 import numpy as np
 import pytest
 
+from dist_train.data.transforms import EvalTransform
+from eval.options import EvalOptions
 from eval.targets import (
     TargetError,
-    decode_image,
     load_bin,
     load_target,
     pair_list_target,
+    prepare_image,
     write_scores,
 )
 from tests.eval_helpers import IMAGE_SIZE, encode, identity_images, write_targets
@@ -208,11 +210,11 @@ def test_write_scores(tmp_path):
 
 def test_decode_image_resizes_and_names_bad_data():
     img = identity_images(1, 1)[0][0]
-    out = decode_image(encode(img), 16, "x")
+    out = prepare_image(encode(img), "x", EvalTransform(16))
     assert out.shape == (3, 16, 16)
-    np.testing.assert_array_equal(decode_image(encode(img), None, "x"), img.transpose(2, 0, 1))
+    np.testing.assert_array_equal(prepare_image(encode(img), "x"), img.transpose(2, 0, 1))
     with pytest.raises(TargetError, match="lfw.bin: image 7"):
-        decode_image(b"garbage", None, "lfw.bin: image 7")
+        prepare_image(b"garbage", "lfw.bin: image 7")
 
 
 def test_pair_list_over_a_recordio_pack(tmp_path):
@@ -240,14 +242,10 @@ def test_pair_list_over_a_recordio_pack(tmp_path):
 
 
 def test_decode_image_center_crops_like_the_training_transform():
-    from dist_train.data.transforms import EvalTransform
-
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
     data = encode(img)
     for size, crop in [(24, 32), (16, 0), (40, 0), (48, 36)]:
-        want = EvalTransform(size, center_crop=crop)(
-            decode_image(data, None, "x").transpose(1, 2, 0)
-        )
-        got = decode_image(data, size, "x", center_crop=crop)
+        want = EvalTransform(size, center_crop=crop)(prepare_image(data, "x").transpose(1, 2, 0))
+        got = prepare_image(data, "x", EvalOptions(image_size=size, center_crop=crop).transform())
         np.testing.assert_array_equal(got, want.transpose(2, 0, 1))

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train.data import RecordDataset, read_bin, read_pair_list
+from dist_train.data import RecordDataset
 from dist_train.data.recordio import RecordIOReader, unpack
 from dist_train.data.synthetic import SyntheticSpec, make_pairs, make_synthetic, render_rgb
+from eval.targets import load_bin, read_pair_list
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
@@ -54,7 +55,7 @@ def test_insightface_layout(small):
 
 
 def test_verification_files_agree(small):
-    bins, issame = read_bin(small / "val.bin")
+    bins, issame = load_bin(small / "val.bin")
     with open(small / "val.bin", "rb") as f:
         raw_bins, raw_same = pickle.load(f)
     assert all(type(b) is bytes for b in raw_bins) and all(type(s) is bool for s in raw_same)

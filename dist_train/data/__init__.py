@@ -26,8 +26,6 @@ _EXPORTS = {
         "folder_dataset",
         "list_dataset",
         "open_train_dataset",
-        "read_bin",
-        "read_pair_list",
     ],
     "loader": ["TrainData", "build_train_data"],
     "recordio": [

@@ -1,12 +1,12 @@
 """Training datasets and the train-data builder.
 
 Owns: the InsightFace RecordIO layout (with or without the header record; scalar or array
-labels), image folders (``identity/*.jpg``), ``path,label`` list files, labelled and unlabelled
-pair lists and LFW-style ``.bin`` verification sets (reading only), contiguous labels
-0..C-1, decoding to RGB (TurboJPEG for JPEGs, OpenCV otherwise), the batch fill of the
-loader, and choosing the dataset from a ``DataConfig``. Does not own:
-the RecordIO byte format, samplers, transforms, the DataLoader (:mod:`.loader`), or
-evaluation metrics. Imports no torch (DataLoader only needs ``__getitem__``/``__len__``).
+labels), image folders (``identity/*.jpg``), ``path,label`` list files, contiguous labels
+0..C-1, decoding to RGB (:func:`decode_image`: TurboJPEG for JPEGs, OpenCV otherwise; the
+evaluator decodes with it too), the batch fill of the loader, and choosing the dataset from a
+``DataConfig``. Does not own: the RecordIO byte format, samplers, transforms, the DataLoader
+(:mod:`.loader`), nor verification sets (``.bin`` files and pair lists are read by
+``eval.targets``). Imports no torch (DataLoader only needs ``__getitem__``/``__len__``).
 
 Every dataset opens its files lazily in the process that reads, so each DataLoader worker
 has its own handles (fork- and spawn-safe).
@@ -18,7 +18,6 @@ import csv
 import logging
 import mmap
 import os
-import pickle
 import struct
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,12 @@ class DataError(ValueError):
 
 
 def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:
-    """JPEG/PNG/... bytes -> ``[H, W, 3]`` uint8 RGB.
+    """JPEG/PNG/... bytes -> ``[H, W, 3]`` uint8 RGB, with the decoder of :func:`decode_rgb`.
 
     Raises:
         DataError: the bytes are not a decodable image (names ``where``).
     """
-    img = _decode_cv(buf)
+    img = decode_rgb(buf)
     if img is None:
         raise DataError(f"{where}: {len(buf)}-byte payload is not a decodable image")
     return img
@@ -502,58 +501,6 @@ def list_dataset(list_file: str | os.PathLike, transform=None) -> FileListDatase
 
 
 # ---------------------------------------------------------------------------------------------
-# Verification sets (reading only; metrics live in eval/)
-
-
-def read_pair_list(path: str | os.PathLike, root: str | os.PathLike | None = None):
-    """Pair list: ``label,path1,path2`` (1 same, 0 different) or unlabelled ``path1,path2``.
-
-    Relative paths are resolved against ``root`` (default: the list file's directory).
-
-    Returns:
-        ``(pairs, issame)``: list of ``(Path, Path)`` and a bool array ``[P]``, or ``None``
-        for an unlabelled list.
-    """
-    path = Path(path)
-    base = Path(root) if root is not None else path.parent
-    pairs, labels = [], []
-    with open(path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row):
-                continue
-            if len(row) == 3 and row[0] in ("0", "1"):
-                labels.append(row[0] == "1")
-                a, b = row[1], row[2]
-            elif len(row) == 2:
-                a, b = row
-            else:
-                if lineno == 1:  # header line
-                    continue
-                raise DataError(
-                    f"{path} line {lineno}: expected 'label,path1,path2' or 'path1,path2'"
-                )
-            pairs.append(tuple(p if p.is_absolute() else base / p for p in (Path(a), Path(b))))
-    if labels and len(labels) != len(pairs):
-        raise DataError(f"{path}: mixes labelled and unlabelled lines")
-    return pairs, (np.asarray(labels, dtype=bool) if labels else None)
-
-
-def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
-    """LFW-style ``.bin``: a pickle of (list of 2P encoded images, list of P bools)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            bins, issame = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable verification .bin ({exc})") from None
-    bins = [bytes(b) if not isinstance(b, bytes) else b for b in bins]
-    if len(bins) != 2 * len(issame):
-        raise DataError(f"{path}: {len(bins)} images for {len(issame)} pairs (need 2 per pair)")
-    return bins, np.asarray(issame, dtype=bool)
-
-
-# ---------------------------------------------------------------------------------------------
 # Choosing the dataset
 
 
@@ -591,6 +538,4 @@ __all__ = [
     "folder_dataset",
     "list_dataset",
     "open_train_dataset",
-    "read_bin",
-    "read_pair_list",
 ]

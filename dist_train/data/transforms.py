@@ -336,9 +336,15 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Deterministic evaluation transform: center crop, resize, optional low light."""
+    """Deterministic evaluation transform: center crop, resize, optional low light.
 
-    def __init__(self, image_size: int = 112, *, center_crop: int = 0, low_light: bool = False):
+    ``image_size=None`` keeps the (cropped) image's size; the evaluator uses that for targets
+    stored at the network's input size.
+    """
+
+    def __init__(
+        self, image_size: int | None = 112, *, center_crop: int = 0, low_light: bool = False
+    ):
         self.image_size = image_size
         self.center_crop = center_crop
         self.low_light = low_light
@@ -346,7 +352,8 @@ class EvalTransform:
     def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         if self.center_crop:
             img = center_crop(img, self.center_crop)
-        img = resize(img, self.image_size)
+        if self.image_size is not None:
+            img = resize(img, self.image_size)
         return low_light(img) if self.low_light else img
 
 
