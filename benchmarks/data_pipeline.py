@@ -127,7 +127,7 @@ def bench_per_sample(root: Path, batches: int) -> float:
     hflip), ``np.stack`` collate, torch's own per-batch shared-memory transport, 1 worker."""
     from torch.utils.data import DataLoader
 
-    from dist_train.data.loader import _worker_init
+    from dist_train.data.loader import worker_init
 
     td = build_train_data(DataConfig(root=str(root), batch_size=128, hflip=True), DistInfo(), 0)
     # the same (index, epoch, rank, position) seeds as the batch path, one tuple per sample
@@ -139,7 +139,7 @@ def bench_per_sample(root: Path, batches: int) -> float:
         num_workers=1,
         collate_fn=_stack,
         drop_last=True,
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init,
         persistent_workers=True,
         prefetch_factor=4,
     )

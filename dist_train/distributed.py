@@ -2,7 +2,9 @@
 
 Owns: reading the launcher's environment (torchrun, SLURM ``srun``, or nothing), creating the
 process group (NCCL on CUDA, gloo on CPU), choosing this rank's device, and pure shard
-arithmetic. Every helper is a no-op at world size 1, so single-process code needs no branches.
+arithmetic. Slurm host lists are parsed by :mod:`dist_train.slurm_hosts` (re-exported here as
+``expand_nodelist`` and ``first_host``). Every helper is a no-op at world size 1, so
+single-process code needs no branches.
 Collectives that carry autograd live in :mod:`dist_train.collectives`, not here.
 """
 
@@ -17,6 +19,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# The one Slurm host-list parser (re-exported): the bootstrap takes its master host from it.
+from dist_train.slurm_hosts import expand_nodelist as expand_nodelist
+from dist_train.slurm_hosts import first_host as first_host
 
 
 @dataclass(frozen=True)
@@ -53,16 +59,6 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host name of a SLURM node list such as ``gpu[03-05,07],cpu1`` → ``gpu03``."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split(",")[0].split("-")[0].rstrip("]")
-    return prefix + first
-
-
 def env_world_info(environ: dict[str, str] | None = None) -> tuple[int, int, int, str, str]:
     """(rank, local_rank, world_size, master_addr, master_port) from the launcher's variables.
 
@@ -84,7 +80,7 @@ def env_world_info(environ: dict[str, str] | None = None) -> tuple[int, int, int
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(
+        addr = env.get("MASTER_ADDR") or first_host(
             env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
         )
         # A port derived from the job id keeps two jobs on one node apart.

@@ -1,9 +1,10 @@
-"""Verification plots rendered with OpenCV: ROC (log FAR), precision–recall, score histograms.
+"""Verification plots drawn with matplotlib: ROC (log FAR), precision–recall, score histograms.
 
 Owns turning curves and score arrays into RGB images (``[H, W, 3]`` uint8, ready for
-``SummaryWriter.add_image(..., dataformats="HWC")``) and PNG files. OpenCV is already a
-dependency, so no plotting library is needed; the renderer draws axes with "nice" ticks, an
-optional logarithmic x axis, labels, a title and a legend. It computes no metrics.
+``SummaryWriter.add_image(..., dataformats="HWC")``) and PNG files. Figures are drawn on
+matplotlib's Agg canvas through :class:`matplotlib.figure.Figure` (no pyplot, no global state, no
+display needed), with fixed pixel margins so every figure of a size has the same plot box. It
+computes no metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_BLACK = (0, 0, 0)
-_GRID = (225, 225, 225)
 #: Colours (RGB) of successive series.
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
+_GRID = (225 / 255,) * 3
+_DPI = 100
+#: Plot-box margins in pixels: left (tick labels and y label), right, top (title), bottom.
+_MARGINS = (72, 18, 36, 52)
+_LINE_WIDTH = 2.0  # points: about 3 pixels at 100 dpi
+_FONT = 9
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Series:
     Attributes:
         x, y: ``[K]`` coordinates; for ``kind="hist"`` ``x`` holds ``K + 1`` bin edges.
         label: legend text.
-        kind: ``"line"`` or ``"hist"`` (translucent filled bars).
+        kind: ``"line"`` or ``"hist"`` (translucent filled bars under a step outline).
     """
 
     x: np.ndarray
@@ -38,20 +45,14 @@ class Series:
     kind: str = "line"
 
 
-def _nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    span = hi - lo
-    if span <= 0:
+def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
+    """About ``target`` round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) in
+    ``[lo, hi]``."""
+    if hi <= lo:
         return [lo]
-    raw = span / target
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    v = first
-    while v <= hi + 1e-9 * span:
-        ticks.append(0.0 if abs(v) < 1e-12 * step else v)
-        v += step
-    return ticks
+    values = MaxNLocator(nbins=target, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    eps = 1e-9 * (hi - lo)
+    return [0.0 if abs(v) < eps else float(v) for v in values if lo - eps <= v <= hi + eps]
 
 
 def _fmt(v: float) -> str:
@@ -62,19 +63,14 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
-def _decade(v: float) -> str:
+def decade(v: float) -> str:
+    """Label of a power of ten on a log axis: ``1e-3``, ``10``, ``1``."""
     k = int(round(math.log10(v)))
     return {0: "1", 1: "10"}.get(k, f"1e{k}")
 
 
-def _text(img: np.ndarray, s: str, org: tuple[int, int], scale=0.45, anchor="left", thick=1):
-    (w, h), _ = cv2.getTextSize(s, _FONT, scale, thick)
-    x, y = org
-    if anchor == "center":
-        x -= w // 2
-    elif anchor == "right":
-        x -= w
-    cv2.putText(img, s, (int(x), int(y + h // 2)), _FONT, scale, _BLACK, thick, cv2.LINE_AA)
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in colour)
 
 
 def render(
@@ -97,16 +93,12 @@ def render(
         xlog: logarithmic x axis (non-positive x values are clipped to the lower limit).
         xlim, ylim: axis ranges (default: the data's range).
         size: ``(width, height)`` in pixels.
-        legend: ``"lower right"``, ``"upper right"`` or ``"upper left"``.
+        legend: a matplotlib legend location (``"lower right"``, ``"upper left"``, ...).
 
     Returns:
         ``[H, W, 3]`` uint8 RGB image.
     """
     width, height = size
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 72, 18, 36, 52
-    pw, ph = width - left - right, height - top - bottom
-
     xs = np.concatenate([np.asarray(s.x, float).ravel() for s in series]) if series else [0, 1]
     ys = np.concatenate([np.asarray(s.y, float).ravel() for s in series]) if series else [0, 1]
     if xlim is None:
@@ -114,81 +106,48 @@ def render(
         xlim = (float(np.min(xv)), float(np.max(xv))) if len(xv) else (1e-4, 1.0)
     if ylim is None:
         ylim = (min(0.0, float(np.min(ys))), float(np.max(ys)) * 1.05 or 1.0)
-    x0, x1 = (math.log10(xlim[0]), math.log10(xlim[1])) if xlog else xlim
-    if x1 <= x0:
-        x1 = x0 + 1.0
+    if xlim[1] <= xlim[0]:
+        xlim = (xlim[0], xlim[0] * 10 if xlog else xlim[0] + 1.0)
     y0, y1 = ylim if ylim[1] > ylim[0] else (ylim[0], ylim[0] + 1.0)
 
-    def px(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, float)
-        if xlog:
-            x = np.log10(np.clip(x, xlim[0], None))
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def py(y: np.ndarray) -> np.ndarray:
-        return top + ph - (np.asarray(y, float) - y0) / (y1 - y0) * ph
-
-    # Grid and tick labels.
-    if xlog:
-        xticks = [10.0**k for k in range(math.ceil(x0 - 1e-9), math.floor(x1 + 1e-9) + 1)]
-    else:
-        xticks = _nice_ticks(x0, x1)
-    for t in xticks:
-        X = int(round(float(px(t))))
-        cv2.line(img, (X, top), (X, top + ph), _GRID, 1)
-        _text(img, _fmt(t) if not xlog else _decade(t), (X, top + ph + 14), anchor="center")
-    for t in _nice_ticks(y0, y1):
-        Y = int(round(float(py(t))))
-        cv2.line(img, (left, Y), (left + pw, Y), _GRID, 1)
-        _text(img, _fmt(t), (left - 6, Y), anchor="right")
-
-    # Data, clipped to the plot area.
-    plot = img[top : top + ph + 1, left : left + pw + 1]
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    canvas = FigureCanvasAgg(fig)
+    left, right, top, bottom = _MARGINS
+    box_w, box_h = (width - left - right) / width, (height - top - bottom) / height
+    ax = fig.add_axes((left / width, bottom / height, box_w, box_h))
     for i, s in enumerate(series):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = _rgb(PALETTE[i % len(PALETTE)])
+        label = s.label or None
         if s.kind == "hist":
-            edges, counts = np.asarray(s.x, float), np.asarray(s.y, float)
-            overlay = plot.copy()
-            for a, b, c in zip(edges[:-1], edges[1:], counts):
-                p1 = (int(px(a)) - left, int(py(c)) - top)
-                p2 = (int(px(b)) - left, int(py(y0)) - top)
-                cv2.rectangle(overlay, p1, p2, colour, -1)
-            cv2.addWeighted(overlay, 0.45, plot, 0.55, 0, dst=plot)
-            step_x = np.repeat(edges, 2)[1:-1]
-            step_y = np.repeat(counts, 2)
-            pts = np.stack([px(step_x) - left, py(step_y) - top], 1)
+            ax.stairs(s.y, s.x, baseline=y0, fill=True, color=colour, alpha=0.45, linewidth=0)
+            ax.stairs(s.y, s.x, baseline=None, color=colour, linewidth=_LINE_WIDTH, label=label)
         else:
-            pts = np.stack([px(s.x) - left, py(s.y) - top], 1)
-        pts = np.round(pts).astype(np.int32).reshape(-1, 1, 2)
-        cv2.polylines(plot, [pts], False, colour, 2, cv2.LINE_AA)
+            x = np.clip(np.asarray(s.x, float), xlim[0], None) if xlog else s.x
+            ax.plot(x, s.y, color=colour, linewidth=_LINE_WIDTH, label=label)
 
-    # Frame, labels, title.
-    cv2.rectangle(img, (left, top), (left + pw, top + ph), _BLACK, 1)
-    _text(img, title, (left + pw // 2, top // 2), scale=0.55, anchor="center")
-    _text(img, xlabel, (left + pw // 2, height - 14), anchor="center")
-    if ylabel:
-        (tw, th), _ = cv2.getTextSize(ylabel, _FONT, 0.45, 1)
-        strip = np.full((th + 10, tw + 4, 3), 255, dtype=np.uint8)
-        cv2.putText(strip, ylabel, (2, th + 2), _FONT, 0.45, _BLACK, 1, cv2.LINE_AA)
-        strip = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
-        y_start = max(top + ph // 2 - strip.shape[0] // 2, 0)
-        y_stop = min(y_start + strip.shape[0], height)
-        img[y_start:y_stop, 4 : 4 + strip.shape[1]] = strip[: y_stop - y_start]
-
-    # Legend.
-    labelled = [(i, s.label) for i, s in enumerate(series) if s.label]
-    if labelled:
-        lw = max(cv2.getTextSize(t, _FONT, 0.42, 1)[0][0] for _, t in labelled) + 40
-        lh = 20 * len(labelled) + 8
-        lx = left + pw - lw - 8 if "right" in legend else left + 8
-        ly = top + 8 if "upper" in legend else top + ph - lh - 8
-        cv2.rectangle(img, (lx, ly), (lx + lw, ly + lh), (255, 255, 255), -1)
-        cv2.rectangle(img, (lx, ly), (lx + lw, ly + lh), (160, 160, 160), 1)
-        for row, (i, label) in enumerate(labelled):
-            yy = ly + 14 + 20 * row
-            cv2.line(img, (lx + 6, yy), (lx + 28, yy), PALETTE[i % len(PALETTE)], 3)
-            _text(img, label, (lx + 34, yy), scale=0.42)
-    return img
+    if xlog:
+        ax.set_xscale("log")
+        lo, hi = math.ceil(math.log10(xlim[0]) - 1e-9), math.floor(math.log10(xlim[1]) + 1e-9)
+        ax.xaxis.set_major_locator(FixedLocator([10.0**k for k in range(lo, hi + 1)]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: decade(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
+    else:
+        ax.xaxis.set_major_locator(FixedLocator(nice_ticks(*xlim)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
+    ax.yaxis.set_major_locator(FixedLocator(nice_ticks(y0, y1)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
+    ax.set_xlim(*xlim)
+    ax.set_ylim(y0, y1)
+    ax.tick_params(labelsize=_FONT)
+    ax.grid(True, color=_GRID, linewidth=1)
+    ax.set_axisbelow(True)
+    ax.set_title(title, fontsize=_FONT + 2)
+    ax.set_xlabel(xlabel, fontsize=_FONT)
+    ax.set_ylabel(ylabel, fontsize=_FONT)
+    if any(s.label for s in series):
+        ax.legend(loc=legend, fontsize=_FONT, edgecolor=(160 / 255,) * 3, fancybox=False)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # --------------------------------------------------------------------------------------------

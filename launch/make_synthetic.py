@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from dist_train.data.progress import Progress  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from dist_train.data.synthetic import SyntheticSpec, make_synthetic  # noqa: E402
 
 
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     start = time.perf_counter()
     total = spec.num_identities + (spec.val_identities if spec.val_pairs else 0)
-    with Progress(total, "identities", disable=a.quiet) as bar:
+    # progress on stderr: redrawn live on a terminal, a status every 30 s in a log file
+    redraw_s = 0.1 if sys.stderr.isatty() else 30.0
+    with tqdm(total=total, unit=" identities", disable=a.quiet, mininterval=redraw_s) as bar:
         summary = make_synthetic(a.out, spec, workers=a.workers, progress=bar.update)
     print(
         f"wrote {summary['num_images']} images of {summary['num_classes']} identities"

@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 
+from tqdm import tqdm  # noqa: E402
+
 from dist_train.data import packing  # noqa: E402
 from dist_train.data.datasets import DataError  # noqa: E402
-from dist_train.data.progress import Progress  # noqa: E402
 from dist_train.data.recordio import RecordIOError  # noqa: E402
 
 
@@ -60,10 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _bar(total: int, quiet: bool) -> tqdm:
+    """Progress on stderr: redrawn live on a terminal, a status every 30 s in a log file."""
+    redraw_s = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, unit=" images", disable=quiet, mininterval=redraw_s)
+
+
 def _run(args) -> int:
     if args.cmd == "pack":
         total = len(packing.list_sources(args.source)[0])
-        with Progress(total, "images", disable=args.quiet) as bar:
+        with _bar(total, args.quiet) as bar:
             summary = packing.pack_images(
                 args.source,
                 args.out,
@@ -105,7 +112,7 @@ def _run(args) -> int:
                 print(f"  {rng:>9} images: {n:8d} {'#' * round(40 * n / width)}")
     elif args.cmd == "unpack":
         st = packing.dataset_stats(args.rec, args.idx)
-        with Progress(st["images"], "images", disable=args.quiet) as bar:
+        with _bar(st["images"], args.quiet) as bar:
             print(json.dumps(packing.unpack_to_folder(args.rec, args.out, args.idx, bar.update)))
     return 0
 

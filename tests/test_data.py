@@ -388,13 +388,10 @@ def test_ring_transport_equals_in_process_batches_and_frees_its_slots(tmp_path):
             assert torch.equal(a, b) and torch.equal(la, lb)
 
 
-def test_loader_without_ring_uses_torch_transport(tmp_path, monkeypatch):
-    import dist_train.data.loader as loader_mod
-
-    monkeypatch.setattr(loader_mod, "_ring_supported", lambda: False)
+def test_loader_without_ring_uses_torch_transport(tmp_path):
     _mixed_pack(tmp_path, n=24)
     ref = _all(build_train_data(_cfg(tmp_path), DistInfo(), 2), 0)
-    td = build_train_data(_cfg(tmp_path, num_workers=1), DistInfo(), 2)
+    td = build_train_data(_cfg(tmp_path, num_workers=1), DistInfo(), 2, shared_ring=False)
     assert td.loader.dataset.ring is None
     for (a, la), (b, lb) in zip(ref, _all(td, 0)):
         assert torch.equal(a, b) and torch.equal(la, lb)

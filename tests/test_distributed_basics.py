@@ -9,8 +9,8 @@ import torch
 
 from dist_train.collectives import all_gather_with_grad
 from dist_train.distributed import (
-    _first_slurm_host,
     env_world_info,
+    first_host,
     restart_namespace,
     shard_range,
 )
@@ -54,9 +54,9 @@ def test_env_world_info_torchrun_then_slurm_then_single():
 
 
 def test_first_slurm_host():
-    assert _first_slurm_host("node1,node2") == "node1"
-    assert _first_slurm_host("a[1-3]") == "a1"
-    assert _first_slurm_host("a[07,09]") == "a07"
+    assert first_host("node1,node2") == "node1"
+    assert first_host("a[1-3]") == "a1"
+    assert first_host("a[07,09]") == "a07"
 
 
 def _gather_grad(rank, world):

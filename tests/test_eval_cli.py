@@ -183,8 +183,8 @@ def test_plots_draw_data_where_expected():
     # Log axis: decade ticks are evenly spaced and the figure has the requested size.
     roc = plots.roc_figure(np.array([0, 1e-3, 1e-2, 1.0]), np.array([0, 0.5, 0.8, 1.0]))
     assert roc.shape == (480, 640, 3)
-    assert plots._decade(1e-3) == "1e-3" and plots._decade(1.0) == "1"
-    np.testing.assert_allclose(plots._nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1])
+    assert plots.decade(1e-3) == "1e-3" and plots.decade(1.0) == "1"
+    np.testing.assert_allclose(plots.nice_ticks(0, 1), [0, 0.2, 0.4, 0.6, 0.8, 1])
 
 
 def test_log_tensorboard_with_a_real_summary_writer(tmp_path):

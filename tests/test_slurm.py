@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.distributed import _first_slurm_host, free_port
+from dist_train.distributed import expand_nodelist, first_host, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -174,23 +174,43 @@ HOST_LISTS = [
 
 
 @pytest.mark.parametrize("nodelist,first", HOST_LISTS)
-def test_first_host_pure_bash(nodelist, first):
-    res = _bash('slurm_first_host_bash "$1"', nodelist)
+def test_first_host_without_scontrol(nodelist, first):
+    res = _bash('slurm_first_host_python "$1"', nodelist)
     assert res.returncode == 0, res.stderr
     assert res.stdout == first + "\n"
 
 
-@pytest.mark.parametrize("nodelist,first", [h for h in HOST_LISTS if h[0] != "a[1-2]-ib[3-4]"])
+@pytest.mark.parametrize("nodelist,first", HOST_LISTS)
 def test_first_host_agrees_with_the_python_bootstrap(nodelist, first):
     # srun mode: the batch script's MASTER_ADDR and the trainer's own fallback must agree.
-    assert _first_slurm_host(nodelist) == first
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize(
+    "nodelist,hosts",
+    [
+        ("a[1-2]-ib[3-4]", ["a1-ib3", "a1-ib4", "a2-ib3", "a2-ib4"]),
+        ("node[001-003,7]", ["node001", "node002", "node003", "node7"]),
+        ("gpu-a[1,3]b", ["gpu-a1b", "gpu-a3b"]),
+        ("gpu[09-11],cpu1 cpu2", ["gpu09", "gpu10", "gpu11", "cpu1", "cpu2"]),
+    ],
+)
+def test_node_lists_expand_as_slurm_does(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("bad", ["gpu[01-02", ",node1", "[]"])
 def test_first_host_rejects_malformed_lists(bad):
-    res = _bash('slurm_first_host_bash "$1"', bad)
+    res = _bash('slurm_first_host_python "$1"', bad)
     assert res.returncode != 0
     assert "cannot parse the Slurm node list" in res.stderr and bad in res.stderr
+
+
+@pytest.mark.parametrize("bad", ["gpu[01-02", ",node1", "[]", "a[3-1]", "a[x]", "a]", "a,,b"])
+def test_parser_names_the_malformed_list_in_one_line(bad):
+    with pytest.raises(ValueError, match="cannot parse the Slurm node list") as err:
+        expand_nodelist(bad)
+    assert repr(bad) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_first_host_prefers_scontrol_and_falls_back_without_it(tmp_path):

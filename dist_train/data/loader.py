@@ -169,7 +169,9 @@ def _ring_supported() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
 
 
-def _worker_init(worker: int) -> None:
+def worker_init(worker: int) -> None:
+    """``worker_init_fn`` of the training loader's workers (and of any DataLoader over a
+    :class:`LabelledImages`): one OpenCV thread per worker, the slot ring's pages touched."""
     # one OpenCV thread per worker: the workers are the parallelism
     cv2.setNumThreads(1)
     info = get_worker_info()
@@ -216,13 +218,17 @@ class TrainData:
     dataset: LabelledImages
 
 
-def build_train_data(cfg, dist, seed: int) -> TrainData:
+def build_train_data(cfg, dist, seed: int, *, shared_ring: bool | None = None) -> TrainData:
     """Dataset, distributed sampler and DataLoader for ``cfg`` (a ``DataConfig``).
 
     Args:
         cfg: data section of the config.
         dist: ``DistInfo`` of this process (rank, world size, device).
         seed: run seed (sampling order and augmentation derive from it).
+        shared_ring: batches through the reused shared-memory slot ring; ``None`` (default)
+            wherever workers can be forked, ``False`` for torch's own per-batch transport (the
+            same batches, a fresh array each). ``True`` where workers cannot be forked is an
+            error.
 
     Raises:
         ConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
@@ -271,23 +277,27 @@ def build_train_data(cfg, dist, seed: int) -> TrainData:
         cv2.setNumThreads(1)
     prefetch = int(cfg.prefetch_factor)
     size, context = dataset.transform.image_size, None
-    if not workers:
+    if shared_ring is None:
+        shared_ring = not workers or _ring_supported()
+    elif shared_ring and workers and not _ring_supported():
+        raise DataError("shared_ring=True needs forked workers, which this platform lacks")
+    if not shared_ring:
+        ring = None
+    elif not workers:
         # reused batch arrays in this process too: a fresh 5 MB array per batch would be
         # faulted in page by page (the trainer holds one batch while the next is built)
         ring = _SlotRing(1, 2, cfg.batch_size, size)
-    elif _ring_supported():
+    else:
         # prefetch batches in flight per worker, one held by the trainer, one being released
         ring = _SlotRing(workers, prefetch + 2, cfg.batch_size, size)
         context = multiprocessing.get_context("fork")
-    else:
-        ring = None
     loader = DataLoader(
         _BatchFetch(dataset, ring, cfg.batch_size, size),
         batch_sampler=_SeededBatches(sampler, cfg.batch_size),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=getattr(dist.device, "type", "cpu") == "cuda",
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         multiprocessing_context=context,
         persistent_workers=workers > 0,
         prefetch_factor=prefetch if workers else None,

@@ -12,10 +12,9 @@ processes), inspect, verify, stats, unpack. Does not own: the byte format
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -300,8 +299,3 @@ def verify_pack(
                         f"the image keys 1..{lo - 1}"
                     )
     return n, messages
-
-
-def write_jsonl(rows: Iterable[dict[str, Any]], stream) -> None:
-    for row in rows:
-        stream.write(json.dumps(row) + "\n")

@@ -184,10 +184,6 @@ class RecordIOWriter:
         self._pos = 0
         self._count = 0
 
-    def tell(self) -> int:
-        """Byte offset at which the next record starts."""
-        return self._pos
-
     def write(self, record: bytes, key: int | None = None) -> int:
         """Appends one record; returns its byte offset.
 

@@ -35,38 +35,19 @@ slurm_die() {
   exit 2
 }
 
-# First host of a Slurm node list, in pure bash (used when scontrol is absent).
-# "gpu[03-05,07],cpu1" -> gpu03; "a[1-2]-ib[3-4]" -> a1-ib3; "node7" -> node7.
-slurm_first_host_bash() {
-  local list=$1 out="" group="" c i inside=0
-  for ((i = 0; i < ${#list}; i++)); do
-    c=${list:i:1}
-    if ((inside)); then
-      if [[ $c == "]" ]]; then
-        inside=0
-        group=${group%%,*} # first item of the range list ...
-        group=${group%%-*} # ... and the first number of that item (zero padding kept)
-        out+=$group
-        group=""
-      else
-        group+=$c
-      fi
-    elif [[ $c == "[" ]]; then
-      inside=1
-    elif [[ $c == "," ]]; then
-      break # a comma outside brackets ends the first host
-    elif [[ $c != [[:space:]] ]]; then
-      out+=$c
-    fi
-  done
-  if ((inside)) || [[ -z $out ]]; then
-    slurm_log "error: cannot parse the Slurm node list '$list'"
-    return 1
-  fi
-  printf '%s\n' "$out"
+# Repository root (this file is launch/slurm/lib.sh), for the Python helpers below.
+_SLURM_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+# First host of a Slurm node list by the project's parser (dist_train/slurm_hosts.py, standard
+# library only), used when scontrol is absent: "gpu[03-05,07],cpu1" -> gpu03;
+# "a[1-2]-ib[3-4]" -> a1-ib3. A malformed list fails with a message naming it.
+slurm_first_host_python() {
+  # shellcheck disable=SC2086  # $PYTHON may hold several words (see the header)
+  PYTHONPATH="$_SLURM_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+    ${PYTHON:-python} -m dist_train.slurm_hosts first "$1"
 }
 
-# First host of the allocation: scontrol's expansion when scontrol exists, else the bash parser.
+# First host of the allocation: scontrol's expansion when scontrol exists, else the Python parser.
 slurm_first_host() {
   local list=${1:-${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}}
   local scontrol=${SCONTROL:-scontrol} hosts=()
@@ -79,7 +60,7 @@ slurm_first_host() {
   if ((${#hosts[@]})) && [[ -n ${hosts[0]} ]]; then
     printf '%s\n' "${hosts[0]}"
   else
-    slurm_first_host_bash "$list"
+    slurm_first_host_python "$list"
   fi
 }
 
