@@ -1,12 +1,18 @@
 """Collectives that carry autograd.
 
-Owns the differentiable all-gather used by Partial FC and by the metric losses that need
-negatives from every rank. Gradient convention (pinned by tests): the backward of
-:func:`all_gather_with_grad` *sums* the gradients that every rank computed for a given
-slice (a reduce-scatter), so a loss that is identical on every rank yields, on each rank,
-``world_size`` × the gradient of that loss. Callers that compute one *global* loss replicated
-on all ranks must therefore divide by ``world_size`` when DDP averages backbone gradients;
-see :class:`dist_train.partial_fc.PartialFC` for how it keeps DDP's averaging exact.
+Owns the differentiable all-gather (:func:`all_gather_with_grad`) used by Partial FC and the
+sharded center loss, and its no-grad twin for labels. Does not own any loss, nor the backbone's
+gradient sync (the trainer's DDP comm hook does).
+
+Gradient convention (pinned by tests): the backward of :func:`all_gather_with_grad` *sums* the
+gradients that every rank computed for a given slice (a reduce-scatter). A caller whose rank
+back-propagates only its own part of a global-batch loss (Partial FC: the columns of its class
+shard; the center loss: the samples of its classes) therefore gets, on each rank, exactly the
+gradient of the global loss with respect to its local rows. A loss computed in full on every
+rank would be counted ``world_size`` times; the metric losses gather with
+:func:`dist_train.metric_loss.gather_with_local_grad` instead. The trainer's DDP comm hook sums
+backbone gradients over ranks (it does not average), so they equal the gradient a single process
+would compute on the whole global batch (see :mod:`dist_train.trainer`).
 """
 
 from __future__ import annotations
