@@ -42,13 +42,14 @@ summed or averaged over ranks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from dist_train.collectives import all_gather_no_grad, all_gather_with_grad
+from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
 from dist_train.optim import OptimSpec, make_optimizer
 from dist_train.sharded_state import (
@@ -59,6 +60,9 @@ from dist_train.sharded_state import (
     merge_states,
     owned_slices,
 )
+
+DEFAULT_OPTIM = OptimSpec("sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+"""Hyper-parameters of :meth:`ShardedCenterLoss.configure_optimizer` that a call leaves out."""
 
 FORMAT = "center_loss"
 """Format tag of a center-loss state (:mod:`dist_train.sharded_state`)."""
@@ -122,23 +126,15 @@ class ShardedCenterLoss(nn.Module):
         self._pending_optimizer_state: dict[str, Any] | None = None
 
     def configure_optimizer(
-        self,
-        name: str = "sgd",
-        lr: float = 0.5,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        nesterov: bool = False,
+        self, name: str = "sgd", **hyperparameters: Any
     ) -> torch.optim.Optimizer:
         """Creates ``self.optimizer`` over the centre shard (``"gradient"`` mode only).
 
         Args:
             name: ``"sgd"``, ``"adam"`` or ``"adamw"``.
-            lr: learning rate of the centres.
-            momentum, nesterov: SGD momentum.
-            weight_decay: weight decay of the centres (usually 0).
-            betas, eps: Adam/AdamW.
+            **hyperparameters: fields of :class:`dist_train.optim.OptimSpec` (``lr``,
+                ``momentum``, ``nesterov``, ``weight_decay`` (usually 0), ``betas``, ``eps``);
+                the others are :data:`DEFAULT_OPTIM`'s.
 
         Returns:
             The optimizer (also stored as ``self.optimizer``).
@@ -148,15 +144,7 @@ class ShardedCenterLoss(nn.Module):
                 "center loss: configure_optimizer needs update='gradient'; the 'alpha' rule "
                 "updates the centres itself"
             )
-        spec = OptimSpec(
-            name,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            nesterov=nesterov,
-        )
+        spec = dataclasses.replace(DEFAULT_OPTIM, name=name, **hyperparameters)
         opt = make_optimizer([self.centers_shard], spec)
         self.optimizer = opt
         if self._pending_optimizer_state is not None:
@@ -174,16 +162,7 @@ class ShardedCenterLoss(nn.Module):
         Returns:
             Scalar ``λ/(2N) Σ ||x_i − c_{y_i}||²`` over the global batch, in at least float32.
         """
-        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"center loss: local_embeddings must be [B, {self.embedding_size}], got "
-                f"{tuple(local_embeddings.shape)}"
-            )
-        if local_labels.shape != local_embeddings.shape[:1]:
-            raise ValueError(
-                f"center loss: local_labels must be [{local_embeddings.shape[0]}], got "
-                f"{tuple(local_labels.shape)}"
-            )
+        check_local_batch(local_embeddings, local_labels, self.embedding_size, "center loss")
         global_embeddings = all_gather_with_grad(local_embeddings)
         global_labels = all_gather_no_grad(local_labels)
         if global_labels.numel():

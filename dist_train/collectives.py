@@ -1,7 +1,8 @@
 """Collectives that carry autograd.
 
 Owns the differentiable all-gather (:func:`all_gather_with_grad`) used by Partial FC and the
-sharded center loss, and its no-grad twin for labels. Does not own any loss, nor the backbone's
+sharded center loss, its no-grad twin for labels, and the shape check of a local batch before
+it is gathered (:func:`check_local_batch`). Does not own any loss, nor the backbone's
 gradient sync (the trainer's DDP comm hook does).
 
 Gradient convention (pinned by tests): the backward of :func:`all_gather_with_grad` *sums* the
@@ -68,3 +69,22 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return _AllGather.apply(tensor.detach())
+
+
+def check_local_batch(
+    local_embeddings: torch.Tensor, local_labels: torch.Tensor, embedding_size: int, who: str
+) -> None:
+    """Raises ``ValueError`` naming ``who`` unless the batch is ``[B, D]`` with ``[B]`` labels.
+
+    Checked before any collective, so a bad batch stops this rank with its own message.
+    """
+    if local_embeddings.dim() != 2 or local_embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"{who}: local_embeddings must be [B, {embedding_size}], got "
+            f"{tuple(local_embeddings.shape)}"
+        )
+    if local_labels.shape != local_embeddings.shape[:1]:
+        raise ValueError(
+            f"{who}: local_labels must be [{local_embeddings.shape[0]}], got "
+            f"{tuple(local_labels.shape)}"
+        )

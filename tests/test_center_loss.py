@@ -99,16 +99,26 @@ def test_gradient_rule_steps_with_its_own_optimizer():
     torch.testing.assert_close(m.centers_shard.detach(), centers - 0.5 * cr.grad)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
-def test_state_dict_round_trip_continues_identically(opt_name):
-    x, labels, centers = _problem(seed=4)
+def _trained(opt_name, seed):
+    """A module after two steps of ``opt_name``, its batch and its optimizer arguments."""
+    x, labels, centers = _problem(seed=seed)
     kw = {"momentum": 0.9} if opt_name == "sgd" else {}
     a = _module(5, 3, centers)
     a.configure_optimizer(opt_name, lr=0.1, **kw)
     for _ in range(2):
-        a.optimizer.zero_grad()
-        a(x, labels).backward()
-        a.optimizer.step()
+        _step(a, x, labels)
+    return a, x, labels, kw
+
+
+def _step(m, x, labels):
+    m.optimizer.zero_grad()
+    m(x, labels).backward()
+    m.optimizer.step()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_state_dict_round_trip_continues_identically(opt_name):
+    a, x, labels, kw = _trained(opt_name, seed=4)
     state = a.shard_state()
     assert full_rows(state, "centers").shape == (5, 3)
     assert set(state["pieces"][0]["rows"]) == (
@@ -119,9 +129,7 @@ def test_state_dict_round_trip_continues_identically(opt_name):
     b.configure_optimizer(opt_name, lr=0.1, **kw)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
     for m in (a, b):
-        m.optimizer.zero_grad()
-        m(x, labels).backward()
-        m.optimizer.step()
+        _step(m, x, labels)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
 
 
@@ -145,14 +153,7 @@ def test_errors_name_the_problem():
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_legacy_gathered_state_loads_and_continues_identically(opt_name):
     """A state in the gathered layout (LEGACY_FORMAT), one identical copy per rank, loads."""
-    x, labels, centers = _problem(seed=5)
-    kw = {"momentum": 0.9} if opt_name == "sgd" else {}
-    a = _module(5, 3, centers)
-    a.configure_optimizer(opt_name, lr=0.1, **kw)
-    for _ in range(2):
-        a.optimizer.zero_grad()
-        a(x, labels).backward()
-        a.optimizer.step()
+    a, x, labels, kw = _trained(opt_name, seed=5)
     opt = a.optimizer.state_dict()
     rows = {k: v.clone() for k, v in opt["state"][0].items() if k != "step"}
     scalars = {k: v.clone() for k, v in opt["state"][0].items() if k == "step"}
@@ -169,9 +170,7 @@ def test_legacy_gathered_state_loads_and_continues_identically(opt_name):
     b.configure_optimizer(opt_name, lr=0.1, **kw)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
     for m in (a, b):
-        m.optimizer.zero_grad()
-        m(x, labels).backward()
-        m.optimizer.step()
+        _step(m, x, labels)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
 
 

@@ -44,6 +44,7 @@ gradient) besides the sampled rows and their gradient. The model per rank is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_train.collectives import all_gather_no_grad, all_gather_with_grad
+from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
 from dist_train.optim import OptimSpec
 from dist_train.partial_fc import kernels
@@ -60,6 +61,9 @@ from dist_train.partial_fc.optimizer import PartialFCOptimizer
 from dist_train.partial_fc.state import build_shard_state, read_shard_pieces
 from dist_train.sharded_state import gather_states
 from heads.margins import MarginHead
+
+DEFAULT_OPTIM = OptimSpec("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+"""Hyper-parameters of :meth:`PartialFC.configure_optimizer` that a call leaves out."""
 
 INIT_BLOCK_ROWS = 65536
 """Classes per initialisation block; each block has its own seed, so the initial weights of
@@ -177,16 +181,7 @@ class PartialFC(nn.Module):
         Returns:
             Scalar fp32 (fp64 for fp64 weights and embeddings) loss.
         """
-        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"PartialFC expects embeddings [B, {self.embedding_size}], "
-                f"got {tuple(local_embeddings.shape)}"
-            )
-        if local_labels.shape != local_embeddings.shape[:1]:
-            raise ValueError(
-                f"labels {tuple(local_labels.shape)} do not match embeddings "
-                f"{tuple(local_embeddings.shape)}"
-            )
+        check_local_batch(local_embeddings, local_labels, self.embedding_size, "PartialFC")
         device = self.weight.device
         global_labels = all_gather_no_grad(local_labels.to(device=device, dtype=torch.long))
         self._check_labels(global_labels)
@@ -274,30 +269,18 @@ class PartialFC(nn.Module):
         return sub.requires_grad_(True)
 
     # ---------------------------------------------------------------- optimizer
-    def configure_optimizer(
-        self,
-        name: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        nesterov: bool = False,
-    ) -> PartialFCOptimizer:
+    def configure_optimizer(self, name: str = "sgd", **hyperparameters: Any) -> PartialFCOptimizer:
         """Creates ``self.optimizer`` for the shard (``"sgd"``, ``"adam"`` or ``"adamw"``).
 
-        The rule and its hyper-parameters are :class:`dist_train.optim.OptimSpec`'s; optimizer
-        rows loaded before this call are applied now.
+        Args:
+            name: the rule.
+            **hyperparameters: fields of :class:`dist_train.optim.OptimSpec` (``lr``,
+                ``momentum``, ``weight_decay``, ``betas``, ``eps``, ``nesterov``); the others
+                are :data:`DEFAULT_OPTIM`'s.
+
+        Optimizer rows loaded before this call are applied now.
         """
-        spec = OptimSpec(
-            name,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            betas=tuple(betas),
-            eps=eps,
-            nesterov=nesterov,
-        )
+        spec = dataclasses.replace(DEFAULT_OPTIM, name=name, **hyperparameters)
         self.optimizer = PartialFCOptimizer(self, spec)
         if self._pending_rows:
             if self._pending_optimizer != self.optimizer.name:
