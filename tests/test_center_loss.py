@@ -116,6 +116,17 @@ def _step(m, x, labels):
     m.optimizer.step()
 
 
+def _load_and_continue(a, pieces, opt_name, kw, x, labels):
+    """Loads ``pieces`` into a fresh module: it equals ``a`` now and after one more step."""
+    b = _module(5, 3)
+    b.load_shard_pieces(pieces)  # before configure_optimizer: applied when it is called
+    b.configure_optimizer(opt_name, lr=0.1, **kw)
+    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+    for m in (a, b):
+        _step(m, x, labels)
+    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_state_dict_round_trip_continues_identically(opt_name):
     a, x, labels, kw = _trained(opt_name, seed=4)
@@ -124,13 +135,7 @@ def test_state_dict_round_trip_continues_identically(opt_name):
     assert set(state["pieces"][0]["rows"]) == (
         {"momentum_buffer"} if opt_name == "sgd" else {"exp_avg", "exp_avg_sq"}
     )
-    b = _module(5, 3)
-    b.load_shard_pieces([state])  # before configure_optimizer: applied when it is called
-    b.configure_optimizer(opt_name, lr=0.1, **kw)
-    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
-    for m in (a, b):
-        _step(m, x, labels)
-    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+    _load_and_continue(a, [state], opt_name, kw, x, labels)
 
 
 def test_errors_name_the_problem():
@@ -165,13 +170,7 @@ def test_legacy_gathered_state_loads_and_continues_identically(opt_name):
         "centers": a.centers_shard.detach().clone(),
         "optimizer": {"param_groups": opt["param_groups"], "rows": rows, "scalars": scalars},
     }
-    b = _module(5, 3)
-    b.load_shard_pieces([legacy, legacy])  # as two ranks wrote it
-    b.configure_optimizer(opt_name, lr=0.1, **kw)
-    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
-    for m in (a, b):
-        _step(m, x, labels)
-    torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+    _load_and_continue(a, [legacy, legacy], opt_name, kw, x, labels)  # as two ranks wrote it
 
 
 def test_bfloat16_embeddings_give_float32_loss():

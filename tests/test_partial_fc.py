@@ -41,11 +41,8 @@ def reference_loss(head, weight, x, labels):
     return loss + extra(cos, labels) / x.shape[0]
 
 
-@pytest.mark.parametrize(
-    "name", ["softmax", "normface", "cosface", "arcface", "sphereface", "combined", "adacos"]
-)
-def test_single_process_matches_full_softmax(name):
-    pfc = make(name, init_std=0.5)
+def _assert_matches_full_softmax(pfc):
+    """Loss and gradients of ``pfc`` (rate 1) equal a float64 full softmax over its classes."""
     x, y = batch()
     x.requires_grad_(True)
     loss = pfc(x, y)
@@ -57,6 +54,13 @@ def test_single_process_matches_full_softmax(name):
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name", ["softmax", "normface", "cosface", "arcface", "sphereface", "combined", "adacos"]
+)
+def test_single_process_matches_full_softmax(name):
+    _assert_matches_full_softmax(make(name, init_std=0.5))
 
 
 def test_cosine_linear_gradcheck():
@@ -356,17 +360,7 @@ class _QuadraticHead(torch.nn.Module):
 
 def test_any_margin_module_goes_through_the_generic_path():
     pfc = PartialFC(_QuadraticHead(), D, 11, weight_dtype=torch.float64, init_std=0.5)
-    x, y = batch()
-    x.requires_grad_(True)
-    loss = pfc(x, y)
-    loss.backward()
-    w_ref = pfc.weight.clone().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    ref = reference_loss(pfc.margin, w_ref, x_ref, y)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
+    _assert_matches_full_softmax(pfc)
 
 
 def test_build_from_config_sections():
