@@ -137,7 +137,7 @@ def optimizer_scaling(shards: list[int], sampled: int, dim: int, repeats: int) -
             for c_local, _pfc, opt, index, grad in models:
                 leaf = torch.zeros(sampled, dim, requires_grad=True)
                 leaf.grad = grad.clone()
-                opt._attach(leaf, index)
+                opt.attach(leaf, index)
                 t0 = time.perf_counter()
                 opt.step()
                 times[c_local].append(time.perf_counter() - t0)

@@ -2,9 +2,11 @@
 
 Owns :class:`ShardedCenterLoss`: the centre matrix ``[C, D]`` split into contiguous class
 ranges exactly like the Partial FC weights (:func:`dist_train.distributed.shard_range`), the
-loss over the global batch, the two centre-update rules, and a world-size-free
-``state_dict``. Does not own the softmax/margin term it is added to (Partial FC does) or the
-backbone's gradient sync (the trainer's DDP hook does).
+loss over the global batch, the two centre-update rules, and a world-size-free state in the
+class-sharded format of :mod:`dist_train.sharded_state` (:meth:`ShardedCenterLoss.shard_state`,
+:meth:`ShardedCenterLoss.load_shard_pieces`; format tag ``"center_loss"``). Does not own the
+softmax/margin term it is added to (Partial FC does), the optimizer rules
+(:mod:`dist_train.optim`) or the backbone's gradient sync (the trainer's DDP hook does).
 
 The loss, with ``λ = weight`` and ``N = B_global``::
 
@@ -40,15 +42,35 @@ summed or averaged over ranks.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from dist_train.collectives import all_gather_no_grad, all_gather_with_grad
+from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
+from dist_train.optim import OptimSpec, make_optimizer
+from dist_train.sharded_state import (
+    check_covered,
+    check_header,
+    gather_states,
+    make_state,
+    merge_states,
+    owned_slices,
+)
 
-_FORMAT = "sharded_center_loss/v1"
+DEFAULT_OPTIM = OptimSpec("sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+"""Hyper-parameters of :meth:`ShardedCenterLoss.configure_optimizer` that a call leaves out."""
+
+FORMAT = "center_loss"
+"""Format tag of a center-loss state (:mod:`dist_train.sharded_state`)."""
+
+LEGACY_FORMAT = "sharded_center_loss/v1"
+"""Tag of the gathered layout that :meth:`ShardedCenterLoss.load_shard_pieces` also reads: one
+state, the same on every rank, with the full ``centers`` [C, D] and an ``optimizer`` holding
+``param_groups``, full ``[C, D]`` ``rows`` and ``scalars``."""
 
 
 class ShardedCenterLoss(nn.Module):
@@ -104,23 +126,15 @@ class ShardedCenterLoss(nn.Module):
         self._pending_optimizer_state: dict[str, Any] | None = None
 
     def configure_optimizer(
-        self,
-        name: str = "sgd",
-        lr: float = 0.5,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        nesterov: bool = False,
+        self, name: str = "sgd", **hyperparameters: Any
     ) -> torch.optim.Optimizer:
         """Creates ``self.optimizer`` over the centre shard (``"gradient"`` mode only).
 
         Args:
             name: ``"sgd"``, ``"adam"`` or ``"adamw"``.
-            lr: learning rate of the centres.
-            momentum, nesterov: SGD momentum.
-            weight_decay: weight decay of the centres (usually 0).
-            betas, eps: Adam/AdamW.
+            **hyperparameters: fields of :class:`dist_train.optim.OptimSpec` (``lr``,
+                ``momentum``, ``nesterov``, ``weight_decay`` (usually 0), ``betas``, ``eps``);
+                the others are :data:`DEFAULT_OPTIM`'s.
 
         Returns:
             The optimizer (also stored as ``self.optimizer``).
@@ -130,16 +144,8 @@ class ShardedCenterLoss(nn.Module):
                 "center loss: configure_optimizer needs update='gradient'; the 'alpha' rule "
                 "updates the centres itself"
             )
-        params = [self.centers_shard]
-        if name == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
-            )
-        elif name in ("adam", "adamw"):
-            cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-            opt = cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        else:
-            raise ValueError(f"center loss: optimizer {name!r} is not one of sgd, adam, adamw")
+        spec = dataclasses.replace(DEFAULT_OPTIM, name=name, **hyperparameters)
+        opt = make_optimizer([self.centers_shard], spec)
         self.optimizer = opt
         if self._pending_optimizer_state is not None:
             self._load_optimizer(self._pending_optimizer_state)
@@ -156,16 +162,7 @@ class ShardedCenterLoss(nn.Module):
         Returns:
             Scalar ``λ/(2N) Σ ||x_i − c_{y_i}||²`` over the global batch, in at least float32.
         """
-        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"center loss: local_embeddings must be [B, {self.embedding_size}], got "
-                f"{tuple(local_embeddings.shape)}"
-            )
-        if local_labels.shape != local_embeddings.shape[:1]:
-            raise ValueError(
-                f"center loss: local_labels must be [{local_embeddings.shape[0]}], got "
-                f"{tuple(local_labels.shape)}"
-            )
+        check_local_batch(local_embeddings, local_labels, self.embedding_size, "center loss")
         global_embeddings = all_gather_with_grad(local_embeddings)
         global_labels = all_gather_no_grad(local_labels)
         if global_labels.numel():
@@ -202,96 +199,97 @@ class ShardedCenterLoss(nn.Module):
 
     # ---- world-size-free state ----
 
-    def _gather_rows(self, shard: torch.Tensor) -> torch.Tensor:
-        # Shards are contiguous class ranges in rank order, so concatenation is class order.
-        # A copy: at world size 1 the gather is the identity and the saved state must not
-        # alias live centres or optimizer buffers.
-        return all_gather_no_grad(shard.detach()).to("cpu", copy=True)
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's centres (and optimizer rows), tagged with their class range.
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Full centres ``[C, D]`` (and optimizer rows), independent of the world size.
-
-        Collective: call it on every rank; every rank gets the same dict (CPU tensors).
-        Keys: ``format``, ``num_classes``, ``embedding_size``, ``update``, ``centers`` and, once
-        the optimizer has state, ``optimizer`` with ``param_groups``, ``rows`` (per-class state
-        such as ``momentum_buffer`` or ``exp_avg`` as full ``[C, D]`` tensors) and ``scalars``
-        (such as Adam's ``step``).
+        The format (:mod:`dist_train.sharded_state`, tag ``"center_loss"``) does not depend on
+        the world size: the states of every rank load into any world size
+        (:meth:`load_shard_pieces`). The piece holds ``centers`` ``[C_local, D]`` and, once the
+        optimizer has state, its per-class ``rows`` (``momentum_buffer``, ``exp_avg``, …); the
+        header's ``optimizer`` holds its ``param_groups`` and ``scalars`` (such as Adam's
+        ``step``, copied). Row tensors alias the live ones. ``nn.Module.state_dict`` is left
+        as it is.
         """
-        if args or kwargs:
-            raise TypeError(
-                "ShardedCenterLoss.state_dict() is collective and world-size-free: save it on "
-                "its own (state['center_loss'] = module.state_dict()), not as a submodule"
-            )
-        state: dict[str, Any] = {
-            "format": _FORMAT,
-            "num_classes": self.num_classes,
-            "embedding_size": self.embedding_size,
-            "update": self.update,
-            "centers": self._gather_rows(self.centers_shard),
-        }
+        rows: dict[str, torch.Tensor] = {}
+        header = None
         if self.optimizer is not None:
             opt = self.optimizer.state_dict()
-            param_state = opt["state"].get(0, {})
-            rows, scalars = {}, {}
-            for key, value in sorted(param_state.items()):
+            scalars = {}
+            for key, value in sorted(opt["state"].get(0, {}).items()):
                 if torch.is_tensor(value) and value.shape == self.centers_shard.shape:
-                    rows[key] = self._gather_rows(value)
+                    rows[key] = value
                 else:
-                    scalars[key] = value.to("cpu", copy=True) if torch.is_tensor(value) else value
-            state["optimizer"] = {
-                "param_groups": opt["param_groups"],
-                "rows": rows,
-                "scalars": scalars,
-            }
-        return state
+                    scalars[key] = value.clone() if torch.is_tensor(value) else value
+            header = {"param_groups": opt["param_groups"], "scalars": scalars}
+        return make_state(
+            FORMAT,
+            num_classes=self.num_classes,
+            embedding_size=self.embedding_size,
+            start=self.start,
+            stop=self.stop,
+            tensors={"centers": self.centers_shard.detach()},
+            optimizer_rows=rows,
+            optimizer=header,
+        )
 
-    def load_state_dict(  # type: ignore[override]
-        self, state: dict[str, Any], strict: bool = True
+    def gathered_shard_state(self) -> dict[str, Any]:
+        """The state of every rank, merged, on every rank (CPU tensors; collective)."""
+        return gather_states(self.shard_state())
+
+    def load_shard_pieces(
+        self, pieces: dict[str, Any] | Sequence[dict[str, Any]], strict: bool = True
     ) -> None:
-        """Loads a :meth:`state_dict` written with any world size; keeps this rank's rows.
+        """Loads this rank's rows from the states of any world size (or a merged one).
 
-        The optimizer part is applied now if :meth:`configure_optimizer` was called, otherwise
-        when it is.
+        Also reads the gathered state of :data:`LEGACY_FORMAT`. The optimizer part is applied
+        now if :meth:`configure_optimizer` was called, otherwise when it is.
+
+        Args:
+            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them.
+            strict: raise when the pieces lack some of this rank's classes, or hold optimizer
+                state while ``update='alpha'``.
 
         Raises:
             ValueError: when the format, C or D differ, naming the key.
         """
-        for key, want in (
-            ("format", _FORMAT),
-            ("num_classes", self.num_classes),
-            ("embedding_size", self.embedding_size),
-        ):
-            if state.get(key) != want:
-                raise ValueError(
-                    f"center loss state_dict: key {key!r} is {state.get(key)!r}, expected {want!r}"
-                )
-        centers = state["centers"]
-        if tuple(centers.shape) != (self.num_classes, self.embedding_size):
-            raise ValueError(
-                f"center loss state_dict: key 'centers' has shape {tuple(centers.shape)}, "
-                f"expected {(self.num_classes, self.embedding_size)}"
-            )
-        with torch.no_grad():
-            self.centers_shard.copy_(centers[self.start : self.stop])
-        if "optimizer" in state:
+        states = [pieces] if isinstance(pieces, dict) else list(pieces)
+        if states and states[0].get("format") == LEGACY_FORMAT:
+            # every rank wrote the same gathered state: the first one is all of it
+            states = [_from_legacy(states[0], self.num_classes, self.embedding_size)]
+        state = merge_states(states)
+        check_header(state, FORMAT, self.num_classes, self.embedding_size, "center loss")
+        parts = owned_slices(state, self.start, self.stop)
+        if strict:
+            check_covered(parts, self.start, self.stop, who="center loss", rank=self.rank)
+        rows: dict[str, torch.Tensor] = {}
+        device = self.centers_shard.device
+        for dst, src, piece in parts:
+            with torch.no_grad():
+                self.centers_shard[dst].copy_(piece["centers"][src])
+            for key, value in piece["rows"].items():
+                if key not in rows:
+                    # A copy: the optimizer updates its state in place and must not write into
+                    # the loaded pieces.
+                    shape = (self.stop - self.start, *value.shape[1:])
+                    rows[key] = torch.zeros(shape, dtype=value.dtype, device=device)
+                rows[key][dst].copy_(value[src])
+        header = state.get("optimizer")
+        if header:
             if self.update != "gradient":
                 if strict:
                     raise ValueError(
-                        "center loss state_dict: key 'optimizer' present but update='alpha'"
+                        "center loss state: key 'optimizer' present but update='alpha'"
                     )
-            elif self.optimizer is None:
-                self._pending_optimizer_state = state["optimizer"]
+                return
+            saved = {**header, "rows": rows}
+            if self.optimizer is None:
+                self._pending_optimizer_state = saved
             else:
-                self._load_optimizer(state["optimizer"])
+                self._load_optimizer(saved)
 
     def _load_optimizer(self, saved: dict[str, Any]) -> None:
         assert self.optimizer is not None
-        device = self.centers_shard.device
-        # Copies: the optimizer updates its state in place and must not write into `saved`.
-        param_state = {
-            key: rows[self.start : self.stop].to(device, copy=True)
-            for key, rows in saved["rows"].items()
-        }
+        param_state = dict(saved["rows"])
         param_state.update(
             {k: v.clone() if torch.is_tensor(v) else v for k, v in saved["scalars"].items()}
         )
@@ -306,3 +304,30 @@ class ShardedCenterLoss(nn.Module):
             f"classes=[{self.start}, {self.stop}), update={self.update!r}, alpha={self.alpha}, "
             f"weight={self.weight}"
         )
+
+
+def _from_legacy(state: dict[str, Any], num_classes: int, embedding_size: int) -> dict[str, Any]:
+    """The :data:`LEGACY_FORMAT` gathered state as one piece of every class."""
+    for key, want in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if state.get(key) != want:
+            raise ValueError(
+                f"center loss state: key {key!r} is {state.get(key)!r}, expected {want!r}"
+            )
+    centers = state["centers"]
+    if tuple(centers.shape) != (num_classes, embedding_size):
+        raise ValueError(
+            f"center loss state: key 'centers' has shape {tuple(centers.shape)}, "
+            f"expected {(num_classes, embedding_size)}"
+        )
+    opt = state.get("optimizer")
+    header = {"param_groups": opt["param_groups"], "scalars": opt["scalars"]} if opt else None
+    return make_state(
+        FORMAT,
+        num_classes=num_classes,
+        embedding_size=embedding_size,
+        start=0,
+        stop=num_classes,
+        tensors={"centers": centers},
+        optimizer_rows=opt["rows"] if opt else {},
+        optimizer=header,
+    )

@@ -1,12 +1,19 @@
 """Collectives that carry autograd.
 
-Owns the differentiable all-gather used by Partial FC and by the metric losses that need
-negatives from every rank. Gradient convention (pinned by tests): the backward of
-:func:`all_gather_with_grad` *sums* the gradients that every rank computed for a given
-slice (a reduce-scatter), so a loss that is identical on every rank yields, on each rank,
-``world_size`` × the gradient of that loss. Callers that compute one *global* loss replicated
-on all ranks must therefore divide by ``world_size`` when DDP averages backbone gradients;
-see :class:`dist_train.partial_fc.PartialFC` for how it keeps DDP's averaging exact.
+Owns the differentiable all-gather (:func:`all_gather_with_grad`) used by Partial FC and the
+sharded center loss, its no-grad twin for labels, and the shape check of a local batch before
+it is gathered (:func:`check_local_batch`). Does not own any loss, nor the backbone's
+gradient sync (the trainer's DDP comm hook does).
+
+Gradient convention (pinned by tests): the backward of :func:`all_gather_with_grad` *sums* the
+gradients that every rank computed for a given slice (a reduce-scatter). A caller whose rank
+back-propagates only its own part of a global-batch loss (Partial FC: the columns of its class
+shard; the center loss: the samples of its classes) therefore gets, on each rank, exactly the
+gradient of the global loss with respect to its local rows. A loss computed in full on every
+rank would be counted ``world_size`` times; the metric losses gather with
+:func:`dist_train.metric_loss.gather_with_local_grad` instead. The trainer's DDP comm hook sums
+backbone gradients over ranks (it does not average), so they equal the gradient a single process
+would compute on the whole global batch (see :mod:`dist_train.trainer`).
 """
 
 from __future__ import annotations
@@ -62,3 +69,22 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return _AllGather.apply(tensor.detach())
+
+
+def check_local_batch(
+    local_embeddings: torch.Tensor, local_labels: torch.Tensor, embedding_size: int, who: str
+) -> None:
+    """Raises ``ValueError`` naming ``who`` unless the batch is ``[B, D]`` with ``[B]`` labels.
+
+    Checked before any collective, so a bad batch stops this rank with its own message.
+    """
+    if local_embeddings.dim() != 2 or local_embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"{who}: local_embeddings must be [B, {embedding_size}], got "
+            f"{tuple(local_embeddings.shape)}"
+        )
+    if local_labels.shape != local_embeddings.shape[:1]:
+        raise ValueError(
+            f"{who}: local_labels must be [{local_embeddings.shape[0]}], got "
+            f"{tuple(local_labels.shape)}"
+        )

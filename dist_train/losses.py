@@ -3,7 +3,7 @@
 Owns the wiring between heads and the distributed machinery:
 
 - a ``margin`` head -> :class:`dist_train.partial_fc.PartialFC` (sharded classifier) with it;
-- a ``metric`` head -> :class:`dist_train.metric_loss.GlobalMetricLoss` (global batch);
+- a ``metric`` head -> :class:`dist_train.metric_loss.MetricLoss` (global batch);
 - a ``combined`` head -> both, the metric part weighted by ``head.metric_weight``;
 - ``head.params.center_loss_weight > 0`` adds a sharded center loss.
 
@@ -21,11 +21,9 @@ from torch import nn
 import heads
 from dist_train.config import TrainConfig
 
-# Keys of head.params consumed here rather than passed to the head builder.
-_LOCAL_KEYS = ("center_loss_weight", "center_loss_lr_scale")
 
-
-def _build_head(name: str, params: dict[str, Any], num_classes: int) -> nn.Module:
+def build_head(name: str, params: dict[str, Any], num_classes: int) -> nn.Module:
+    """The head ``name`` of the registry with ``params``; ``num_classes`` if it takes one."""
     builder = heads.HEADS.get(name)
     kwargs = dict(params)
     if "num_classes" in inspect.signature(builder).parameters and "num_classes" not in kwargs:
@@ -49,7 +47,7 @@ class TrainLoss(nn.Module):
 
         hp = cfg.head.params
         params = {k: v for k, v in hp.items() if not k.startswith("center_loss_")}
-        head = _build_head(cfg.head.name, params, num_classes)
+        head = build_head(cfg.head.name, params, num_classes)
         kind = getattr(head, "kind", None)
         if kind not in ("margin", "metric", "combined"):
             raise ValueError(f"head {cfg.head.name!r} has no valid kind (got {kind!r})")
@@ -136,25 +134,26 @@ class TrainLoss(nn.Module):
     def local_state(self) -> dict[str, Any]:
         """This rank's piece of the loss state; pieces of any world size load anywhere.
 
-        Collective (the center loss gathers its centres): every rank must call it.
+        Every rank calls it and saves its own piece: Partial FC and the center loss return
+        their rows of this rank's classes (:mod:`dist_train.sharded_state`).
         """
         state: dict[str, Any] = {}
         if self.partial_fc is not None:
-            state["partial_fc"] = self.partial_fc.state_dict()
+            state["partial_fc"] = self.partial_fc.shard_state()
         if self.metric is not None:
             state["metric"] = self.metric.state_dict()
         if self.center is not None:
-            state["center"] = self.center.state_dict()
+            state["center"] = self.center.shard_state()
         return state
 
     def load_pieces(self, pieces: list[dict[str, Any]]) -> None:
         """Loads the pieces written by every rank of a run of any world size."""
         if self.partial_fc is not None:
-            self.partial_fc.load_state_dict([p["partial_fc"] for p in pieces])
+            self.partial_fc.load_shard_pieces([p["partial_fc"] for p in pieces])
         if self.metric is not None:
             self.metric.load_state_dict(pieces[0]["metric"])
         if self.center is not None:
-            self.center.load_state_dict(pieces[0]["center"])
+            self.center.load_shard_pieces([p["center"] for p in pieces])
 
 
 def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> TrainLoss:

@@ -1,21 +1,95 @@
-"""Optimizers for the backbone (and any head parameters) and the learning-rate schedule.
+"""The optimizer factory and the learning-rate schedule.
 
-Owns: building ``torch.optim`` optimizers from :class:`OptimConfig` with optional weight-decay
-exclusion for normalisation parameters and biases, and :class:`LRSchedule`, a pure function of
-the optimizer step that the trainer applies to every optimizer (backbone and Partial FC) by
-setting ``param_group["lr"] = base_lr * lr_scale * factor``. The Partial FC optimizer is built by
-:class:`dist_train.partial_fc.PartialFC` itself (it updates only sampled rows).
+Owns the one map from an optimizer name and its hyper-parameters (:class:`OptimSpec`) to an
+update rule, for every optimizer of the project:
+
+- :func:`make_optimizer`: the ``torch.optim`` optimizer (SGD with momentum/Nesterov, Adam,
+  AdamW) over parameters or parameter groups: the backbone's (:func:`build_optimizer`, with
+  optional weight-decay exclusion for normalisation parameters and biases) and the sharded
+  center loss's (:meth:`dist_train.center_loss.ShardedCenterLoss.configure_optimizer`);
+- :func:`row_state_names` and :func:`update_rows`: the same three rules applied to rows of a
+  class-sharded matrix, with per-row state, used by the Partial FC optimizer
+  (:class:`dist_train.partial_fc.PartialFCOptimizer`, which owns which rows a step touches).
+
+Also owns :class:`LRSchedule`, a pure function of the optimizer step that the trainer applies to
+every optimizer (backbone, Partial FC, center loss) by setting
+``param_group["lr"] = base_lr * lr_scale * factor``. Does not own which parameters a module
+trains or where optimizer state is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, SchedulerConfig
+
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """An optimizer name and its hyper-parameters.
+
+    Every field is read by the rule it applies to: ``momentum`` and ``nesterov`` by SGD,
+    ``betas`` and ``eps`` by Adam/AdamW; ``weight_decay`` is L2 for SGD and Adam, decoupled for
+    AdamW.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer {self.name!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, *, lr_scale: float = 1.0) -> OptimSpec:
+        """The spec of ``cfg`` with its learning rate multiplied by ``lr_scale``."""
+        return cls(
+            cfg.name,
+            lr=cfg.lr * lr_scale,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            nesterov=cfg.nesterov,
+        )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every field but ``name``, as keyword arguments."""
+        out = dataclasses.asdict(self)
+        del out["name"]
+        return out
+
+
+def make_optimizer(params: Iterable[Any], spec: OptimSpec) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer of ``spec`` over ``params`` (tensors or groups).
+
+    A group's own ``weight_decay`` (or any other key) overrides the spec's.
+    """
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            nesterov=spec.nesterov,
+        )
+    cls = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
 
 
 def param_groups(
@@ -49,12 +123,63 @@ def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module]) -> torch.opt
     groups = param_groups(list(modules), cfg.weight_decay, cfg.no_decay_norm_bias)
     if not groups:
         raise ValueError("no trainable parameters: every backbone parameter is frozen")
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    return make_optimizer(groups, OptimSpec.from_config(cfg))
+
+
+def row_state_names(spec: OptimSpec) -> tuple[str, ...]:
+    """Per-row state of the rule of ``spec`` for :func:`update_rows`.
+
+    ``momentum_buffer`` (SGD with momentum), ``exp_avg`` and ``exp_avg_sq`` ([rows, D], in the
+    maths dtype) and ``step`` ([rows] int32: updates of the row so far) for Adam/AdamW.
+    """
+    if spec.name == "sgd":
+        return ("momentum_buffer",) if spec.momentum > 0 else ()
+    return ("exp_avg", "exp_avg_sq", "step")
+
+
+def update_rows(
+    name: str,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    group: dict[str, Any],
+) -> None:
+    """In-place update of rows ``w`` [k, D] by the rule ``name``, as ``torch.optim`` does it.
+
+    Args:
+        name: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        w: the rows, in the maths dtype; updated in place.
+        g: their gradient (consumed: used as scratch).
+        state: the rows' state (:func:`row_state_names`); updated in place.
+        group: ``lr``, ``weight_decay``, ``momentum``, ``nesterov``, ``betas``, ``eps``.
+    """
+    lr, wd = group["lr"], group["weight_decay"]
+    if name == "sgd":
+        if wd:
+            g.add_(w, alpha=wd)
+        mu = group["momentum"]
+        if mu:
+            buf = state["momentum_buffer"]
+            buf.mul_(mu).add_(g)
+            g = g.add_(buf, alpha=mu) if group["nesterov"] else buf
+        w.add_(g, alpha=-lr)
+        return
+    beta1, beta2 = group["betas"]
+    step = state["step"]
+    step += 1
+    t = step.to(torch.float64)
+    # Per-row bias correction: a row updated k times is corrected for k steps.
+    step_size = (lr / (1.0 - beta1**t)).to(w.dtype).unsqueeze(1)
+    bc2_sqrt = (1.0 - beta2**t).sqrt().to(w.dtype).unsqueeze(1)
+    if name == "adamw":
+        w.mul_(1.0 - lr * wd)
+    elif wd:
+        g.add_(w, alpha=wd)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = v.sqrt().div_(bc2_sqrt).add_(group["eps"])
+    w.sub_(torch.div(m, denom).mul_(step_size))
 
 
 class LRSchedule:

@@ -150,7 +150,7 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtype):
     seen = []
-    original = pfc_module._ShardedCrossEntropy
+    original = pfc_module.kernels.ShardedCrossEntropy
 
     class Recording(original):
         @staticmethod
@@ -158,7 +158,7 @@ def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtyp
             seen.append(logits.dtype)
             return original.apply(logits, target, margin)
 
-    monkeypatch.setattr(pfc_module, "_ShardedCrossEntropy", Recording)
+    monkeypatch.setattr(pfc_module.kernels, "ShardedCrossEntropy", Recording)
     torch.manual_seed(0)
     net = TinyConvNet(16)
     pfc = PartialFC(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from dist_train.center_loss import ShardedCenterLoss
+from dist_train.center_loss import LEGACY_FORMAT, ShardedCenterLoss
+from dist_train.sharded_state import full_rows
 
 
 def _problem(seed=0, n=9, c=5, d=3):
@@ -98,30 +99,43 @@ def test_gradient_rule_steps_with_its_own_optimizer():
     torch.testing.assert_close(m.centers_shard.detach(), centers - 0.5 * cr.grad)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
-def test_state_dict_round_trip_continues_identically(opt_name):
-    x, labels, centers = _problem(seed=4)
+def _trained(opt_name, seed):
+    """A module after two steps of ``opt_name``, its batch and its optimizer arguments."""
+    x, labels, centers = _problem(seed=seed)
     kw = {"momentum": 0.9} if opt_name == "sgd" else {}
     a = _module(5, 3, centers)
     a.configure_optimizer(opt_name, lr=0.1, **kw)
     for _ in range(2):
-        a.optimizer.zero_grad()
-        a(x, labels).backward()
-        a.optimizer.step()
-    state = a.state_dict()
-    assert state["centers"].shape == (5, 3)
-    assert set(state["optimizer"]["rows"]) == (
-        {"momentum_buffer"} if opt_name == "sgd" else {"exp_avg", "exp_avg_sq"}
-    )
+        _step(a, x, labels)
+    return a, x, labels, kw
+
+
+def _step(m, x, labels):
+    m.optimizer.zero_grad()
+    m(x, labels).backward()
+    m.optimizer.step()
+
+
+def _load_and_continue(a, pieces, opt_name, kw, x, labels):
+    """Loads ``pieces`` into a fresh module: it equals ``a`` now and after one more step."""
     b = _module(5, 3)
-    b.load_state_dict(state)  # before configure_optimizer: applied when it is called
+    b.load_shard_pieces(pieces)  # before configure_optimizer: applied when it is called
     b.configure_optimizer(opt_name, lr=0.1, **kw)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
     for m in (a, b):
-        m.optimizer.zero_grad()
-        m(x, labels).backward()
-        m.optimizer.step()
+        _step(m, x, labels)
     torch.testing.assert_close(b.centers_shard, a.centers_shard, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_state_dict_round_trip_continues_identically(opt_name):
+    a, x, labels, kw = _trained(opt_name, seed=4)
+    state = a.shard_state()
+    assert full_rows(state, "centers").shape == (5, 3)
+    assert set(state["pieces"][0]["rows"]) == (
+        {"momentum_buffer"} if opt_name == "sgd" else {"exp_avg", "exp_avg_sq"}
+    )
+    _load_and_continue(a, [state], opt_name, kw, x, labels)
 
 
 def test_errors_name_the_problem():
@@ -134,11 +148,29 @@ def test_errors_name_the_problem():
         ShardedCenterLoss(4, 3, update="alpha").configure_optimizer("sgd", lr=0.1)
     with pytest.raises(ValueError, match="update='bogus'"):
         ShardedCenterLoss(4, 3, update="bogus")
-    state = ShardedCenterLoss(5, 3).state_dict()
+    state = ShardedCenterLoss(5, 3).shard_state()
     with pytest.raises(ValueError, match="key 'num_classes' is 5, expected 4"):
-        m.load_state_dict(state)
-    with pytest.raises(TypeError, match="world-size-free"):
-        m.state_dict(prefix="x.")
+        m.load_shard_pieces([state])
+    # the sharded state has its own methods: nn.Module's state_dict is the usual one
+    assert set(m.state_dict(prefix="x.")) == {"x.centers_shard"}
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_legacy_gathered_state_loads_and_continues_identically(opt_name):
+    """A state in the gathered layout (LEGACY_FORMAT), one identical copy per rank, loads."""
+    a, x, labels, kw = _trained(opt_name, seed=5)
+    opt = a.optimizer.state_dict()
+    rows = {k: v.clone() for k, v in opt["state"][0].items() if k != "step"}
+    scalars = {k: v.clone() for k, v in opt["state"][0].items() if k == "step"}
+    legacy = {
+        "format": LEGACY_FORMAT,
+        "num_classes": 5,
+        "embedding_size": 3,
+        "update": "gradient",
+        "centers": a.centers_shard.detach().clone(),
+        "optimizer": {"param_groups": opt["param_groups"], "rows": rows, "scalars": scalars},
+    }
+    _load_and_continue(a, [legacy, legacy], opt_name, kw, x, labels)  # as two ranks wrote it
 
 
 def test_bfloat16_embeddings_give_float32_loss():

@@ -28,6 +28,7 @@ from torch import nn
 import heads
 from dist_train.center_loss import ShardedCenterLoss
 from dist_train.metric_loss import MetricLoss, gather_with_local_grad
+from dist_train.sharded_state import full_rows
 from heads.metric import AMSoftmaxProto, AngleProtoLoss
 from tests.dist_utils import run_distributed
 from tests.test_center_loss import ref_alpha_update
@@ -178,8 +179,8 @@ def _center_run(rank, world, steps, single_path):
     alpha_m = ShardedCenterLoss(C, D, update="alpha", alpha=ALPHA, dtype=torch.float64)
     single = torch.load(single_path)  # one process's state after steps 0 and 1
     if min(steps) > 0:  # resume from it on this world size
-        grad_m.load_state_dict(single["gradient"])  # optimizer rows wait for the optimizer
-        alpha_m.load_state_dict(single["alpha"])
+        grad_m.load_shard_pieces([single["gradient"]])  # optimizer rows wait for the optimizer
+        alpha_m.load_shard_pieces([single["alpha"]])
     else:
         with torch.no_grad():
             for m in (grad_m, alpha_m):
@@ -223,18 +224,21 @@ def _center_run(rank, world, steps, single_path):
         ref_opt.step()
         ref_alpha_c = ref_alpha_next
 
-    state = {"gradient": grad_m.state_dict(), "alpha": alpha_m.state_dict()}
-    assert_close(state["gradient"]["centers"], ref_c.detach())
+    state = {"gradient": grad_m.gathered_shard_state(), "alpha": alpha_m.gathered_shard_state()}
+    assert_close(full_rows(state["gradient"], "centers"), ref_c.detach())
     assert_close(
-        state["gradient"]["optimizer"]["rows"]["momentum_buffer"],
+        full_rows(state["gradient"], "rows", "momentum_buffer"),
         ref_opt.state[ref_c]["momentum_buffer"],
     )
-    assert_close(state["alpha"]["centers"], ref_alpha_c)
+    assert_close(full_rows(state["alpha"], "centers"), ref_alpha_c)
     if max(steps) == 1:  # the same steps as the single process: the same state
         for rule in ("gradient", "alpha"):
-            assert_close(state[rule]["centers"], single[rule]["centers"], msg=rule)
-        for key, rows in single["gradient"]["optimizer"]["rows"].items():
-            assert_close(state["gradient"]["optimizer"]["rows"][key], rows, msg=key)
+            assert_close(
+                full_rows(state[rule], "centers"), full_rows(single[rule], "centers"), msg=rule
+            )
+        for key in single["gradient"]["pieces"][0]["rows"]:
+            rows = full_rows(single["gradient"], "rows", key)
+            assert_close(full_rows(state["gradient"], "rows", key), rows, msg=key)
     return (grad_m.start, grad_m.stop), losses
 
 
@@ -252,7 +256,7 @@ def _single_process_states():
         grad_m(x, labels).backward()
         grad_m.optimizer.step()
         alpha_m(x, labels)
-    return {"gradient": grad_m.state_dict(), "alpha": alpha_m.state_dict()}
+    return {"gradient": grad_m.shard_state(), "alpha": alpha_m.shard_state()}
 
 
 def _worker(rank, world, center_steps, single_path):

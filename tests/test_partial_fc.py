@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import heads
 from dist_train.partial_fc import (
+    CosineLinear,
     PartialFC,
-    _CosineLinear,
     export_class_centers,
     init_rows,
     merge_state_dicts,
@@ -41,11 +41,8 @@ def reference_loss(head, weight, x, labels):
     return loss + extra(cos, labels) / x.shape[0]
 
 
-@pytest.mark.parametrize(
-    "name", ["softmax", "normface", "cosface", "arcface", "sphereface", "combined", "adacos"]
-)
-def test_single_process_matches_full_softmax(name):
-    pfc = make(name, init_std=0.5)
+def _assert_matches_full_softmax(pfc):
+    """Loss and gradients of ``pfc`` (rate 1) equal a float64 full softmax over its classes."""
     x, y = batch()
     x.requires_grad_(True)
     loss = pfc(x, y)
@@ -59,11 +56,18 @@ def test_single_process_matches_full_softmax(name):
     torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "name", ["softmax", "normface", "cosface", "arcface", "sphereface", "combined", "adacos"]
+)
+def test_single_process_matches_full_softmax(name):
+    _assert_matches_full_softmax(make(name, init_std=0.5))
+
+
 def test_cosine_linear_gradcheck():
     gen = torch.Generator().manual_seed(3)
     x = F.normalize(torch.randn(4, 5, generator=gen, dtype=torch.float64)).requires_grad_(True)
     w = torch.randn(3, 5, generator=gen, dtype=torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(_CosineLinear.apply, (x, w))
+    assert torch.autograd.gradcheck(CosineLinear.apply, (x, w))
 
 
 def test_large_scale_loss_is_exact_in_log_space():
@@ -264,11 +268,11 @@ def test_low_precision_storage_under_autocast_trains_with_fp32_state(dtype):
 
 
 def test_bf16_stochastic_rounding_is_unbiased():
-    from dist_train.partial_fc import _stochastic_round_bf16
+    from dist_train.partial_fc import stochastic_round_bf16
 
     torch.manual_seed(0)
     x = torch.full((200000,), 1.0 + 2**-10)  # between two bf16 neighbours (1 and 1 + 2^-7)
-    rounded = _stochastic_round_bf16(x).float()
+    rounded = stochastic_round_bf16(x).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert rounded.mean().item() == pytest.approx(1.0 + 2**-10, abs=2e-5)
 
@@ -285,25 +289,25 @@ def test_state_dict_round_trip_and_errors():
     x, y = batch()
     pfc(x, y).backward()
     pfc.optimizer.step()
-    state = pfc.state_dict()
+    state = pfc.shard_state()
     assert state["pieces"][0]["start"] == 0 and state["pieces"][0]["stop"] == 11
     other = make(c=11, seed=9)
-    other.load_state_dict(state)  # rows wait for the optimizer
+    other.load_shard_pieces(state)  # rows wait for the optimizer
     other.configure_optimizer("adamw", lr=0.01)
     assert torch.equal(other.weight, pfc.weight)
     for key, value in pfc.optimizer.rows.items():
         assert torch.equal(other.optimizer.rows[key], value)
     torch.testing.assert_close(other(x, y), pfc(x, y))
     wrong = make(c=11)
-    wrong.load_state_dict(state)
+    wrong.load_shard_pieces(state)
     with pytest.raises(ValueError, match="'adamw' optimizer rows"):
         wrong.configure_optimizer("sgd", lr=0.1)
     with pytest.raises(ValueError, match="num_classes"):
-        make(c=12).load_state_dict(state)
+        make(c=12).load_shard_pieces(state)
     half = {**state, "pieces": [{**state["pieces"][0], "stop": 5, "rows": {}}]}
     half["pieces"][0]["weight"] = state["pieces"][0]["weight"][:5]
     with pytest.raises(ValueError, match="covers 5 of the 11"):
-        make(c=11).load_state_dict(half)
+        make(c=11).load_shard_pieces(half)
     with pytest.raises(ValueError, match="overlap"):
         merge_state_dicts([state, state])
 
@@ -312,11 +316,11 @@ def test_resume_draws_the_same_negatives_as_the_uninterrupted_run():
     pfc = make(c=200, rate=0.1, seed=4)
     for seed in range(3):
         pfc.sample(batch(n=8, c=200, seed=seed)[1])
-    state = pfc.state_dict()
+    state = pfc.shard_state()
     later = [batch(n=8, c=200, seed=10 + k)[1] for k in range(3)]
     want = [pfc.sample(labels)[0] for labels in later]
     resumed = make(c=200, rate=0.1, seed=4)
-    resumed.load_state_dict(state)
+    resumed.load_shard_pieces(state)
     assert all(torch.equal(resumed.sample(y)[0], w) for y, w in zip(later, want))
     fresh = make(c=200, rate=0.1, seed=4)  # without the saved stream: the run's first draws
     assert not torch.equal(fresh.sample(later[0])[0], want[0])
@@ -324,12 +328,12 @@ def test_resume_draws_the_same_negatives_as_the_uninterrupted_run():
     other = {**state, "pieces": [{**state["pieces"][0]}]}
     other["pieces"][0]["sampler"] = {**state["pieces"][0]["sampler"], "world_size": 2}
     reseeded = make(c=200, rate=0.1, seed=4)
-    reseeded.load_state_dict(other)
+    reseeded.load_shard_pieces(other)
     first = make(c=200, rate=0.1, seed=4).sample(later[0])[0]
     assert torch.equal(reseeded.sample(later[0])[0], first)
     # states written before the stream was saved still load
     old = {**state, "pieces": [{k: v for k, v in state["pieces"][0].items() if k != "sampler"}]}
-    make(c=200, rate=0.1, seed=4).load_state_dict(old)
+    make(c=200, rate=0.1, seed=4).load_shard_pieces(old)
 
 
 def test_export_class_centers_single_process():
@@ -356,17 +360,7 @@ class _QuadraticHead(torch.nn.Module):
 
 def test_any_margin_module_goes_through_the_generic_path():
     pfc = PartialFC(_QuadraticHead(), D, 11, weight_dtype=torch.float64, init_std=0.5)
-    x, y = batch()
-    x.requires_grad_(True)
-    loss = pfc(x, y)
-    loss.backward()
-    w_ref = pfc.weight.clone().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    ref = reference_loss(pfc.margin, w_ref, x_ref, y)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
+    _assert_matches_full_softmax(pfc)
 
 
 def test_build_from_config_sections():

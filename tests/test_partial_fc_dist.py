@@ -173,7 +173,7 @@ def worker(rank: int, world: int, state: dict) -> dict:
     # Re-sharding: a different seed, so only the loaded state can make the runs agree.
     pfc = build_pfc(seed=SEED + 77)
     pfc.configure_optimizer(**OPTIM)
-    pfc.load_state_dict(state)
+    pfc.load_shard_pieces(state)
     expected = torch.cat([p["weight"] for p in state["pieces"]])
     out["loaded_centers_equal"] = bool(torch.equal(export_class_centers(pfc).double(), expected))
     first = 2 if world == 2 else 4
@@ -181,7 +181,7 @@ def worker(rank: int, world: int, state: dict) -> dict:
     # Tensors cross the result queue as bytes: a tensor sent through a torch.multiprocessing
     # queue lives in the sender's shared memory, which is gone once the rank exits.
     buf = io.BytesIO()
-    torch.save(pfc.gathered_state_dict(), buf)
+    torch.save(pfc.gathered_shard_state(), buf)
     out["state"] = buf.getvalue()
     return out
 
@@ -194,11 +194,11 @@ def _single_process_run() -> dict:
     pfc = build_pfc()
     pfc.configure_optimizer(**OPTIM)
     run = {"losses": train(pfc, range(0, 2))}
-    run["A"] = copy.deepcopy(pfc.gathered_state_dict())
+    run["A"] = copy.deepcopy(pfc.gathered_shard_state())
     run["losses"] += train(pfc, range(2, 4))
-    run["B"] = copy.deepcopy(pfc.gathered_state_dict())
+    run["B"] = copy.deepcopy(pfc.gathered_shard_state())
     run["losses"] += train(pfc, range(4, 6))
-    run["C"] = copy.deepcopy(pfc.gathered_state_dict())
+    run["C"] = copy.deepcopy(pfc.gathered_shard_state())
     return run
 
 
@@ -267,6 +267,6 @@ def test_two_to_three_ranks_continues_identically(single, world3):
 def test_two_to_one_process_continues_identically(single, world2):
     pfc = build_pfc(seed=SEED + 5)
     pfc.configure_optimizer(**OPTIM)
-    pfc.load_state_dict(_state(world2[0]))
+    pfc.load_shard_pieces(_state(world2[0]))
     assert train(pfc, range(4, 6)) == pytest.approx(single["losses"][4:6], rel=1e-12)
-    _assert_state_close(pfc.gathered_state_dict(), single["C"])
+    _assert_state_close(pfc.gathered_shard_state(), single["C"])

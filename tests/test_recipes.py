@@ -166,7 +166,7 @@ def test_every_recipe_is_listed():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_recipe_config_loads_and_states_the_report_values(name):
     import backbones
-    from dist_train.losses import _build_head
+    from dist_train.losses import build_head as _build_head
 
     cfg = _cfg(name)
     assert cfg.backbone.name in backbones.names()

@@ -1,0 +1,399 @@
+"""Partial FC: the classifier module, sharded by class across ranks and sampled per step.
+
+Owns :class:`PartialFC` (the weight shard: rank r holds the contiguous classes
+``shard_range(C, r, W)``, its world-size-independent initial rows :func:`init_rows`, the
+per-step class sampling and its random stream, the forward) and :func:`build_partial_fc` (the
+module and its optimizer from the config sections). Does not own the autograd kernels
+(:mod:`dist_train.partial_fc.kernels`), the row-wise optimizer
+(:mod:`dist_train.partial_fc.optimizer`), the saved state (:mod:`dist_train.partial_fc.state`),
+the memory model (:mod:`dist_train.partial_fc.memory`), the margin maths (``heads.margins``),
+the backbone or its optimizer.
+
+One step on rank r::
+
+    global_labels     = all-gather(local_labels)                     # [N], checked in [0, C)
+    global_embeddings = all_gather_with_grad(local_embeddings)       # [N, D]
+    index             = sampled classes of the shard (all positives)  # [S], sorted
+    cosine            = x̂ · ŵ[index]ᵀ  (fp32, autocast off)           # [N, S]
+    logits            = margin(cosine, target column or -1)
+    loss              = mean_i −log softmax_i(target), softmax over every shard's columns
+
+Gradient convention (the project's): ``forward`` returns the *global* mean loss, the same
+value on every rank. The backward of the sharded cross-entropy gives this shard's columns
+exactly their part of ∂loss/∂logits, so each rank's ``global_embeddings.grad`` is the part of
+the gradient flowing through its shard; the all-gather's backward sums those parts over ranks,
+hence the gradient reaching ``local_embeddings`` is exactly ∂(global loss)/∂(local embeddings),
+and the shard's weight gradient is exactly ∂(global loss)/∂(its rows). The trainer's DDP hook
+must *sum* backbone gradients (not average) to get the single-process gradient.
+
+Update semantics (``update=``):
+
+- ``"sparse"`` (default): only the sampled rows change in a step; an unsampled row gets no
+  gradient, no momentum and no weight decay, and its optimizer state is left bit-identical.
+  The step costs O(S·D): rows and their state are gathered through the sampled index,
+  updated, and scattered back. Adam's bias correction uses a per-row step count.
+- ``"dense"``: InsightFace ``partial_fc_v2`` semantics: the shard is one parameter whose
+  unsampled rows have zero gradient, so every row sees weight decay and momentum every step;
+  the step costs O(C_local·D).
+
+Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
+cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
+gradient) besides the sampled rows and their gradient. The model per rank is
+:func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
+from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
+from dist_train.optim import OptimSpec
+from dist_train.partial_fc import kernels
+from dist_train.partial_fc.dtypes import as_dtype, master_dtype
+from dist_train.partial_fc.optimizer import PartialFCOptimizer
+from dist_train.partial_fc.state import build_shard_state, read_shard_pieces
+from dist_train.sharded_state import gather_states
+from heads.margins import MarginHead
+
+DEFAULT_OPTIM = OptimSpec("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+"""Hyper-parameters of :meth:`PartialFC.configure_optimizer` that a call leaves out."""
+
+INIT_BLOCK_ROWS = 65536
+"""Classes per initialisation block; each block has its own seed, so the initial weights of
+a class do not depend on the world size."""
+
+
+def init_rows(
+    start: int, stop: int, num_classes: int, dim: int, *, std: float, seed: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Initial rows ``[start, stop)`` of the ``[C, D]`` class-centre matrix, N(0, std²).
+
+    Rows come from blocks of :data:`INIT_BLOCK_ROWS` classes, each drawn from its own seeded
+    generator, so a class's initial centre is the same whatever the world size.
+    """
+    out = torch.empty(stop - start, dim, dtype=dtype)
+    block = start // INIT_BLOCK_ROWS
+    while block * INIT_BLOCK_ROWS < stop:
+        b0 = block * INIT_BLOCK_ROWS
+        b1 = min(b0 + INIT_BLOCK_ROWS, num_classes)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.randn(b1 - b0, dim, generator=gen).mul_(std)
+        lo, hi = max(start, b0), min(stop, b1)
+        out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
+        block += 1
+    return out
+
+
+class PartialFC(nn.Module):
+    """Class-sharded, sampled softmax classifier with a margin head.
+
+    Args:
+        margin: a ``kind == "margin"`` head from :mod:`heads.margins`; its ``normalized``
+            attribute says whether it receives cosines (True) or raw dot products W·x.
+        embedding_size: D.
+        num_classes: C, the total over all ranks.
+        sample_rate: fraction r in (0, 1] of this rank's classes used per step; exactly
+            max(#positives on the shard, int(r·C_local)) classes are used.
+        update: ``"sparse"`` or ``"dense"`` (see the module docstring).
+        weight_dtype: storage of the shard: float32, bfloat16 or float16 (float64 for tests).
+            The maths and the optimizer state are fp32 (fp64 for float64) in every case.
+        init_std: standard deviation of the initial rows.
+        seed: seeds the initial rows (world-size independent) and the sampling (per rank).
+        stochastic_rounding: round updates into bf16 storage stochastically.
+
+    Attributes:
+        weight: ``[C_local, D]`` the shard (a buffer: not a ``Parameter``, the optimizer of
+            :meth:`configure_optimizer` updates it).
+        class_start, class_stop: this rank's class range.
+        sampled_index: ``[S]`` int64, sorted shard rows used by the last forward.
+        sampled_weight: ``[S, D]`` leaf of the last forward; its ``.grad`` after backward is
+            the gradient of the global loss with respect to those rows.
+    """
+
+    def __init__(
+        self,
+        margin: nn.Module,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        update: str = "sparse",
+        weight_dtype: torch.dtype | str = torch.float32,
+        *,
+        init_std: float = 0.01,
+        seed: int = 0,
+        stochastic_rounding: bool = True,
+    ) -> None:
+        super().__init__()
+        if getattr(margin, "kind", None) != "margin":
+            raise TypeError(f"PartialFC needs a margin head (kind 'margin'), got {margin!r}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if update not in ("sparse", "dense"):
+            raise ValueError(f"update must be 'sparse' or 'dense', got {update!r}")
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(
+                f"need embedding_size, num_classes >= 1, got {embedding_size}, {num_classes}"
+            )
+        self.margin = margin
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.update = update
+        self.weight_dtype = as_dtype(weight_dtype)
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = int(seed)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.class_start, self.class_stop = shard_range(num_classes, self.rank, self.world_size)
+        self.num_local = self.class_stop - self.class_start
+        self.num_sample = int(self.sample_rate * self.num_local)
+        weight = init_rows(
+            self.class_start,
+            self.class_stop,
+            num_classes,
+            embedding_size,
+            std=init_std,
+            seed=seed,
+            dtype=self.weight_dtype,
+        )
+        self.register_buffer("weight", weight, persistent=False)
+        self.optimizer: PartialFCOptimizer | None = None
+        self.sampled_index: torch.Tensor | None = None
+        self.sampled_weight: torch.Tensor | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pending_rows: list[tuple[int, int, dict[str, torch.Tensor]]] = []
+        self._pending_optimizer: str | None = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Global mean loss of the batch (same value on every rank).
+
+        Args:
+            local_embeddings: ``[B_local, D]`` any float dtype (bf16/fp16 under autocast).
+            local_labels: ``[B_local]`` int class ids in [0, C).
+
+        Returns:
+            Scalar fp32 (fp64 for fp64 weights and embeddings) loss.
+        """
+        check_local_batch(local_embeddings, local_labels, self.embedding_size, "PartialFC")
+        device = self.weight.device
+        global_labels = all_gather_no_grad(local_labels.to(device=device, dtype=torch.long))
+        self._check_labels(global_labels)
+        global_embeddings = all_gather_with_grad(local_embeddings)
+        compute_dtype = master_dtype(torch.promote_types(local_embeddings.dtype, self.weight.dtype))
+        index, target = self.sample(global_labels)
+        sub = self._sampled_leaf(index, compute_dtype)
+        self.sampled_index, self.sampled_weight = index, sub
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            x = global_embeddings.to(compute_dtype)
+            if getattr(self.margin, "normalized", True):
+                cosine = kernels.CosineLinear.apply(F.normalize(x, dim=1), sub)
+            else:
+                cosine = x @ sub.t()
+            if isinstance(self.margin, MarginHead):
+                loss = kernels.ShardedCrossEntropy.apply(cosine, target, self.margin)
+            else:
+                loss = kernels.ShardedCrossEntropy.apply(self.margin(cosine, target), target, None)
+            extra_fn = getattr(self.margin, "extra_loss_sum", None)
+            if extra_fn is not None and getattr(self.margin, "intra_alpha", 0.0) > 0:
+                # The per-sample penalty of sample i lives on the one shard holding its class:
+                # the local part carries the gradient, the all-reduced total gives the value.
+                local_extra = extra_fn(cosine, target) / x.shape[0]
+                total_extra = all_reduce(local_extra.detach().clone(), "sum")
+                loss = loss + local_extra + (total_extra - local_extra.detach())
+        if self.optimizer is not None:
+            self.optimizer.attach(sub, index)
+        return loss
+
+    def _check_labels(self, global_labels: torch.Tensor) -> None:
+        if global_labels.numel() == 0:
+            return
+        bad = (global_labels < 0) | (global_labels >= self.num_classes)
+        if bool(bad.any()):  # CPU-GPU sync point: a bad label must stop the run here
+            pos = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"PartialFC: label {int(global_labels[pos])} at position {pos} of the global "
+                f"batch is outside [0, {self.num_classes})"
+            )
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(
+                self.seed * 7919 + 104729 * self.rank + 1
+            )
+            self._generators[device] = gen
+        return gen
+
+    def sample(self, global_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chooses this step's rows of the shard.
+
+        Args:
+            global_labels: ``[N]`` int64 class ids of the global batch.
+
+        Returns:
+            ``index``: ``[S]`` sorted int64 shard rows, S = max(#positives, int(r·C_local)),
+            every positive included, the negatives a uniform random subset of the others;
+            ``target``: ``[N]`` int64 column of each sample's class in ``index``, or -1 when its
+            class is on another shard.
+        """
+        device = global_labels.device
+        local = global_labels - self.class_start
+        on_shard = (local >= 0) & (local < self.num_local)
+        if self.num_sample >= self.num_local:
+            index = torch.arange(self.num_local, device=device)
+            return index, torch.where(on_shard, local, torch.full_like(local, -1))
+        positives = torch.unique(local[on_shard])
+        num = max(int(positives.numel()), self.num_sample)
+        # Uniform scores with positives forced to the top: the top-`num` are the positives plus
+        # a uniformly random subset of the negatives.
+        score = torch.rand(self.num_local, device=device, generator=self._generator(device))
+        score[positives] = 2.0
+        index = torch.topk(score, num, sorted=False).indices.sort().values
+        column = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
+        return index, torch.where(on_shard, column, torch.full_like(local, -1))
+
+    def _sampled_leaf(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if index.numel() == self.num_local and self.weight.dtype == dtype:
+            # Every row is used: alias the shard instead of copying it (saves C_local·D·4 B).
+            sub = self.weight.detach()
+        else:
+            sub = self.weight.index_select(0, index).to(dtype)
+        return sub.requires_grad_(True)
+
+    # ---------------------------------------------------------------- optimizer
+    def configure_optimizer(self, name: str = "sgd", **hyperparameters: Any) -> PartialFCOptimizer:
+        """Creates ``self.optimizer`` for the shard (``"sgd"``, ``"adam"`` or ``"adamw"``).
+
+        Args:
+            name: the rule.
+            **hyperparameters: fields of :class:`dist_train.optim.OptimSpec` (``lr``,
+                ``momentum``, ``weight_decay``, ``betas``, ``eps``, ``nesterov``); the others
+                are :data:`DEFAULT_OPTIM`'s.
+
+        Optimizer rows loaded before this call are applied now.
+        """
+        spec = dataclasses.replace(DEFAULT_OPTIM, name=name, **hyperparameters)
+        self.optimizer = PartialFCOptimizer(self, spec)
+        if self._pending_rows:
+            if self._pending_optimizer != self.optimizer.name:
+                raise ValueError(
+                    f"the loaded state holds {self._pending_optimizer!r} optimizer rows, "
+                    f"the optimizer configured is {self.optimizer.name!r}"
+                )
+            for a, b, rows in self._pending_rows:
+                self.optimizer.load_rows(a, b, rows)
+            self._pending_rows = []
+        return self.optimizer
+
+    # -------------------------------------------------------------------- state
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's rows and optimizer rows, tagged with their class range.
+
+        The format (:mod:`dist_train.sharded_state`, tag ``"partial_fc"``) does not depend on
+        the world size: the states of every rank, joined with :func:`merge_state_dicts` (or
+        :meth:`gathered_shard_state`), load into any world size. Tensors alias the live ones.
+        ``nn.Module.state_dict`` is left as it is (the shard is a non-persistent buffer).
+        """
+        return build_shard_state(self)
+
+    def gathered_shard_state(self) -> dict[str, Any]:
+        """The state of every rank, merged, on every rank (CPU tensors; for small C)."""
+        return gather_states(self.shard_state())
+
+    def load_shard_pieces(
+        self, pieces: dict[str, Any] | Sequence[dict[str, Any]], strict: bool = True
+    ) -> None:
+        """Loads rows of this rank's class range from the states of any world size.
+
+        Args:
+            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them.
+            strict: raise when the pieces lack some of this rank's classes.
+        """
+        self._pending_rows = []
+        opt_name, optimizer_rows = read_shard_pieces(self, pieces, strict=strict)
+        for a, b, rows in optimizer_rows:
+            if self.optimizer is not None:
+                self.optimizer.load_rows(a, b, rows)
+            else:
+                self._pending_rows.append((a, b, rows))
+        self._pending_optimizer = opt_name
+
+    def sampler_state(self) -> dict[str, Any]:
+        """The negative-sampling stream of this rank (its generators' states)."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "states": {str(d): g.get_state() for d, g in self._generators.items()},
+        }
+
+    def load_sampler_state(self, sampler: dict[str, Any] | None) -> None:
+        """Restores a :meth:`sampler_state` written by this rank at this world size.
+
+        A stream of another rank or world size (or none) leaves the seeded stream alone.
+        """
+        if (
+            not sampler
+            or sampler.get("world_size") != self.world_size
+            or sampler.get("rank") != self.rank
+        ):
+            return
+        for name, state in sampler.get("states", {}).items():
+            device = torch.device(name)
+            try:
+                gen = torch.Generator(device=device)
+                gen.set_state(state)
+            except (RuntimeError, ValueError):  # saved on a device this process does not have
+                continue
+            self._generators[device] = gen
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes=[{self.class_start}, {self.class_stop}) of {self.num_classes}, "
+            f"D={self.embedding_size}, sample_rate={self.sample_rate}, update={self.update}, "
+            f"weight_dtype={self.weight_dtype}"
+        )
+
+
+def build_partial_fc(
+    margin: nn.Module,
+    pfc_cfg: Any,
+    optim_cfg: Any,
+    *,
+    embedding_size: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> PartialFC:
+    """PartialFC on ``device`` with its optimizer, from the config sections.
+
+    Args:
+        margin: the margin head (for a ``kind == "combined"`` head, pass ``head.margin``).
+        pfc_cfg: a :class:`dist_train.config.PartialFCConfig` (sample_rate, update,
+            weight_dtype, lr_scale).
+        optim_cfg: a :class:`dist_train.config.OptimConfig`; the classifier's learning rate is
+            ``optim_cfg.lr * pfc_cfg.lr_scale`` (the trainer rescales it with the schedule).
+        embedding_size, num_classes: D and C.
+        device: where the shard and its optimizer state live.
+        seed: initial rows and sampling.
+    """
+    pfc = PartialFC(
+        margin,
+        embedding_size,
+        num_classes,
+        sample_rate=pfc_cfg.sample_rate,
+        update=pfc_cfg.update,
+        weight_dtype=pfc_cfg.weight_dtype,
+        seed=seed,
+    ).to(device)
+    # The optimizer rows are allocated on the shard's device: create it after the move.
+    spec = OptimSpec.from_config(optim_cfg, lr_scale=pfc_cfg.lr_scale)
+    pfc.configure_optimizer(spec.name, **spec.hyperparameters())
+    return pfc

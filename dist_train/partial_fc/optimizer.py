@@ -1,0 +1,247 @@
+"""The row-wise optimizer of a Partial FC shard.
+
+Owns :class:`PartialFCOptimizer`: which rows a step updates (the sampled rows, or every row in
+``"dense"`` mode), the per-class optimizer rows, gradient accumulation over several forwards,
+the chunked gather/update/scatter that bounds its temporaries, and the write-back into the
+shard's storage dtype. The update rule itself (SGD, Adam, AdamW on rows) and the optimizer
+names and hyper-parameters are :mod:`dist_train.optim`'s. Does not own the forward, the sampling
+or the saved state (:mod:`dist_train.partial_fc.module`, :mod:`dist_train.partial_fc.state`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dist_train.optim import OptimSpec, row_state_names, update_rows
+from dist_train.partial_fc.dtypes import master_dtype, stochastic_round_bf16
+
+if TYPE_CHECKING:
+    from dist_train.partial_fc.module import PartialFC
+
+STEP_CHUNK_ROWS = 8192
+"""Rows updated at once by the optimizer: bounds its temporaries to ~16 MB each at D = 512."""
+
+
+class PartialFCOptimizer(torch.optim.Optimizer):
+    """Row-wise SGD (momentum, Nesterov) / Adam / AdamW for a :class:`PartialFC` shard.
+
+    ``param_groups[0]["params"]`` holds the sampled-rows leaf of the last forward, so
+    ``torch.amp.GradScaler.unscale_`` / ``step`` see, unscale and inf-check exactly the
+    gradient that :meth:`step` applies; ``param_groups[0]["lr"]`` is read at every step (set
+    it from the scheduler). Several forwards before one step (gradient accumulation) each
+    attach a leaf; the step applies their summed gradients over the union of their rows
+    (see :meth:`attach`).
+
+    State ``rows`` (fp32, or fp64 for fp64 weights) is per class: ``momentum_buffer``
+    ``[C_local, D]`` for SGD with momentum; ``exp_avg``, ``exp_avg_sq`` ``[C_local, D]`` and
+    ``step`` ``[C_local]`` int32 (updates of the row so far) for Adam/AdamW. It is saved by
+    :meth:`PartialFC.shard_state`, not by this optimizer's own ``state_dict`` (which keeps
+    only the hyper-parameters).
+
+    Args:
+        pfc: the module whose shard this optimizer updates.
+        spec: the rule and its hyper-parameters (:class:`dist_train.optim.OptimSpec`).
+    """
+
+    def __init__(self, pfc: PartialFC, spec: OptimSpec) -> None:
+        if spec.lr <= 0 or spec.momentum < 0 or spec.weight_decay < 0:
+            raise ValueError(
+                f"invalid lr={spec.lr}, momentum={spec.momentum}, weight_decay={spec.weight_decay}"
+            )
+        if spec.nesterov and (spec.name != "sgd" or spec.momentum <= 0):
+            raise ValueError("nesterov needs SGD with momentum > 0")
+        device = pfc.weight.device
+        self.state_dtype = master_dtype(pfc.weight.dtype)
+        placeholder = torch.zeros(0, pfc.embedding_size, device=device, requires_grad=True)
+        super().__init__([placeholder], spec.hyperparameters())
+        self.name = spec.name
+        self._pfc = pfc
+        self._index: torch.Tensor | None = None
+        self._indices: list[torch.Tensor] = []
+        self._stepped = False
+        self.rows: dict[str, torch.Tensor] = {}
+        for key in row_state_names(spec):
+            if key == "step":
+                self.rows[key] = torch.zeros(pfc.num_local, device=device, dtype=torch.int32)
+            else:
+                self.rows[key] = torch.zeros(
+                    pfc.num_local, pfc.embedding_size, device=device, dtype=self.state_dtype
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Installs the single group (called once by ``Optimizer.__init__``).
+
+        The base version validates user parameter lists and, being wrapped for
+        ``torch.compile``, imports ``torch._dynamo`` (seconds per process); this optimizer's
+        only group holds the leaf that :class:`PartialFC` attaches at every forward.
+        """
+        if self.param_groups:
+            raise ValueError("PartialFCOptimizer has exactly one parameter group")
+        group = {**self.defaults, **param_group}
+        group["params"] = list(group["params"])
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drops (or zeroes) the gradients of the attached sampled-rows leaves.
+
+        Also detaches the leaves, so the next forward starts a new accumulation.
+        """
+        for p in self.param_groups[0]["params"]:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        self.param_groups[0]["params"] = self.param_groups[0]["params"][-1:]
+        self._indices = self._indices[-1:]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        group = self.param_groups[0]
+        return {k: group[k] for k in ("lr", "momentum", "weight_decay", "betas", "eps", "nesterov")}
+
+    def attach(self, leaf: torch.Tensor, index: torch.Tensor) -> None:
+        """Registers the sampled-rows leaf of a forward.
+
+        Gradient accumulation: while an earlier leaf of this step already holds a gradient
+        (a micro-step's backward ran and no ``step``/``zero_grad`` followed), the new leaf is
+        appended, and :meth:`step` applies the sum of the micro-steps' gradients over the
+        union of their sampled rows. Otherwise the new leaf replaces the old one.
+        """
+        params = self.param_groups[0]["params"]
+        if not self._stepped and any(p.grad is not None for p in params):
+            params.append(leaf)
+            self._indices.append(index)
+        else:
+            self.param_groups[0]["params"] = [leaf]
+            self._indices = [index]
+        self._stepped = False
+        self._index = index
+
+    def load_rows(self, a: int, b: int, rows: dict[str, torch.Tensor]) -> None:
+        for key, value in rows.items():
+            if key not in self.rows:
+                raise ValueError(
+                    f"PartialFC state has optimizer rows {key!r}, {self.name} has none"
+                )
+            self.rows[key][a:b].copy_(value)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Applies the gradient of the sampled rows (no-op without a backward since attach)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        parts = [
+            (idx, leaf.grad)
+            for leaf, idx in zip(group["params"], self._indices)
+            if leaf.grad is not None
+        ]
+        if not parts:
+            return loss
+        if len(parts) == 1:
+            index, grad = parts[0]
+        else:
+            # Accumulated micro-steps: sum their gradients over the union of sampled rows.
+            all_index = torch.cat([i for i, _ in parts])
+            index, inverse = torch.unique(all_index, sorted=True, return_inverse=True)
+            grad = torch.zeros(
+                index.numel(),
+                self._pfc.embedding_size,
+                device=all_index.device,
+                dtype=self.state_dtype,
+            )
+            grad.index_add_(0, inverse, torch.cat([g.to(self.state_dtype) for _, g in parts]))
+        if grad.shape != (index.numel(), self._pfc.embedding_size):
+            raise RuntimeError(f"gradient {tuple(grad.shape)} does not match {index.numel()} rows")
+        if self._pfc.update == "sparse":
+            self._sparse_step(index, grad, group)
+        else:
+            self._dense_step(index, grad, group)
+        self._stepped = True  # the next forward starts a new step even without zero_grad
+        return loss
+
+    def _store(self, dst: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor) -> None:
+        """Writes updated rows ``w`` back into the shard (``rows`` index, or ``dst`` a view)."""
+        weight = self._pfc.weight
+        if weight.dtype == torch.bfloat16 and self._pfc.stochastic_rounding:
+            w = stochastic_round_bf16(w)
+        else:
+            w = w.to(weight.dtype)
+        if rows is None:
+            dst.copy_(w)
+        else:
+            weight.index_copy_(0, rows, w)
+
+    def _sparse_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        weight = self._pfc.weight
+        if index.numel() == weight.shape[0]:
+            # Every row sampled (sorted and unique, so index = arange): update through views.
+            self._blockwise_step(group, lambda a, b: grad[a:b].to(self.state_dtype, copy=True))
+            return
+        # Gathers go into buffers kept across steps: a fresh multi-MB tensor per chunk costs
+        # more in page faults than the gather itself.
+        bufs = self._chunk_buffers()
+        for a in range(0, index.numel(), STEP_CHUNK_ROWS):
+            rows = index[a : a + STEP_CHUNK_ROWS]
+            k = rows.numel()
+            w = bufs["weight"][:k]
+            if weight.dtype == self.state_dtype:
+                torch.index_select(weight, 0, rows, out=w)
+            else:
+                w.copy_(weight.index_select(0, rows))
+            g = bufs["grad"][:k]
+            g.copy_(grad[a : a + k])
+            state = {
+                key: torch.index_select(v, 0, rows, out=bufs[key][:k])
+                if key in bufs
+                else v.index_select(0, rows)
+                for key, v in self.rows.items()
+            }
+            update_rows(self.name, w, g, state, group)
+            self._store(weight, rows, w)
+            for key, v in state.items():
+                self.rows[key].index_copy_(0, rows, v)
+
+    def _chunk_buffers(self) -> dict[str, torch.Tensor]:
+        """[STEP_CHUNK_ROWS, D] state-dtype buffers for the sparse step (made once)."""
+        if not hasattr(self, "_bufs"):
+            weight = self._pfc.weight
+            n = min(STEP_CHUNK_ROWS, weight.shape[0])
+            names = ["weight", "grad"] + [k for k, v in self.rows.items() if v.dim() == 2]
+            self._bufs = {
+                k: torch.empty(n, weight.shape[1], device=weight.device, dtype=self.state_dtype)
+                for k in names
+            }
+        return self._bufs
+
+    def _dense_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        weight = self._pfc.weight
+        bounds = torch.arange(0, weight.shape[0] + STEP_CHUNK_ROWS, STEP_CHUNK_ROWS)
+        # Where each block's sampled rows start in `index`: one sync for the whole step.
+        starts = torch.searchsorted(index, bounds.to(index.device)).tolist()
+
+        def block_grad(a: int, b: int) -> torch.Tensor:
+            g = torch.zeros(b - a, weight.shape[1], device=weight.device, dtype=self.state_dtype)
+            lo, hi = starts[a // STEP_CHUNK_ROWS], starts[a // STEP_CHUNK_ROWS + 1]
+            if hi > lo:
+                g.index_copy_(0, index[lo:hi] - a, grad[lo:hi].to(self.state_dtype))
+            return g
+
+        self._blockwise_step(group, block_grad)
+
+    def _blockwise_step(self, group: dict, block_grad) -> None:
+        """Updates every row, block by block, through views of the shard and state."""
+        weight = self._pfc.weight
+        n = weight.shape[0]
+        for a in range(0, n, STEP_CHUNK_ROWS):
+            b = min(a + STEP_CHUNK_ROWS, n)
+            view = weight[a:b]
+            w = view if view.dtype == self.state_dtype else view.to(self.state_dtype)
+            state = {k: v[a:b] for k, v in self.rows.items()}  # views: updated in place
+            update_rows(self.name, w, block_grad(a, b), state, group)
+            if w is not view:
+                self._store(view, None, w)

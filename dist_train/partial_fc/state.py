@@ -1,0 +1,110 @@
+"""World-size-free state of a Partial FC classifier: build, load, merge, export.
+
+Owns the Partial FC use of the class-sharded format of :mod:`dist_train.sharded_state`
+(format tag ``"partial_fc"``): what a rank's piece holds (its rows ``weight``, its optimizer
+rows, its negative-sampling stream), copying the rows of this rank's classes out of pieces
+written by any world size, and the full ``[C, D]`` class-centre matrix
+(:func:`export_class_centers`). Does not own the layout or the merge of pieces
+(:mod:`dist_train.sharded_state`), nor how the module applies optimizer rows that arrive before
+its optimizer (:class:`dist_train.partial_fc.PartialFC`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dist_train.collectives import all_gather_no_grad
+from dist_train.partial_fc.dtypes import master_dtype
+from dist_train.sharded_state import (
+    check_covered,
+    check_header,
+    make_state,
+    merge_states,
+    owned_slices,
+)
+
+if TYPE_CHECKING:
+    from dist_train.partial_fc.module import PartialFC
+
+FORMAT = "partial_fc"
+"""Format tag of a Partial FC state."""
+
+
+def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
+    """This rank's rows and optimizer rows, tagged with their class range (see the module)."""
+    opt = None
+    if pfc.optimizer is not None:
+        opt = {"name": pfc.optimizer.name, **pfc.optimizer.hyperparameters()}
+    return make_state(
+        FORMAT,
+        num_classes=pfc.num_classes,
+        embedding_size=pfc.embedding_size,
+        start=pfc.class_start,
+        stop=pfc.class_stop,
+        tensors={"weight": pfc.weight.detach()},
+        optimizer_rows=pfc.optimizer.rows if pfc.optimizer is not None else {},
+        optimizer=opt,
+        # the negative-sampling stream, so a resume at the same world size draws the same
+        # negatives as the uninterrupted run (another world size reseeds)
+        extra={"sampler": pfc.sampler_state()},
+    )
+
+
+def read_shard_pieces(
+    pfc: PartialFC,
+    pieces: dict[str, Any] | Sequence[dict[str, Any]],
+    *,
+    strict: bool = True,
+) -> tuple[str | None, list[tuple[int, int, dict[str, torch.Tensor]]]]:
+    """Copies the rows of ``pfc``'s classes (and its sampling stream) out of ``pieces``.
+
+    Args:
+        pfc: the module to load into.
+        pieces: one state (merged, or covering this range) or a list of them, of any world size.
+        strict: raise when the pieces lack some of this rank's classes.
+
+    Returns:
+        The optimizer name of the state (``None`` without one) and the optimizer rows to apply,
+        as ``(first local row, stop local row, rows by name)``.
+    """
+    state = pieces if isinstance(pieces, dict) else merge_states(list(pieces))
+    check_header(state, FORMAT, pfc.num_classes, pfc.embedding_size, "PartialFC")
+    opt_name = state["optimizer"]["name"] if state.get("optimizer") else None
+    if pfc.optimizer is not None and opt_name is not None and opt_name != pfc.optimizer.name:
+        raise ValueError(
+            f"PartialFC state holds {opt_name!r} optimizer rows, the configured optimizer "
+            f"is {pfc.optimizer.name!r}"
+        )
+    parts = owned_slices(state, pfc.class_start, pfc.class_stop)
+    optimizer_rows = []
+    for dst, src, piece in parts:
+        with torch.no_grad():
+            pfc.weight[dst].copy_(piece["weight"][src])
+        rows = {k: v[src] for k, v in piece.get("rows", {}).items()}
+        if rows:
+            optimizer_rows.append((dst.start, dst.stop, rows))
+        if (piece["start"], piece["stop"]) == (pfc.class_start, pfc.class_stop):
+            pfc.load_sampler_state(piece.get("sampler"))
+    if strict:
+        check_covered(parts, pfc.class_start, pfc.class_stop, who="PartialFC", rank=pfc.rank)
+    return opt_name, optimizer_rows
+
+
+def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Joins the per-rank states of one model into a single state with every piece.
+
+    Raises:
+        ValueError: the states disagree on C or D, or their class ranges overlap.
+    """
+    return merge_states(states)
+
+
+def export_class_centers(pfc: PartialFC) -> torch.Tensor:
+    """The full ``[C, D]`` class-centre matrix (un-normalised), gathered on every rank.
+
+    fp32 for fp32/bf16/fp16 storage, fp64 for fp64 weights.
+    """
+    return all_gather_no_grad(pfc.weight.detach().to(master_dtype(pfc.weight.dtype)))
