@@ -19,6 +19,9 @@ Conventions shared by every head here:
   distances; the gradient flows through the distances of the selected pairs only.
 - A batch without any usable pair returns a zero that stays attached to the graph, so
   ``backward()`` works and every rank still takes part in the backbone's gradient sync.
+
+Why one module of this size: the five heads share the distance, mask and mining helpers at
+the top and the conventions above; each head is one class that reads alone.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ evaluator decodes with it too), the batch fill of the loader, and choosing the d
 
 Every dataset opens its files lazily in the process that reads, so each DataLoader worker
 has its own handles (fork- and spawn-safe).
+
+Why one module of this size: the three dataset kinds share :class:`LabelledImages` (labels,
+decoding, the loader's batch fill) and the builder that picks one of them from the config.
 """
 
 from __future__ import annotations

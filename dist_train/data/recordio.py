@@ -6,6 +6,9 @@ image-record header ``IRHeader`` with multi-label support, and a ``verify`` pass
 every problem of a file in one run. Does not own: what the records mean (the InsightFace layout
 lives in :mod:`dist_train.data.datasets`) or image decoding.
 
+Why one module of this size: the reader, the writer, the index and ``verify`` share the segment
+layout and its continuation rules below; split apart, each half would have to restate them.
+
 Format facts (all integers little-endian, as MXNet writes them on x86/ARM):
 
 * A record is one or more *segments*: ``magic:u32 = 0xced7230a``, ``lrec:u32``, data, then zero

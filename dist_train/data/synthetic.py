@@ -17,6 +17,10 @@ learns them in minutes.
 
 Everything is deterministic from ``(seed, identity index, image index)``, independent of the
 number of worker processes.
+
+Why one module of this size: most of it is the drawing of one face (``_draw_face``), whose
+steps consume one random stream in a fixed order; keeping them together keeps that order, on
+which every seeded data set and test depends, visible in one place.
 """
 
 from __future__ import annotations
