@@ -20,20 +20,8 @@ from typing import Any
 
 import yaml
 
+# ConfigError lives in core/ so the data layer can subclass it; users import it from here.
 from core.errors import ConfigError
-
-__all__ = [
-    "CENTER_LOSS_PARAMS",
-    "CENTER_LOSS_UPDATES",
-    "ConfigError",
-    "TrainConfig",
-    "closest",
-    "from_dict",
-    "load_config",
-    "parse_override",
-    "save_config",
-    "to_dict",
-]
 
 CENTER_LOSS_PARAMS: dict[str, type] = {
     "center_loss_weight": float,  # λ of the sharded center loss added to the objective; 0: off
@@ -93,7 +81,7 @@ def _check_builder_params(
     params: dict[str, Any],
     *,
     extra: dict[str, type] | None = None,
-    fields: tuple[str, ...] = (),
+    section_fields: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """``params`` of ``section`` checked against the keywords of ``registry``'s ``name`` builder.
 
@@ -103,8 +91,8 @@ def _check_builder_params(
         name: registered builder name (``section.name``).
         params: ``section.params``.
         extra: keys consumed by the trainer rather than the builder, with their types.
-        fields: builder keywords the trainer fills from the section's own fields; giving them
-            in ``params`` too raises.
+        section_fields: builder keywords the trainer fills from the section's own fields;
+            giving them in ``params`` too raises.
 
     Returns:
         ``params`` with string numbers converted (see :func:`_checked_value`).
@@ -116,12 +104,12 @@ def _check_builder_params(
     declared = registry.keywords(name)
     if declared is None:  # a builder taking **kwargs: its keys cannot be listed
         return dict(params)
-    allowed = {k: v for k, v in declared.items() if k not in fields}
+    allowed = {k: v for k, v in declared.items() if k not in section_fields}
     allowed.update(extra or {})
     path = f"{section}.params"
     checked = {}
     for key, value in params.items():
-        if key in fields:
+        if key in section_fields:
             raise ConfigError(f"{path}.{key}: set {section}.{key} instead")
         if key not in allowed:
             raise _unknown_key(path + ".", key, list(allowed))
@@ -226,14 +214,14 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         _check_choice("backbone.checkpointing", self.checkpointing, ("none", "stage", "block"))
-        import backbones  # here: the schema alone (and its YAML) loads without torch
+        import backbones  # on first use: importing this module needs no torch
 
         self.params = _check_builder_params(
             "backbone",
             backbones.BACKBONES,
             self.name,
             self.params,
-            fields=("embedding_size", "checkpointing"),
+            section_fields=("embedding_size", "checkpointing"),
         )
 
 
@@ -248,7 +236,7 @@ class HeadConfig:
     from the data), plus the center-loss keys of CENTER_LOSS_PARAMS."""
 
     def __post_init__(self) -> None:
-        import heads  # here: the schema alone (and its YAML) loads without torch
+        import heads  # on first use: importing this module needs no torch
 
         self.params = _check_builder_params(
             "head", heads.HEADS, self.name, self.params, extra=CENTER_LOSS_PARAMS
