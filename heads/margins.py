@@ -178,6 +178,7 @@ class NormFace(MarginHead):
     """NormFace: logit_j = s · cos θ_j for every class, no margin."""
 
 
+@register("combined")  # the class is its own builder: every argument is a config key
 class CombinedMargin(MarginHead):
     """Combined margin: target logit s·(ψ(m1·θ_y + m2) − m3), others s·cos θ_j.
 
@@ -308,22 +309,6 @@ def sphereface(
 ) -> SphereFace:
     """SphereFace, multiplicative margin: s · ψ(m · θ_y)."""
     return SphereFace(s, m, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
-
-
-@register("combined")
-def combined(
-    *,
-    s: float = 64.0,
-    m1: float = 1.0,
-    m2: float = 0.5,
-    m3: float = 0.0,
-    interclass_threshold: float = 0.0,
-    intra_alpha: float = 0.0,
-) -> CombinedMargin:
-    """Combined margin: s · (ψ(m1·θ_y + m2) − m3)."""
-    return CombinedMargin(
-        s, m1, m2, m3, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha
-    )
 
 
 @register("adacos")
