@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from dist_train.registry import Registry
+from core.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 register = BACKBONES.register

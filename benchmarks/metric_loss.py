@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import heads  # noqa: E402
-from heads.metric import _label_masks, pairwise_distances, semi_hard_triplets  # noqa: E402
+from heads.metric import label_masks, pairwise_distances, semi_hard_triplets  # noqa: E402
 
 HEAD_CASES = [
     ("contrastive", {}),
@@ -77,7 +77,7 @@ def bench_heads(sizes, dim, repeats):
 
 def cube_semi_hard(d: torch.Tensor, labels: torch.Tensor, margin: float):
     """Every semi-hard triple from one [N, N, N] mask (the first, straightforward miner)."""
-    pos, neg = _label_masks(labels)
+    pos, neg = label_masks(labels)
     d_ap, d_an = d[:, :, None], d[:, None, :]
     valid = pos[:, :, None] & neg[:, None, :] & (d_an > d_ap) & (d_an < d_ap + margin)
     return valid.nonzero().unbind(1)

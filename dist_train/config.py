@@ -3,7 +3,9 @@
 Owns: the schema and defaults, loading YAML, ``--set a.b=c`` overrides, type conversion by the
 declared type (PyYAML reads ``1e-3`` as a string), validation in ``__post_init__``, and writing
 the resolved config. Precedence: command line > YAML > defaults. An unknown key raises naming
-its dotted path and the closest valid key.
+its dotted path and the closest valid key, inside ``backbone.params`` and ``head.params`` too:
+their keys are checked against the registered builder's keyword arguments (``backbones`` and
+``heads`` registries) and, for ``head.params``, :data:`CENTER_LOSS_PARAMS`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,19 @@ from typing import Any
 
 import yaml
 
+# ConfigError lives in core/ so the data layer can subclass it; users import it from here.
+from core.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the dotted path."""
+CENTER_LOSS_PARAMS: dict[str, type] = {
+    "center_loss_weight": float,  # λ of the sharded center loss added to the objective; 0: off
+    "center_loss_update": str,  # one of CENTER_LOSS_UPDATES
+    "center_loss_alpha": float,  # rate α of the "alpha" update rule
+    "center_loss_lr_scale": float,  # centres' learning rate relative to optim.lr ("gradient")
+}
+"""Keys of ``head.params`` read by :mod:`dist_train.losses` (the center loss), not passed to the
+head builder, with their types."""
+CENTER_LOSS_UPDATES = ("gradient", "alpha")
+"""Values of ``head.params.center_loss_update``."""
 
 
 def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
@@ -40,6 +52,69 @@ def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
             return name
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.4)
     return close[0] if close else None
+
+
+def _unknown_key(prefix: str, key: str, names: list[str] | tuple[str, ...]) -> ConfigError:
+    """The error for ``prefix + key``, naming the closest of ``names`` (``prefix`` ends in ".")."""
+    near = closest(key, names)
+    hint = f"; did you mean {prefix}{near}?" if near else ""
+    return ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+def _checked_value(path: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against a builder keyword's declared type ``tp``.
+
+    Only plain ``bool``/``int``/``float``/``str`` are checked (other annotations pass as they
+    are). A string given for a number or a bool (PyYAML reads ``1e-3`` as one) is converted;
+    any other value is kept as written.
+    """
+    if tp not in (bool, int, float, str):
+        return value
+    converted = _convert(path, value, tp)
+    return converted if isinstance(value, str) and tp is not str else value
+
+
+def _check_builder_params(
+    section: str,
+    registry: Any,
+    name: str,
+    params: dict[str, Any],
+    *,
+    extra: dict[str, type] | None = None,
+    section_fields: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``params`` of ``section`` checked against the keywords of ``registry``'s ``name`` builder.
+
+    Args:
+        section: ``"backbone"`` or ``"head"`` (for the dotted paths in messages).
+        registry: the :class:`core.registry.Registry` holding ``name``.
+        name: registered builder name (``section.name``).
+        params: ``section.params``.
+        extra: keys consumed by the trainer rather than the builder, with their types.
+        section_fields: builder keywords the trainer fills from the section's own fields;
+            giving them in ``params`` too raises.
+
+    Returns:
+        ``params`` with string numbers converted (see :func:`_checked_value`).
+    """
+    if name not in registry:
+        near = closest(name, registry.names())
+        hint = f"; did you mean {near!r}?" if near else ""
+        raise ConfigError(f"{section}.name={name!r} is not a registered {registry.kind}{hint}")
+    declared = registry.keywords(name)
+    if declared is None:  # a builder taking **kwargs: its keys cannot be listed
+        return dict(params)
+    allowed = {k: v for k, v in declared.items() if k not in section_fields}
+    allowed.update(extra or {})
+    path = f"{section}.params"
+    checked = {}
+    for key, value in params.items():
+        if key in section_fields:
+            raise ConfigError(f"{path}.{key}: set {section}.{key} instead")
+        if key not in allowed:
+            raise _unknown_key(path + ".", key, list(allowed))
+        checked[key] = _checked_value(f"{path}.{key}", value, allowed[key])
+    return checked
 
 
 def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
@@ -134,10 +209,20 @@ class BackboneConfig:
     freeze_stages: int = 0
     """Number of leading stages (stem counts as stage 0) whose parameters are frozen."""
     params: dict = field(default_factory=dict)
-    """Extra keyword arguments for the backbone builder."""
+    """Extra keyword arguments for the backbone builder (its keyword names, e.g. input_size;
+    embedding_size and checkpointing come from the fields above)."""
 
     def __post_init__(self) -> None:
         _check_choice("backbone.checkpointing", self.checkpointing, ("none", "stage", "block"))
+        import backbones  # on first use: importing this module needs no torch
+
+        self.params = _check_builder_params(
+            "backbone",
+            backbones.BACKBONES,
+            self.name,
+            self.params,
+            section_fields=("embedding_size", "checkpointing"),
+        )
 
 
 @dataclass
@@ -147,7 +232,21 @@ class HeadConfig:
     name: str = "arcface"
     """Registered head name (heads.names())."""
     params: dict = field(default_factory=dict)
-    """Keyword arguments for the head builder, e.g. {s: 64.0, m: 0.5}."""
+    """Keyword arguments for the head builder, e.g. {s: 64.0, m: 0.5} (num_classes is filled
+    from the data), plus the center-loss keys of CENTER_LOSS_PARAMS."""
+
+    def __post_init__(self) -> None:
+        import heads  # on first use: importing this module needs no torch
+
+        self.params = _check_builder_params(
+            "head", heads.HEADS, self.name, self.params, extra=CENTER_LOSS_PARAMS
+        )
+        if "center_loss_update" in self.params:
+            _check_choice(
+                "head.params.center_loss_update",
+                self.params["center_loss_update"],
+                CENTER_LOSS_UPDATES,
+            )
 
 
 @dataclass
@@ -372,9 +471,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            near = closest(key, names)
-            hint = f"; did you mean {prefix}{near}?" if near else ""
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+            raise _unknown_key(prefix, key, names)
         kwargs[key] = _convert(prefix + key, value, hints[key])
     try:
         return cls(**kwargs)

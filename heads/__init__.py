@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from dist_train.registry import Registry
+from core.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
 register = HEADS.register

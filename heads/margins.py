@@ -178,6 +178,7 @@ class NormFace(MarginHead):
     """NormFace: logit_j = s · cos θ_j for every class, no margin."""
 
 
+@register("combined")  # the class is its own builder: every argument is a config key
 class CombinedMargin(MarginHead):
     """Combined margin: target logit s·(ψ(m1·θ_y + m2) − m3), others s·cos θ_j.
 
@@ -261,50 +262,58 @@ def softmax(*, s: float = 1.0) -> SoftmaxHead:
 
 
 @register("normface")
-def normface(*, s: float = 30.0, **opts: float) -> NormFace:
+def normface(
+    *, s: float = 30.0, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> NormFace:
     """NormFace: s · cos θ_j."""
-    return NormFace(s, **opts)
+    return NormFace(s, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
 
 
 @register("cosface")
-def cosface(*, s: float = 64.0, m: float = 0.4, **opts: float) -> CosFace:
+def cosface(
+    *, s: float = 64.0, m: float = 0.4, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> CosFace:
     """CosFace: s · (cos θ_y − m) for the target, s · cos θ_j otherwise."""
-    return CosFace(s, m, **opts)
+    return CosFace(s, m, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
 
 
 @register("amsoftmax")
-def amsoftmax(*, s: float = 30.0, m: float = 0.35, **opts: float) -> CosFace:
+def amsoftmax(
+    *, s: float = 30.0, m: float = 0.35, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> CosFace:
     """AM-softmax (= CosFace): s · (cos θ_y − m); the VGGFace2 recipe uses s = 30, m = 0.1."""
-    return CosFace(s, m, **opts)
+    return CosFace(s, m, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
 
 
 @register("arcface")
-def arcface(*, s: float = 64.0, m: float = 0.5, **opts: float) -> ArcFace:
+def arcface(
+    *, s: float = 64.0, m: float = 0.5, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> ArcFace:
     """ArcFace: s · cos(θ_y + m) (m in radians), monotone beyond θ_y + m = π."""
-    return ArcFace(s, m, **opts)
+    return ArcFace(s, m, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
 
 
 @register("arcface_deg")
-def arcface_deg(*, s: float = 64.0, m: float = 30.0, **opts: float) -> ArcFace:
+def arcface_deg(
+    *, s: float = 64.0, m: float = 30.0, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> ArcFace:
     """ArcFace with the additive angular margin m given in degrees: s · cos(θ_y + m·π/180)."""
-    return ArcFace(s, math.radians(m), **opts)
+    return ArcFace(
+        s, math.radians(m), interclass_threshold=interclass_threshold, intra_alpha=intra_alpha
+    )
 
 
 @register("sphereface")
-def sphereface(*, s: float = 64.0, m: float = 1.35, **opts: float) -> SphereFace:
+def sphereface(
+    *, s: float = 64.0, m: float = 1.35, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> SphereFace:
     """SphereFace, multiplicative margin: s · ψ(m · θ_y)."""
-    return SphereFace(s, m, **opts)
-
-
-@register("combined")
-def combined(
-    *, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, **opts: float
-) -> CombinedMargin:
-    """Combined margin: s · (ψ(m1·θ_y + m2) − m3)."""
-    return CombinedMargin(s, m1, m2, m3, **opts)
+    return SphereFace(s, m, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)
 
 
 @register("adacos")
-def adacos(*, num_classes: int, **opts: float) -> AdaCos:
+def adacos(
+    *, num_classes: int, interclass_threshold: float = 0.0, intra_alpha: float = 0.0
+) -> AdaCos:
     """Fixed AdaCos: s · cos θ_j with s = √2 · ln(num_classes − 1)."""
-    return AdaCos(num_classes, **opts)
+    return AdaCos(num_classes, interclass_threshold=interclass_threshold, intra_alpha=intra_alpha)

@@ -79,7 +79,7 @@ def pairwise_distances(x: torch.Tensor, squared: bool = False) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def _label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positive, negative)`` boolean ``[N, N]`` masks; the positive mask excludes i == j."""
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
@@ -109,7 +109,7 @@ def semi_hard_triplets(
         ``(a, p, n)`` index tensors ``[T]`` int64, in lexicographic order.
     """
     d = distances.detach()
-    pos, neg = _label_masks(labels)
+    pos, neg = label_masks(labels)
     a_parts, p_parts, n_parts = [], [], []
     for a, p in _positive_pair_chunks(pos, neg):
         d_ap = d[a, p][:, None]  # [P, 1]
@@ -199,7 +199,7 @@ class ContrastiveLoss(nn.Module):
                 x = F.normalize(x, dim=1)
             d = pairwise_distances(x)
             if self.miner == "none":
-                pos, neg = _label_masks(labels)
+                pos, neg = label_masks(labels)
                 upper = torch.ones_like(pos).triu(diagonal=1)
                 d_pos, d_neg = d[pos & upper], d[neg & upper]
             else:
@@ -261,7 +261,7 @@ class TripletLoss(nn.Module):
             if self.normalize:
                 x = F.normalize(x, dim=1)
             d = pairwise_distances(x)
-            pos, neg = _label_masks(labels)
+            pos, neg = label_masks(labels)
             if self.mining == "batch_hard":
                 d_ap, d_an = self._batch_hard(d, pos, neg)
             else:
@@ -448,7 +448,7 @@ class MarginLoss(nn.Module):
             ``(a, p, n)`` index tensors ``[T]`` int64: every ordered positive pair ``(a, p)``
             whose anchor has a negative, with its sampled negative ``n``.
         """
-        pos, neg = _label_masks(labels)
+        pos, neg = label_masks(labels)
         a, p = (pos & neg.any(dim=1, keepdim=True)).nonzero().unbind(1)
         if a.numel() == 0:
             return a, p, a.clone()

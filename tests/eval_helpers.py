@@ -52,10 +52,8 @@ def tiny_backbone():
     Registering only while a test runs keeps it out of tests that parametrise over
     ``backbones.names()`` at collection time.
     """
-    if TINY not in backbones.names():
-        backbones.register(TINY)(_tiny)
-    yield TINY
-    backbones.BACKBONES._builders.pop(TINY, None)  # the Registry has no public unregister
+    with backbones.BACKBONES.temporary(TINY, _tiny) as name:
+        yield name
 
 
 def identity_images(num_ids: int, per_id: int, seed: int = 0) -> list[list[np.ndarray]]:

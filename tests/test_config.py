@@ -1,6 +1,18 @@
+from pathlib import Path
+
 import pytest
 
-from dist_train.config import ConfigError, TrainConfig, load_config, save_config
+import backbones
+import heads
+from dist_train.config import (
+    CENTER_LOSS_PARAMS,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
 
 def test_defaults_and_overrides_convert_types(tmp_path):
@@ -59,9 +71,64 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
-
-    configs = sorted(Path("launch/configs").glob("*.yaml"))
+    configs = sorted(CONFIGS.rglob("*.yaml"))  # recipes/ included
     assert configs, "no shipped configs"
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        (
+            "head.params={s: 30.0, intra_alpah: 0.5}",
+            r"head\.params\.intra_alpah.*head\.params\.intra_alpha",
+        ),
+        (
+            "head.params.center_loss_wieght=0.01",
+            r"head\.params\.center_loss_wieght.*center_loss_weight",
+        ),
+        ("head.params.center_loss_update=gradeint", r"center_loss_update.*did you mean 'gradient'"),
+        (
+            "backbone.params={width_mul: 0.5}",
+            r"backbone\.params\.width_mul.*backbone\.params\.width_mult",
+        ),
+        ("backbone.params={embedding_size: 8}", r"set backbone\.embedding_size instead"),
+        ("head.params={s: abc}", r"head\.params\.s='abc' is not a valid float"),
+        ("head.name=arcfce", r"head\.name='arcfce'.*did you mean 'arcface'"),
+        ("backbone.name=iresnet5", r"backbone\.name='iresnet5'.*did you mean 'iresnet50'"),
+    ],
+)
+def test_params_keys_are_the_builders_keywords(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["backbone.name=iresnet18", override])
+
+
+def test_params_accept_builder_keywords_and_center_loss_keys():
+    cfg = load_config(
+        None,
+        [
+            "backbone.params={input_size: 64, width_mult: 0.25}",
+            "head.name=softmax",
+            "head.params={s: '1e0', center_loss_weight: 0.003, center_loss_update: alpha}",
+        ],
+    )
+    assert cfg.backbone.params == {"input_size": 64, "width_mult": 0.25}
+    # a string number (PyYAML reads 1e0 as one) is converted by the builder's declared type
+    assert cfg.head.params == {"s": 1.0, "center_loss_weight": 0.003, "center_loss_update": "alpha"}
+    assert set(CENTER_LOSS_PARAMS) == {
+        "center_loss_weight",
+        "center_loss_update",
+        "center_loss_alpha",
+        "center_loss_lr_scale",
+    }
+
+
+@pytest.mark.parametrize(
+    "registry,name",
+    [(backbones.BACKBONES, n) for n in backbones.names()]
+    + [(heads.HEADS, n) for n in heads.names()],
+)
+def test_every_builder_lists_its_keywords(registry, name):
+    """A builder taking **kwargs would let a typo in its params through unchecked."""
+    assert registry.keywords(name) is not None

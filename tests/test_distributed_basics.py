@@ -68,6 +68,7 @@ def _gather_grad(rank, world):
     return g.detach(), x.grad
 
 
+@pytest.mark.slow
 def test_all_gather_with_grad_sums_gradients_over_ranks():
     world = 3
     out = run_distributed(_gather_grad, world)

@@ -90,6 +90,7 @@ def _onnx_model(tmp_path) -> str:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # legacy ONNX exporter
 def test_launch_eval_script_with_onnx_model(tmp_path):
     bin_path, csv_path, _, _ = write_targets(str(tmp_path / "data"))

@@ -111,6 +111,7 @@ def _extract_on_ranks(rank, world_size, imgs):
     return out.embeddings, out.xnorm, seen, str(err.value)
 
 
+@pytest.mark.slow
 def test_extract_spreads_shards_over_two_ranks():
     imgs = _images(7)
     results = run_distributed(_extract_on_ranks, 2, imgs)

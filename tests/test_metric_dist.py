@@ -264,6 +264,7 @@ def _worker(rank, world, center_steps, single_path):
     return metric_losses, *_center_run(rank, world, center_steps, single_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_cross_rank_losses_match_single_process(world, tmp_path):
     path = os.path.join(tmp_path, "center_loss_single_process.pt")

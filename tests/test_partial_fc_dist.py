@@ -224,14 +224,17 @@ def _assert_parity(results: list[dict]) -> None:
                 assert abs(err) <= 1e-10, f"rank {rank} {label} {key}: relative error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_parity_two_ranks_every_margin(world2):
     _assert_parity(world2)
 
 
+@pytest.mark.slow
 def test_parity_three_ranks_every_margin(world3):
     _assert_parity(world3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["world2", "world3"])
 def test_sampling_and_label_checks_on_every_rank(world, request):
     for res in request.getfixturevalue(world):
@@ -248,6 +251,7 @@ def _assert_state_close(got: dict, want: dict) -> None:
     torch.testing.assert_close(g_m, w_m, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_one_to_two_ranks_continues_identically(single, world2):
     assert all(r["loaded_centers_equal"] for r in world2)
     for res in world2:
@@ -256,6 +260,7 @@ def test_one_to_two_ranks_continues_identically(single, world2):
     _assert_state_close(_state(world2[0]), single["B"])
 
 
+@pytest.mark.slow
 def test_two_to_three_ranks_continues_identically(single, world3):
     assert all(r["loaded_centers_equal"] for r in world3)
     for res in world3:
@@ -264,6 +269,7 @@ def test_two_to_three_ranks_continues_identically(single, world3):
     _assert_state_close(_state(world3[0]), single["C"])
 
 
+@pytest.mark.slow
 def test_two_to_one_process_continues_identically(single, world2):
     pfc = build_pfc(seed=SEED + 5)
     pfc.configure_optimizer(**OPTIM)

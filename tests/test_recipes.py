@@ -464,6 +464,7 @@ _WANT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(_WANT))
 def test_recipe_trains_on_two_ranks(recipe_runs, key):
     results, run_dirs = recipe_runs
@@ -485,6 +486,7 @@ def test_recipe_trains_on_two_ranks(recipe_runs, key):
     assert (run_dir / "best_model.pt").is_file() == (key != "r34_softmax")
 
 
+@pytest.mark.slow
 def test_test_targets_use_final_weights_without_a_best_metric(recipe_runs):
     import backbones
     from eval.runner import evaluate_targets
@@ -506,6 +508,7 @@ def test_test_targets_use_final_weights_without_a_best_metric(recipe_runs):
 # Two-stage: VGGFace2-style pretraining -> Korean-style fine-tuning with the test EER
 
 
+@pytest.mark.slow
 def test_two_stage_pretrain_then_finetune(recipe_data, tmp_path):
     import backbones
     from eval.runner import evaluate_targets

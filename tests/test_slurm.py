@@ -13,7 +13,6 @@ the ``slow`` test at the end.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -539,6 +538,7 @@ def _preempt(fake: dict, script: str) -> tuple[list[dict], list[str], str]:
     return _ranks(fake["run"]), got, out
 
 
+@pytest.mark.slow
 def test_srun_per_task_mode_and_preemption(fake_slurm):
     ranks, got, out = _preempt(fake_slurm, "train_srun.sbatch")
     _check_common(fake_slurm, ranks)
@@ -555,6 +555,7 @@ def test_srun_per_task_mode_and_preemption(fake_slurm):
     assert calls[-1] == f"scontrol requeue {fake_slurm['job']}"
 
 
+@pytest.mark.slow
 def test_one_node_torchrun_mode_and_preemption(fake_slurm):
     ranks, got, out = _preempt(fake_slurm, "train_1node.sbatch")
     _check_common(fake_slurm, ranks)
@@ -566,6 +567,7 @@ def test_one_node_torchrun_mode_and_preemption(fake_slurm):
     assert calls == [f"scontrol requeue {fake_slurm['job']}"]  # no srun in this mode
 
 
+@pytest.mark.slow
 def test_multinode_torchrun_mode_and_preemption(fake_slurm):
     ranks, got, out = _preempt(fake_slurm, "train_multinode.sbatch")
     _check_common(fake_slurm, ranks)
@@ -606,21 +608,7 @@ def test_multinode_runs_to_completion_without_requeue(fake_slurm):
 
 
 # --- the real trainer ----------------------------------------------------------------------------
-def _pipeline_missing() -> str:
-    try:
-        data = importlib.import_module("dist_train.data")
-        importlib.import_module("dist_train.partial_fc")
-    except ImportError as exc:
-        return f"training pipeline not on this branch yet ({exc})"
-    if not hasattr(data, "build_train_data"):
-        return "dist_train.data.build_train_data not on this branch yet"
-    if not (REPO / "launch" / "make_synthetic.py").exists():
-        return "launch/make_synthetic.py not on this branch yet"
-    return ""
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(bool(_pipeline_missing()), reason=_pipeline_missing() or "ok")
 def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, tmp_path):
     """The one-node script runs launch/train.py on synthetic data; USR1 to the batch shell makes
     it checkpoint and requeue; starting the script again resumes and completes the run."""

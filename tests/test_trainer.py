@@ -70,6 +70,7 @@ def _ddp_grads(rank, world, global_x, global_y, state):
     return float(loss), {k: p.grad.clone() for k, p in net.named_parameters()}
 
 
+@pytest.mark.slow
 def test_ddp_sum_hook_gives_single_process_gradients():
     from tests.conftest import TinyConvNet
 

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .datasets import DataError, LabelledImages, open_train_dataset
+from .errors import DataConfigError
 from .samplers import EpochSampler, build_sampler
 from .transforms import TrainTransform
 
@@ -231,24 +232,22 @@ def build_train_data(cfg, dist, seed: int, *, shared_ring: bool | None = None) -
             error.
 
     Raises:
-        ConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
+        DataConfigError: ``cfg.num_classes``/``cfg.num_images`` disagree with the data.
         DataError: missing or unusable data.
 
     With ``num_workers > 0`` this sets OpenCV to one thread in the calling process (see the
     comment in the body): forked workers then start without a half-copied thread pool.
     """
-    from dist_train.config import ConfigError
-
     dataset = open_train_dataset(cfg, TrainTransform.from_config(cfg))
     dataset.base_seed = int(seed)
     where = str(cfg.root)
     if cfg.num_classes and cfg.num_classes != dataset.num_classes:
-        raise ConfigError(
+        raise DataConfigError(
             f"data.num_classes={cfg.num_classes} but {where} holds {dataset.num_classes} "
             "identities (set 0 to derive it from the data)"
         )
     if cfg.num_images and cfg.num_images != len(dataset):
-        raise ConfigError(
+        raise DataConfigError(
             f"data.num_images={cfg.num_images} but {where} holds {len(dataset)} images "
             "(set 0 to derive it from the data)"
         )
