@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import heads
-from dist_train.config import TrainConfig
+from dist_train.config import CENTER_LOSS_PARAMS, TrainConfig
 
 
 def build_head(name: str, params: dict[str, Any], num_classes: int) -> nn.Module:
@@ -34,9 +34,10 @@ def build_head(name: str, params: dict[str, Any], num_classes: int) -> nn.Module
 class TrainLoss(nn.Module):
     """Sum of the configured loss parts on one rank's micro-batch.
 
-    ``head.params`` may hold, besides the head's own arguments: ``center_loss_weight`` (λ of a
-    sharded center loss added to the objective; 0 disables), ``center_loss_update``
-    (``"gradient"`` or ``"alpha"``), ``center_loss_alpha`` and ``center_loss_lr_scale``.
+    ``head.params`` may hold, besides the head's own arguments, the center-loss keys of
+    :data:`dist_train.config.CENTER_LOSS_PARAMS`: ``center_loss_weight`` (λ of a sharded center
+    loss added to the objective; 0 disables), ``center_loss_update`` (``"gradient"`` or
+    ``"alpha"``), ``center_loss_alpha`` and ``center_loss_lr_scale``.
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
@@ -46,7 +47,7 @@ class TrainLoss(nn.Module):
         from dist_train.partial_fc import PartialFC, build_partial_fc
 
         hp = cfg.head.params
-        params = {k: v for k, v in hp.items() if not k.startswith("center_loss_")}
+        params = {k: v for k, v in hp.items() if k not in CENTER_LOSS_PARAMS}
         head = build_head(cfg.head.name, params, num_classes)
         kind = getattr(head, "kind", None)
         if kind not in ("margin", "metric", "combined"):

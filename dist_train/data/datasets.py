@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .errors import DataError
 from .recordio import IR_SIZE, MAGIC, RecordIOError, RecordIOReader, unpack
 from .transforms import SampleRandom, preset_draws, preset_randoms, resize
 
@@ -45,10 +46,6 @@ except ImportError:  # pragma: no cover - a declared dependency; OpenCV does eve
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class DataError(ValueError):
-    """Unusable data: the message names the file, record or line."""
 
 
 def decode_image(buf: bytes, *, where: str = "<bytes>") -> np.ndarray:

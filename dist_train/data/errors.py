@@ -1,12 +1,17 @@
-"""Errors the data layer raises about its configuration.
+"""The data layer's own errors.
 
-Owns :class:`DataConfigError`. :class:`~dist_train.data.datasets.DataError` (unusable files)
-stays with the readers that raise it.
+Owns :class:`DataError` (unusable data: a file, record or line) and :class:`DataConfigError`
+(a ``data.*`` config value that disagrees with the data). The RecordIO byte format keeps its
+:class:`~dist_train.data.recordio.RecordIOError`.
 """
 
 from __future__ import annotations
 
 from core.errors import ConfigError
+
+
+class DataError(ValueError):
+    """Unusable data: the message names the file, record or line."""
 
 
 class DataConfigError(ConfigError):
