@@ -41,8 +41,8 @@ def _losses(trainer):
 
 def _ddp_grads(rank, world, global_x, global_y, state):
     import heads
-    from dist_train.partial_fc import PartialFC
     from dist_train.model_setup import allreduce_sum_hook, wrap_ddp
+    from dist_train.partial_fc import PartialFC
     from tests.conftest import TinyConvNet
 
     torch.manual_seed(0)
