@@ -16,7 +16,7 @@ import logging
 import math
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 from torch import nn
@@ -41,53 +41,45 @@ class Progress:
     """Batches (micro-batches) of this rank consumed in the current epoch."""
 
 
+@dataclass(eq=False, repr=False)
 class TrainStep:
     """``train_step(batches)``: one optimizer step over ``grad_accum_steps`` micro-batches.
 
-    Args:
-        cfg: the run's config (``grad_accum_steps``, ``max_skipped_steps``, the input
-            normalisation, ``backbone.channels_last``, ``optim.grad_clip_norm``).
-        model: the backbone as trained (DDP-wrapped under a process group).
-        backbone: the bare backbone (its gradients are clipped and checked).
-        loss: the loss module (:func:`dist_train.losses.build_loss`).
-        optimizers: every optimizer the schedule drives, with its base learning rate; the first
-            is the backbone's.
-        schedule: the learning-rate schedule.
-        scaler: the GradScaler (enabled for fp16 only).
-        amp_dtype: the autocast dtype, ``None`` for full precision.
-        device: where batches go.
-        progress: the run's position, advanced here.
+    Built by the trainer from the modules it trains; the counters and the stop request start
+    empty.
     """
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        *,
-        model: nn.Module,
-        backbone: nn.Module,
-        loss: nn.Module,
-        optimizers: list[tuple[torch.optim.Optimizer, float]],
-        schedule: LRSchedule,
-        scaler: torch.amp.GradScaler,
-        amp_dtype: torch.dtype | None,
-        device: torch.device,
-        progress: Progress,
-    ) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.backbone = backbone
-        self.loss = loss
-        self.optimizers = optimizers
-        self.schedule = schedule
-        self.scaler = scaler
-        self.amp_dtype = amp_dtype
-        self.device = device
-        self.progress = progress
-        self.skipped_total = 0
-        self.skipped_in_row = 0
-        self.last_grad_norm: torch.Tensor = torch.zeros(())
-        self.stop_signal: int | None = None
-        self.stop_agreed = False  # every rank saw a stop request (set by optimizer_step)
+    cfg: TrainConfig
+    """The run's config (``grad_accum_steps``, ``max_skipped_steps``, the input normalisation,
+    ``backbone.channels_last``, ``optim.grad_clip_norm``)."""
+    _: KW_ONLY
+    model: nn.Module
+    """The backbone as trained (DDP-wrapped under a process group)."""
+    backbone: nn.Module
+    """The bare backbone (its gradients are clipped and checked)."""
+    loss: nn.Module
+    """The loss module (:func:`dist_train.losses.build_loss`)."""
+    optimizers: list[tuple[torch.optim.Optimizer, float]]
+    """Every optimizer the schedule drives, with its base learning rate; the backbone's first."""
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    """Enabled for fp16 only."""
+    amp_dtype: torch.dtype | None
+    """The autocast dtype, ``None`` for full precision."""
+    device: torch.device
+    """Where batches go."""
+    progress: Progress
+    """The run's position, advanced here."""
+    skipped_total: int = field(default=0, init=False)
+    """Steps skipped for a non-finite loss or gradient (checkpointed)."""
+    skipped_in_row: int = field(default=0, init=False)
+    """Consecutive skips that count towards ``max_skipped_steps``."""
+    last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()), init=False)
+    """The backbone's gradient norm of the last step (before clipping)."""
+    stop_signal: int | None = field(default=None, init=False)
+    """The signal of a stop request on this rank (:meth:`request_stop`)."""
+    stop_agreed: bool = field(default=False, init=False)
+    """Every rank saw a stop request (set by :meth:`optimizer_step`)."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

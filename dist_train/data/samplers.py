@@ -10,7 +10,9 @@ Every sampler first builds the *global* order of an epoch from ``(seed, epoch)``
 same on every rank, cut to a whole number of global batches of ``batch_size * world_size``
 images. Global batch ``g`` is split in rank order: rank ``r`` gets positions
 ``[r * batch_size, (r + 1) * batch_size)`` of it. So ranks never overlap, and a resumed run
-skips exactly the global batches already consumed.
+skips exactly the global batches already consumed; on another world size or batch size
+(``load_state_dict(state, reshard=True)``) it skips the images already consumed, rounded down to
+a whole global batch of the new size.
 """
 
 from __future__ import annotations
