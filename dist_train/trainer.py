@@ -38,7 +38,7 @@ from dist_train.train_step import Progress, TrainStep, install_stop_handlers
 if TYPE_CHECKING:
     from dist_train.data import TrainData
 
-# build_backbone, rng_state and set_rng_state are imported from here by users' scripts
+# build_backbone, rng_state and set_rng_state stay public names of this module too
 __all__ = ["Trainer", "build_backbone", "rng_state", "seed_everything", "set_rng_state"]
 
 log = logging.getLogger(__name__)
