@@ -4,11 +4,12 @@ Both sides train the *same* modules (the backbone, the Partial FC classifier and
 optimizers that one :class:`dist_train.trainer.Trainer` built) on the *same* batches, already
 in memory as uint8 tensors, so the difference is what the trainer adds around the maths:
 
-- **trainer**: ``Trainer.fit()`` with its loader replaced by the in-memory batches, i.e. the
+- **trainer**: ``Trainer.fit()`` given the in-memory batches as its data, i.e. the
   real loop: learning-rate schedule, normalisation, autocast context, GradScaler calls,
   gradient-norm computation, the finiteness/stop all-reduce, the ``.item()`` per step, the log
   line and TensorBoard scalars every ``log_every_steps``. Its end-of-run work (final
-  evaluation, weights file, checkpoint) is left out, as it is not per step.
+  evaluation, weights file, checkpoint) is left out (``fit(finish=False)``), as it is not per
+  step.
 - **bare**: normalise, ``backbone(x)``, ``pfc(embeddings, labels)``, ``backward()``, both
   optimizers ``step()`` and ``zero_grad()``; no hooks.
 
@@ -25,6 +26,7 @@ Target (issue 5, point 9): trainer samples/s >= 0.95 x the bare loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -59,8 +61,9 @@ class InMemoryLoader:
 
 def _bench(rank: int, world: int, args: argparse.Namespace, data_root: str) -> dict:
     from dist_train.config import load_config
+    from dist_train.data import build_train_data, normalize
     from dist_train.distributed import DistInfo
-    from dist_train.trainer import Trainer, normalize_batch
+    from dist_train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     run_dir = os.path.join(data_root, f"run{rank}")
@@ -86,29 +89,28 @@ def _bench(rank: int, world: int, args: argparse.Namespace, data_root: str) -> d
         ],
     )
     info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-    trainer = Trainer(cfg, info)
+    data = build_train_data(cfg.data, info, cfg.seed)
     gen = torch.Generator().manual_seed(rank)
     batches = [
         (
             torch.randint(
                 0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=gen
             ),
-            torch.randint(0, trainer.num_classes, (args.batch,), generator=gen),
+            torch.randint(0, data.num_classes, (args.batch,), generator=gen),
         )
         for _ in range(args.steps)
     ]
-    trainer.data.loader = InMemoryLoader(batches)
-    trainer.finish = lambda: None  # end-of-run evaluation and files: not per-step work
+    trainer = Trainer(cfg, info, data=dataclasses.replace(data, loader=InMemoryLoader(batches)))
     pfc = trainer.loss.partial_fc
     model, opt = trainer.model, trainer.optimizer
 
     def trainer_block() -> None:
         trainer.total_steps = trainer.step + args.steps
-        trainer.fit()
+        trainer.fit(finish=False)  # end-of-run evaluation and files: not per-step work
 
     def bare_block() -> None:
         for images, labels in batches:
-            x = normalize_batch(images, 0.5, 0.5)
+            x = normalize(images, 0.5, 0.5)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
                 embeddings = model(x)
             loss = pfc(embeddings.float(), labels)
@@ -131,7 +133,7 @@ def _bench(rank: int, world: int, args: argparse.Namespace, data_root: str) -> d
             fn()
             times[name].append(time.perf_counter() - t0)
             times[name + "_cpu"].append(time.process_time() - c0)
-    trainer.tb.close()  # fit() left it open (finish() was skipped)
+    trainer.meter.close()  # fit(finish=False) left TensorBoard open
     return times
 
 

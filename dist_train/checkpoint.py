@@ -1,8 +1,9 @@
 """Training-state checkpoints: atomic writes, rotation, and finding the newest valid one.
 
-Owns the file side only (where, how, which). What goes into a checkpoint is assembled by the
-trainer; the Partial FC part is world-size-free (per-class rows tagged with class ranges), so a
-checkpoint written by N processes loads into M processes.
+Owns the file side only (where, how, which). What goes into a checkpoint, and when it is
+written and restored, belongs to :mod:`dist_train.checkpointer`; the Partial FC part is
+world-size-free (per-class rows tagged with class ranges), so a checkpoint written by N
+processes loads into M processes.
 """
 
 from __future__ import annotations

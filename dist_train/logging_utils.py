@@ -63,10 +63,6 @@ class TensorBoard:
         for k, v in values.items():
             self.scalar(prefix + k, v, step)
 
-    def image(self, tag: str, image_hwc_uint8: Any, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
-
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer is not None:
             self.writer.add_hparams(hparams, metrics, run_name=".")

@@ -32,20 +32,15 @@ def _record_losses(trainer, stop_at: int | None = None, scaler_states: list | No
     """Runs ``fit()`` recording each step's loss (and, if given a list, the scaler's state
     after each step); optionally a preemption after step ``stop_at``."""
     seen: list[float] = []
-    step = trainer.train_step
 
-    def recording(batches):
-        out = step(batches)
-        if out is not None:
-            seen.append(out)
-            if scaler_states is not None:
-                scaler_states.append(trainer.scaler.state_dict())
+    def recording(loss):
+        seen.append(loss)
+        if scaler_states is not None:
+            scaler_states.append(trainer.scaler.state_dict())
         if stop_at is not None and trainer.step == stop_at:
-            trainer._stop_signal = signal.SIGTERM
-        return out
+            trainer.train_step.request_stop(signal.SIGTERM)
 
-    trainer.train_step = recording
-    trainer.fit()
+    trainer.fit(on_step=recording)
     return seen
 
 
@@ -71,7 +66,7 @@ def test_fp16_uses_a_grad_scaler_and_trains(tiny_data, tmp_path):
     # off step by step until steps go through, and every skipped step is counted.
     scales = [s["scale"] for s in states]
     skipped = sum(b < a for a, b in zip([65536.0] + scales, scales))
-    assert 1 <= skipped == trainer.skipped_total < 10
+    assert 1 <= skipped == trainer.train_step.skipped_total < 10
     assert scales[-1] < 65536.0
     assert any(not torch.equal(before[k], v) for k, v in trainer.backbone.state_dict().items())
     # bf16 needs no scaler
@@ -91,7 +86,7 @@ def test_overflow_is_skipped_lowers_the_scale_and_is_logged(tiny_data, tmp_path)
     assert math.isfinite(loss)  # the loss itself is fine; its scaled gradient is not
     # a skip while the scale is still >= 1 is the scaler searching its range: not counted
     # towards max_skipped_steps (it is in skipped_total)
-    assert trainer.skipped_total == 1 and trainer.skipped_in_row == 0
+    assert trainer.train_step.skipped_total == 1 and trainer.train_step.skipped_in_row == 0
     assert trainer.scaler.get_scale() == 2.0**59  # backed off by backoff_factor 0.5
     for k, v in trainer.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -138,7 +133,7 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
 
     resumed = _trainer(tiny_data, tmp_path / "cut", **extra, **{"checkpoint.resume": "auto"})
     assert resumed.scaler.state_dict() != saved["scaler"]  # a fresh scaler...
-    resumed.maybe_resume()
+    resumed.checkpointer.resume()
     assert resumed.scaler.state_dict() == saved["scaler"]  # ...takes the checkpoint's state
     rest_states: list[dict] = []
     rest = _record_losses(resumed, scaler_states=rest_states)

@@ -310,20 +310,11 @@ def _describe(trainer) -> dict:
 def _fit_recording(trainer) -> tuple[list[float], list[tuple[str, int]]]:
     """Runs ``fit()``, recording each step's loss and each evaluation's (tag, step)."""
     losses, evals = [], []
-    step, evaluate = trainer.train_step, trainer.evaluate
 
-    def train_step(batches):
-        out = step(batches)
-        if out is not None:
-            losses.append(out)
-        return out
-
-    def recording_evaluate(tag=""):
+    def recording_evaluate(tag, results):
         evals.append((tag, trainer.step))
-        return evaluate(tag)
 
-    trainer.train_step, trainer.evaluate = train_step, recording_evaluate
-    trainer.fit()
+    trainer.fit(on_step=losses.append, on_evaluate=recording_evaluate)
     return losses, evals
 
 

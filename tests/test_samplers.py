@@ -161,3 +161,19 @@ def test_resume_state_mismatch_is_an_error():
         ShuffleSampler(labels, 8, 0, 2, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="batches_consumed"):
         s.state_dict(s.num_batches + 1)
+
+
+def test_resume_on_another_world_size_continues_the_global_order():
+    labels = _labels()
+    two = _ranks(ShuffleSampler, labels, 8, seed=1)
+    for s in two:
+        s.set_epoch(2)
+    state = two[0].state_dict(batches_consumed=3)  # 3 global batches of 16 images consumed
+    one = ShuffleSampler(labels, 12, 0, 1, seed=1)
+    assert one.load_state_dict(state, reshard=True) == 4  # 48 images = 4 batches of 12
+    one.set_epoch(2)
+    # the 2-rank run consumed the first 48 images of the same global order
+    consumed = np.concatenate(_global_batches([s.rank_indices(2) for s in two], 8)[:3])
+    np.testing.assert_array_equal(consumed, one.rank_indices(2)[:48])
+    # one rank of one: its indices are the epoch's whole global order
+    np.testing.assert_array_equal(np.array(list(one)), one.rank_indices(2)[48:])

@@ -31,16 +31,7 @@ def _trainer(data, run, **extra):
 def _losses(trainer):
     """Runs fit(), recording every step's loss."""
     seen = []
-    step = trainer.train_step
-
-    def recording(batches):
-        out = step(batches)
-        if out is not None:
-            seen.append(out)
-        return out
-
-    trainer.train_step = recording
-    trainer.fit()
+    trainer.fit(on_step=seen.append)
     return seen
 
 
@@ -50,8 +41,8 @@ def _losses(trainer):
 
 def _ddp_grads(rank, world, global_x, global_y, state):
     import heads
+    from dist_train.model_setup import allreduce_sum_hook, wrap_ddp
     from dist_train.partial_fc import PartialFC
-    from dist_train.trainer import _allreduce_sum_hook, _wrap_ddp
     from tests.conftest import TinyConvNet
 
     torch.manual_seed(0)
@@ -61,8 +52,8 @@ def _ddp_grads(rank, world, global_x, global_y, state):
     per = global_x.shape[0] // world
     x, y = global_x[rank * per : (rank + 1) * per], global_y[rank * per : (rank + 1) * per]
     if world > 1:
-        model = _wrap_ddp(net, torch.device("cpu"))
-        model.register_comm_hook(None, _allreduce_sum_hook)
+        model = wrap_ddp(net, torch.device("cpu"))
+        model.register_comm_hook(None, allreduce_sum_hook)
     else:
         model = net
     loss = pfc(model(x), y)
@@ -118,16 +109,12 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     assert len(full) == 24  # 96 images / batch 8, 2 epochs
 
     first = _trainer(tiny_data, tmp_path / "cut", **extra)
-    step = first.train_step
 
-    def stop_at_5(batches):
-        out = step(batches)
+    def stop_at_5(loss):
         if first.step == 5:
-            first._stop_signal = signal.SIGTERM  # as a preemption would
-        return out
+            first.train_step.request_stop(signal.SIGTERM)  # as a preemption would
 
-    first.train_step = stop_at_5
-    first.fit()
+    first.fit(on_step=stop_at_5)
     # every rank agrees to stop at the all-reduce of the following step
     assert first.step == 6
     resumed = _trainer(tiny_data, tmp_path / "cut", **extra, **{"checkpoint.resume": "auto"})
@@ -153,7 +140,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_data, tmp_path):
     assert any(not torch.equal(before[k], after_one[k]) for k in before)
     out = trainer.train_step(iter(trainer.data.loader))  # NaN: skipped, weights unchanged
     assert math.isnan(out)
-    assert trainer.skipped_total == 1
+    assert trainer.train_step.skipped_total == 1
     for k, v in trainer.backbone.state_dict().items():
         assert torch.equal(v, after_one[k])
 

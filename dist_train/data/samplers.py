@@ -10,7 +10,9 @@ Every sampler first builds the *global* order of an epoch from ``(seed, epoch)``
 same on every rank, cut to a whole number of global batches of ``batch_size * world_size``
 images. Global batch ``g`` is split in rank order: rank ``r`` gets positions
 ``[r * batch_size, (r + 1) * batch_size)`` of it. So ranks never overlap, and a resumed run
-skips exactly the global batches already consumed.
+skips exactly the global batches already consumed; on another world size or batch size
+(``load_state_dict(state, reshard=True)``) it skips the images already consumed, rounded down to
+a whole global batch of the new size.
 """
 
 from __future__ import annotations
@@ -121,14 +123,36 @@ class EpochSampler:
             "num_images": len(self.labels),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> int:
         """Restores a position; the next iteration of that epoch skips the consumed batches.
 
+        Args:
+            state: from :meth:`state_dict`.
+            reshard: accept a state saved with another batch size or world size. The epoch's
+                global order does not depend on them, so the position continues after the
+                images already consumed, rounded down to a whole global batch of this sampler.
+
+        Returns:
+            The batches of the epoch this rank counts as consumed (what a trainer resumes its
+            own count from).
+
         Raises:
-            ValueError: the state was saved with another sampler, seed, data set size, batch
-                size or world size (the order would differ, so the position means nothing).
+            ValueError: the state was saved with another sampler, seed, data set size or (unless
+                ``reshard``) batch size or world size: the order would differ, so the position
+                means nothing.
         """
         mine = self.state_dict(0)
+        state = dict(state)
+        if reshard and (state["world_size"], state["batch_size"]) != (
+            mine["world_size"],
+            mine["batch_size"],
+        ):
+            consumed = state["batches_consumed"] * state["batch_size"] * state["world_size"]
+            state.update(
+                world_size=mine["world_size"],
+                batch_size=mine["batch_size"],
+                batches_consumed=consumed // self.global_batch_size,
+            )
         for key in ("sampler", "seed", "batch_size", "world_size", "num_images"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(
@@ -138,6 +162,7 @@ class EpochSampler:
         self.set_epoch(int(state["epoch"]))
         self._resume_epoch = self.epoch
         self._resume_batches = int(state["batches_consumed"])
+        return self._resume_batches
 
     def _by_class(self) -> list[np.ndarray]:
         order = np.argsort(self.labels, kind="stable")

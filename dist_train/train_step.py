@@ -1,0 +1,204 @@
+"""One optimizer step of training, and the agreement of all ranks to skip it or to stop.
+
+Owns: the run's position (:class:`Progress`), the step (learning rate from the schedule,
+``grad_accum_steps`` micro-batches of forward and backward under autocast, normalised on the
+device), the optimizer step with its skip logic (a non-finite gradient on any rank skips the step
+on every rank; too many in a row stop the run), and stop requests (preemption signals), which
+every rank agrees on in the same all-reduce. Does not own building the modules, optimizers,
+schedule or scaler (:class:`dist_train.trainer.Trainer` builds them), the loss maths
+(:mod:`dist_train.losses`) nor what happens between steps (logging, evaluation, checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import KW_ONLY, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_train.config import TrainConfig
+from dist_train.data.transforms import normalize
+from dist_train.distributed import all_reduce
+from dist_train.optim import LRSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where the run is; checkpointed and restored by :mod:`dist_train.checkpointer`."""
+
+    step: int = 0
+    """Optimizer steps done (skipped ones included)."""
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Batches (micro-batches) of this rank consumed in the current epoch."""
+
+
+@dataclass(eq=False, repr=False)
+class TrainStep:
+    """``train_step(batches)``: one optimizer step over ``grad_accum_steps`` micro-batches.
+
+    Built by the trainer from the modules it trains; the counters and the stop request start
+    empty.
+    """
+
+    cfg: TrainConfig
+    """The run's config (``grad_accum_steps``, ``max_skipped_steps``, the input normalisation,
+    ``backbone.channels_last``, ``optim.grad_clip_norm``)."""
+    _: KW_ONLY
+    model: nn.Module
+    """The backbone as trained (DDP-wrapped under a process group)."""
+    backbone: nn.Module
+    """The bare backbone (its gradients are clipped and checked)."""
+    loss: nn.Module
+    """The loss module (:func:`dist_train.losses.build_loss`)."""
+    optimizers: list[tuple[torch.optim.Optimizer, float]]
+    """Every optimizer the schedule drives, with its base learning rate; the backbone's first."""
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    """Enabled for fp16 only."""
+    amp_dtype: torch.dtype | None
+    """The autocast dtype, ``None`` for full precision."""
+    device: torch.device
+    """Where batches go."""
+    progress: Progress
+    """The run's position, advanced here."""
+    skipped_total: int = field(default=0, init=False)
+    """Steps skipped for a non-finite loss or gradient (checkpointed)."""
+    skipped_in_row: int = field(default=0, init=False)
+    """Consecutive skips that count towards ``max_skipped_steps``."""
+    last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()), init=False)
+    """The backbone's gradient norm of the last step (before clipping)."""
+    stop_signal: int | None = field(default=None, init=False)
+    """The signal of a stop request on this rank (:meth:`request_stop`)."""
+    stop_agreed: bool = field(default=False, init=False)
+    """Every rank saw a stop request (set by :meth:`optimizer_step`)."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The backbone's optimizer (its learning rate is the one logged)."""
+        return self.optimizers[0][0]
+
+    def request_stop(self, signum: int) -> None:
+        """Asks for a stop; every rank agrees on it in the next optimizer step's all-reduce."""
+        self.stop_signal = signum
+
+    def __call__(self, batches: Iterator) -> float | None:
+        """One optimizer step; returns the (unscaled) loss, or None at the end of the epoch."""
+        cfg = self.cfg
+        k = cfg.grad_accum_steps
+        micro = []
+        for _ in range(k):
+            try:
+                micro.append(next(batches))
+            except StopIteration:
+                return None
+        self.model.train()
+        self.loss.train()
+        for lr_opt, base in self.optimizers:
+            self.schedule.apply(lr_opt, base, self.progress.step)
+        total = torch.zeros((), device=self.device)
+        for i, (images, labels) in enumerate(micro):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            x = normalize(images, cfg.data.mean, cfg.data.std)
+            if cfg.backbone.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
+            sync = i == k - 1 or not isinstance(self.model, DDP)
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=self.amp_dtype is not None,
+                ):
+                    embeddings = self.model(x)
+                # The classifier and its softmax run in fp32 whatever the autocast dtype.
+                loss = self.loss(embeddings.float(), labels) / k
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.progress.batches_in_epoch += k
+        ok = self.optimizer_step()
+        self.progress.step += 1
+        loss_value = float(total.item())  # CPU-GPU sync point: once per step, for logging
+        if not ok:
+            return loss_value if math.isfinite(loss_value) else float("nan")
+        return loss_value
+
+    def optimizer_step(self) -> bool:
+        """Unscales, checks finiteness on every rank, clips, steps; False if the step is skipped."""
+        cfg = self.cfg
+        opts = [o for o, _ in self.optimizers]
+        for opt in opts:
+            self.scaler.unscale_(opt)
+        params = [p for p in self.backbone.parameters() if p.grad is not None]
+        max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        self.last_grad_norm = grad_norm
+        bad = torch.tensor(
+            [0.0 if torch.isfinite(grad_norm) else 1.0, 0.0 if self.stop_signal is None else 1.0],
+            device=self.device,
+        )
+        bad[0] += float(not self.loss.grads_finite())
+        # One tiny all-reduce per step: every rank must agree to skip and to stop.
+        all_reduce(bad, op="max")
+        self.stop_agreed = bool(bad[1].item())
+        if bad[0].item() > 0:
+            self._skip(opts)
+            return False
+        self.skipped_in_row = 0
+        for opt in opts:
+            self.scaler.step(opt)
+        self.scaler.update()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        return True
+
+    def _skip(self, opts: list[torch.optim.Optimizer]) -> None:
+        """Drops this step's gradients, backs the scaler off, counts; raises past the limit."""
+        cfg = self.cfg
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        # A GradScaler overflow while the scale is still large is the scaler searching for
+        # its range (normal in the first fp16 steps); only skips at a scale below 1, or
+        # without a scaler, count towards max_skipped_steps.
+        searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+        if self.scaler.is_enabled():
+            # Back off explicitly: the overflow may have been seen on another rank only,
+            # and every rank's scale must stay the same.
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        self.skipped_total += 1
+        if not searching:
+            self.skipped_in_row += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all%s)",
+            self.progress.step + 1,
+            self.skipped_in_row,
+            self.skipped_total,
+            f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "",
+        )
+        if self.skipped_in_row >= cfg.max_skipped_steps:
+            raise RuntimeError(
+                f"{self.skipped_in_row} consecutive non-finite steps (max_skipped_steps="
+                f"{cfg.max_skipped_steps}); lower the learning rate or use bf16"
+            )
+
+
+def install_stop_handlers(request_stop: Callable[[int], None]) -> None:
+    """SIGTERM / SIGUSR1 (SLURM preemption) call ``request_stop(signum)``: a checkpoint at the
+    step every rank agrees on, then a clean exit."""
+
+    def handler(signum, _frame):
+        request_stop(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(sig, handler)
