@@ -7,7 +7,7 @@ Owns the wiring between heads and the distributed machinery:
 - a ``combined`` head -> both, the metric part weighted by ``head.metric_weight``;
 - ``head.params.center_loss_weight > 0`` adds a sharded center loss.
 
-Every part returns a global-batch loss identical on all ranks (see :mod:`dist_train.trainer`).
+Every part returns a global-batch loss identical on all ranks (see :mod:`dist_train.model_setup`).
 """
 
 from __future__ import annotations

@@ -213,23 +213,12 @@ class TrainEvaluator:
     def _evaluate(self, model: nn.Module, targets: list[Any]) -> dict[str, Any]:
         """``eval.runner.evaluate_targets_full`` with this run's eval and input settings
         (collective under a process group); the backbone is left in train mode."""
+        from eval.options import EvalOptions
         from eval.runner import evaluate_targets_full
 
-        ecfg = self.cfg.eval
+        options = EvalOptions.from_train_config(self.cfg)
         with torch.no_grad():
-            full = evaluate_targets_full(
-                model,
-                targets,
-                device=self.device,
-                batch_size=ecfg.batch_size,
-                flip=ecfg.flip,
-                low_light=ecfg.low_light,
-                mean=self.cfg.data.mean,
-                std=self.cfg.data.std,
-                amp=self.cfg.amp,
-                image_size=self.cfg.data.image_size,
-                center_crop=self.cfg.data.center_crop,
-            )
+            full = evaluate_targets_full(model, targets, options, device=self.device)
         self.backbone.train()
         return full
 
