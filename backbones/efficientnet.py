@@ -178,39 +178,37 @@ class EfficientNet(nn.Module):
             return self.features(self.fc(upcast(x)))
 
 
-@register("efficientnet_b0")
-def efficientnet_b0(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    drop_path_rate: float = 0.0,
-    checkpointing: str = "none",
-) -> EfficientNet:
-    """EfficientNet-B0 (width 1.0, depth 1.0) with an embedding head."""
-    return EfficientNet(
-        1.0,
-        1.0,
-        embedding_size=embedding_size,
-        dropout=dropout,
-        drop_path_rate=drop_path_rate,
-        checkpointing=checkpointing,
-    )
+def _variant(name: str, width: float, depth: float, doc: str):
+    """Registers ``name``: an :class:`EfficientNet` scaled by ``width`` and ``depth``."""
+
+    @register(name)
+    def build(
+        *,
+        embedding_size: int = 512,
+        dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        checkpointing: str = "none",
+    ) -> EfficientNet:
+        return EfficientNet(
+            width,
+            depth,
+            embedding_size=embedding_size,
+            dropout=dropout,
+            drop_path_rate=drop_path_rate,
+            checkpointing=checkpointing,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-@register("efficientnet_b3")
-def efficientnet_b3(
-    *,
-    embedding_size: int = 512,
-    dropout: float = 0.0,
-    drop_path_rate: float = 0.0,
-    checkpointing: str = "none",
-) -> EfficientNet:
-    """EfficientNet-B3 (width 1.2, depth 1.4) with an embedding head; about 11.5M params."""
-    return EfficientNet(
-        1.2,
-        1.4,
-        embedding_size=embedding_size,
-        dropout=dropout,
-        drop_path_rate=drop_path_rate,
-        checkpointing=checkpointing,
-    )
+efficientnet_b0 = _variant(
+    "efficientnet_b0", 1.0, 1.0, "EfficientNet-B0 (width 1.0, depth 1.0) with an embedding head."
+)
+efficientnet_b3 = _variant(
+    "efficientnet_b3",
+    1.2,
+    1.4,
+    "EfficientNet-B3 (width 1.2, depth 1.4) with an embedding head; about 11.5M params.",
+)

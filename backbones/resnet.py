@@ -216,29 +216,29 @@ def load_torchvision_state_dict(
     return LoadReport(sorted(to_load), missing, sorted(unexpected), mismatched)
 
 
-@register("resnet34")
-def resnet34(
-    *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
-) -> ResNet:
-    """ResNet-34 (BasicBlock 3-4-6-3) with a 512 -> D embedding head."""
-    return ResNet(
-        BasicBlock,
-        [3, 4, 6, 3],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-    )
+def _variant(name: str, block: type[nn.Module], doc: str):
+    """Registers ``name``: a :class:`ResNet` of ``block`` with 3-4-6-3 blocks per stage."""
+
+    @register(name)
+    def build(
+        *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
+    ) -> ResNet:
+        return ResNet(
+            block,
+            [3, 4, 6, 3],
+            embedding_size=embedding_size,
+            dropout=dropout,
+            checkpointing=checkpointing,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-@register("resnet50")
-def resnet50(
-    *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
-) -> ResNet:
-    """ResNet-50 (Bottleneck 3-4-6-3) with a 2048 -> D embedding head."""
-    return ResNet(
-        Bottleneck,
-        [3, 4, 6, 3],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-    )
+resnet34 = _variant(
+    "resnet34", BasicBlock, "ResNet-34 (BasicBlock 3-4-6-3) with a 512 -> D embedding head."
+)
+resnet50 = _variant(
+    "resnet50", Bottleneck, "ResNet-50 (Bottleneck 3-4-6-3) with a 2048 -> D embedding head."
+)

@@ -80,43 +80,41 @@ class ThinResNet(nn.Module):
             return self.fc(upcast(x))
 
 
-@register("thin_resnet34")
-def thin_resnet34(
-    *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
-) -> ThinResNet:
-    """ThinResNet34: widths 48/96/128/256, 2-3-3-3 bottlenecks; 5,918,144 params at D=512."""
-    return ThinResNet(
-        [2, 3, 3, 3],
-        [48, 96, 128, 256],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-    )
+def _variant(name: str, blocks: list[int], widths: list[int], doc: str):
+    """Registers ``name``: a :class:`ThinResNet` with ``blocks`` bottlenecks per stage."""
+
+    @register(name)
+    def build(
+        *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
+    ) -> ThinResNet:
+        return ThinResNet(
+            blocks,
+            widths,
+            embedding_size=embedding_size,
+            dropout=dropout,
+            checkpointing=checkpointing,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-@register("thin_resnet50")
-def thin_resnet50(
-    *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
-) -> ThinResNet:
-    """ThinResNet50: widths 48/96/128/256, 3-4-6-3 bottlenecks; 6,955,904 params at D=512."""
-    return ThinResNet(
-        [3, 4, 6, 3],
-        [48, 96, 128, 256],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-    )
-
-
-@register("thin_resnet50_v2")
-def thin_resnet50_v2(
-    *, embedding_size: int = 512, dropout: float = 0.0, checkpointing: str = "none"
-) -> ThinResNet:
-    """ThinResNet50_V2: widths 48/96/192/384, 3-4-6-3 bottlenecks; 14,028,160 params at D=512."""
-    return ThinResNet(
-        [3, 4, 6, 3],
-        [48, 96, 192, 384],
-        embedding_size=embedding_size,
-        dropout=dropout,
-        checkpointing=checkpointing,
-    )
+thin_resnet34 = _variant(
+    "thin_resnet34",
+    [2, 3, 3, 3],
+    [48, 96, 128, 256],
+    "ThinResNet34: widths 48/96/128/256, 2-3-3-3 bottlenecks; 5,918,144 params at D=512.",
+)
+thin_resnet50 = _variant(
+    "thin_resnet50",
+    [3, 4, 6, 3],
+    [48, 96, 128, 256],
+    "ThinResNet50: widths 48/96/128/256, 3-4-6-3 bottlenecks; 6,955,904 params at D=512.",
+)
+thin_resnet50_v2 = _variant(
+    "thin_resnet50_v2",
+    [3, 4, 6, 3],
+    [48, 96, 192, 384],
+    "ThinResNet50_V2: widths 48/96/192/384, 3-4-6-3 bottlenecks; 14,028,160 params at D=512.",
+)

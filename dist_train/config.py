@@ -33,6 +33,10 @@ CENTER_LOSS_PARAMS: dict[str, type] = {
 head builder, with their types."""
 CENTER_LOSS_UPDATES = ("gradient", "alpha")
 """Values of ``head.params.center_loss_update``."""
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+"""Values of ``optim.name``: the rules of :func:`dist_train.optim.make_optimizer`."""
+AMP_MODES = ("none", "bf16", "fp16")
+"""Values of ``amp``: the keys of :data:`dist_train.precision.AMP_DTYPES`."""
 
 
 def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
@@ -295,7 +299,7 @@ class OptimConfig:
     """Clip the backbone's gradient norm to this value (0 disables)."""
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        _check_choice("optim.name", self.name, OPTIMIZER_NAMES)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
@@ -400,7 +404,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("amp", self.amp, ("none", "bf16", "fp16"))
+        _check_choice("amp", self.amp, AMP_MODES)
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.num_epochs <= 0 and self.max_steps <= 0:

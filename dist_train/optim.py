@@ -28,9 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train.config import OptimConfig, SchedulerConfig
-
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+from dist_train.config import OPTIMIZER_NAMES, OptimConfig, SchedulerConfig
 
 
 @dataclass(frozen=True)

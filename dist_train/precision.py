@@ -11,11 +11,11 @@ import contextlib
 
 import torch
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {
-    "none": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+from dist_train.config import AMP_MODES
+
+AMP_DTYPES: dict[str, torch.dtype | None] = dict(
+    zip(AMP_MODES, (None, torch.bfloat16, torch.float16), strict=True)
+)
 
 
 def amp_dtype(amp: str) -> torch.dtype | None:

@@ -58,6 +58,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _prepared(embeddings: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The embeddings in the compute dtype, projected onto the unit sphere if ``normalize``."""
+    x = _compute_dtype(embeddings)
+    return F.normalize(x, dim=1) if normalize else x
+
+
 def pairwise_distances(x: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """Euclidean distances between the rows of ``x``.
 
@@ -194,9 +200,7 @@ class ContrastiveLoss(nn.Module):
         """
         check_batch(embeddings, labels, "contrastive")
         with torch.autocast(embeddings.device.type, enabled=False):
-            x = _compute_dtype(embeddings)
-            if self.normalize:
-                x = F.normalize(x, dim=1)
+            x = _prepared(embeddings, self.normalize)
             d = pairwise_distances(x)
             if self.miner == "none":
                 pos, neg = label_masks(labels)
@@ -257,9 +261,7 @@ class TripletLoss(nn.Module):
         """Loss of the batch (``embeddings [N, D]`` float, ``labels [N]`` int64) → scalar."""
         check_batch(embeddings, labels, "triplet")
         with torch.autocast(embeddings.device.type, enabled=False):
-            x = _compute_dtype(embeddings)
-            if self.normalize:
-                x = F.normalize(x, dim=1)
+            x = _prepared(embeddings, self.normalize)
             d = pairwise_distances(x)
             pos, neg = label_masks(labels)
             if self.mining == "batch_hard":
@@ -479,9 +481,7 @@ class MarginLoss(nn.Module):
                     f"got range [{lo}, {hi}]"
                 )
         with torch.autocast(embeddings.device.type, enabled=False):
-            x = _compute_dtype(embeddings)
-            if self.normalize:
-                x = F.normalize(x, dim=1)
+            x = _prepared(embeddings, self.normalize)
             d = pairwise_distances(x)
             a, p, n = self.sample(d, labels, x.shape[1])
             if a.numel() == 0:

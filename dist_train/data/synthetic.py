@@ -183,73 +183,22 @@ def _draw_face(t: dict[str, Any], r: np.random.Generator, s: int, d: float):
     skin = _col(t["skin"])
     hair = _col(t["hair"])
 
-    def both(draw) -> None:
-        draw(face, None)
-        draw(mask, 255)
+    def both(center, axes, start: int, end: int, colour) -> None:
+        """A filled anti-aliased ellipse arc on the face (``colour``) and on the mask (255)."""
+        for im, c in ((face, colour), (mask, 255)):
+            cv2.ellipse(im, _pt(*center), _ax(*axes), 0, start, end, c, -1, cv2.LINE_AA, _SHIFT)
 
     # hair behind the head: a taller ellipse and optional side locks
     hh = t["hair_h"] * s
-    both(
-        lambda im, c: cv2.ellipse(
-            im,
-            _pt(cx, cy - hh * 0.6),
-            _ax(fw_eff * 1.08, fh * 0.9 + hh),
-            0,
-            180,
-            360,
-            c if c is not None else hair,
-            -1,
-            cv2.LINE_AA,
-            _SHIFT,
-        )
-    )
+    both((cx, cy - hh * 0.6), (fw_eff * 1.08, fh * 0.9 + hh), 180, 360, hair)
     if t["hair_side"] > 0.05:
         side_h = t["hair_side"] * s
         for sx in (-1, 1):
             x0 = cx + sx * fw_eff * 0.95
-            both(
-                lambda im, c, x0=x0: cv2.ellipse(
-                    im,
-                    _pt(x0, cy),
-                    _ax(fw_eff * 0.18, side_h),
-                    0,
-                    0,
-                    360,
-                    c if c is not None else hair,
-                    -1,
-                    cv2.LINE_AA,
-                    _SHIFT,
-                )
-            )
+            both((x0, cy), (fw_eff * 0.18, side_h), 0, 360, hair)
     # head: upper and lower half-ellipses (chin factor)
-    both(
-        lambda im, c: cv2.ellipse(
-            im,
-            _pt(cx, cy),
-            _ax(fw_eff, fh),
-            0,
-            180,
-            360,
-            c if c is not None else skin,
-            -1,
-            cv2.LINE_AA,
-            _SHIFT,
-        )
-    )
-    both(
-        lambda im, c: cv2.ellipse(
-            im,
-            _pt(cx, cy),
-            _ax(fw_eff, fh * t["chin"]),
-            0,
-            0,
-            180,
-            c if c is not None else skin,
-            -1,
-            cv2.LINE_AA,
-            _SHIFT,
-        )
-    )
+    both((cx, cy), (fw_eff, fh), 180, 360, skin)
+    both((cx, cy), (fw_eff, fh * t["chin"]), 0, 180, skin)
     # fringe over the forehead
     cv2.ellipse(
         face,
