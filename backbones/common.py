@@ -123,6 +123,22 @@ def run_stage(stage: nn.Module, x: Tensor, mode: str, atomic: bool = False) -> T
     return x
 
 
+def run_stages(stages: list[nn.Module], x: Tensor, mode: str) -> Tensor:
+    """Runs ``stages`` in order under a checkpointing mode; the first (the stem) is atomic."""
+    for i, stage in enumerate(stages):
+        x = run_stage(stage, x, mode, atomic=i == 0)
+    return x
+
+
+def init_conv_weights(module: nn.Module, nonlinearity: str = "leaky_relu") -> None:
+    """He-normal (fan-out) weights and zero biases for every ``Conv2d`` in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 @contextlib.contextmanager
 def autocast_off(device_type: str) -> Iterator[None]:
     """Disables autocast on ``device_type`` (if autocast exists there) for the block inside.

@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, make_divisible, run_stage, upcast
+from backbones.common import (
+    autocast_off,
+    check_checkpointing,
+    init_conv_weights,
+    make_divisible,
+    run_stage,
+    upcast,
+)
 
 # (expansion ratio, kernel, stride, output channels, repeats) for B0.
 _B0_STAGES = (
@@ -157,11 +164,7 @@ class EfficientNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(head_ch, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_conv_weights(self)
 
     def stages(self) -> list[nn.Module]:
         """``[stem, 7 MBConv stages ..., head conv]``."""

@@ -28,6 +28,7 @@ from backbones import register
 from backbones.common import (
     autocast_off,
     check_checkpointing,
+    init_conv_weights,
     make_divisible,
     pair,
     run_stage,
@@ -123,9 +124,7 @@ class MobileFaceNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.linear = nn.Conv2d(c512, embedding_size, 1, bias=False)
         self.features = nn.BatchNorm1d(embedding_size)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        init_conv_weights(self)
 
     def stages(self) -> list[nn.Module]:
         """``[stem, 5 bottleneck stages ..., conv_expand + gdc]``."""

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, run_stage, unregistered_view, upcast
+from backbones.common import (
+    autocast_off,
+    check_checkpointing,
+    init_conv_weights,
+    run_stages,
+    unregistered_view,
+    upcast,
+)
 
 
 class BasicBlock(nn.Module):
@@ -134,9 +141,7 @@ class ResNet(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_ch, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self, nonlinearity="relu")
 
     def stages(self) -> list[nn.Module]:
         """``[stem (conv1, bn1), layer1, layer2, layer3, layer4]``."""
@@ -144,8 +149,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` normalised float (any H, W >= 32) -> ``[B, D]`` float32."""
-        for i, stage in enumerate(self.stages()):
-            x = run_stage(stage, x, self.checkpointing, atomic=i == 0)
+        x = run_stages(self.stages(), x, self.checkpointing)
         x = self.dropout(torch.flatten(self.avgpool(x), 1))
         with autocast_off(x.device.type):
             return self.features(self.fc(upcast(x)))

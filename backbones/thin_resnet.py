@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from backbones import register
-from backbones.common import autocast_off, check_checkpointing, run_stage, upcast
+from backbones.common import (
+    autocast_off,
+    check_checkpointing,
+    init_conv_weights,
+    run_stages,
+    upcast,
+)
 from backbones.resnet import Bottleneck, add_stages
 
 
@@ -63,9 +69,7 @@ class ThinResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(in_ch, embedding_size)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self, nonlinearity="relu")
 
     def stages(self) -> list[nn.Module]:
         """``[stem, layer1, layer2, layer3, layer4]``."""
@@ -73,8 +77,7 @@ class ThinResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` normalised float -> ``[B, D]`` float32 (not L2-normalised)."""
-        for i, stage in enumerate(self.stages()):
-            x = run_stage(stage, x, self.checkpointing, atomic=i == 0)
+        x = run_stages(self.stages(), x, self.checkpointing)
         x = self.dropout(torch.flatten(self.pool(x), 1))
         with autocast_off(x.device.type):
             return self.fc(upcast(x))
