@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import cv2
@@ -348,8 +347,8 @@ def test_mapped_and_pread_reads_agree_and_a_file_truncated_while_open_is_named(t
     rows = np.stack([np.arange(6), np.arange(6)], 1)
     mapped = np.zeros((6, 24, 24, 3), np.uint8)
     ds.fill(rows, mapped)
-    assert ds._view() is not None  # the fast path really used the memory map
-    ds._mapped = (os.getpid(), None)  # where mmap is unavailable: one pread per record
+    assert ds.mapped_view() is not None  # the fast path really used the memory map
+    ds.memory_map = False  # as where mmap is unavailable: one pread per record
     read = np.zeros_like(mapped)
     ds.fill(rows, read)
     np.testing.assert_array_equal(mapped, read)

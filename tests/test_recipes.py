@@ -166,12 +166,12 @@ def test_every_recipe_is_listed():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_recipe_config_loads_and_states_the_report_values(name):
     import backbones
-    from dist_train.losses import build_head as _build_head
+    from dist_train.losses import build_head
 
     cfg = _cfg(name)
     assert cfg.backbone.name in backbones.names()
     params = {k: v for k, v in cfg.head.params.items() if not k.startswith("center_loss_")}
-    head = _build_head(cfg.head.name, params, cfg.data.num_classes or 1000)
+    head = build_head(cfg.head.name, params, cfg.data.num_classes or 1000)
     if head.kind == "metric":  # metric losses need several images of each class per batch
         assert cfg.data.sampler == "m_per_class"
         assert cfg.data.batch_size % cfg.data.m_per_class == 0

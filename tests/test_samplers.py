@@ -75,7 +75,7 @@ def test_identity_cap_limits_and_redraws():
     seen = []
     for epoch in range(3):
         ranks[0].set_epoch(epoch)
-        full = ranks[0]._order(epoch)
+        full = ranks[0].epoch_order(epoch)
         per_class = np.bincount(labels[full], minlength=len(counts))
         assert per_class.max() <= 10
         pool = ranks[0].global_order(epoch)

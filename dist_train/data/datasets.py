@@ -265,6 +265,8 @@ class RecordDataset(LabelledImages):
             idx_path = cand if cand.is_file() else None
         self.reader = RecordIOReader(self.rec_path, idx_path)
         self.transform = transform
+        self.memory_map = True
+        """Read through a memory map of the ``.rec`` (False: one ``pread`` per record)."""
         keys = self.reader.keys
         self.has_header = False
         if 0 in self.reader:
@@ -365,9 +367,12 @@ class RecordDataset(LabelledImages):
         img = decode_rgb(data) if data is not None else None
         return img if img is not None else self._load_slow(i)
 
-    def _view(self) -> memoryview | None:
+    def mapped_view(self) -> memoryview | None:
         """This process's read-only memory map of the ``.rec`` file (None where it cannot be
-        mapped: the reads then use ``pread``). Mapped lazily in each process, like the handle."""
+        mapped or ``memory_map`` is off: the reads then use ``pread``). Mapped lazily in each
+        process, like the handle."""
+        if not self.memory_map:
+            return None
         mapped = self.__dict__.get("_mapped")
         if mapped is None or mapped[0] != os.getpid():
             try:  # the view keeps the map open
@@ -390,7 +395,7 @@ class RecordDataset(LabelledImages):
         # reader raises the precise error. Reading a mapped page past the end of a file that
         # was truncated after it was opened would kill the process (SIGBUS), so the size is
         # checked once per call: a shrunken file is an error naming it.
-        view, head = self._view(), _HEAD
+        view, head = self.mapped_view(), _HEAD
         fd = self.reader._handle()
         if view is not None and (now := os.fstat(fd).st_size) < len(view):
             raise RecordIOError(

@@ -72,7 +72,8 @@ class EpochSampler:
         n = len(order) // self.global_batch_size * self.global_batch_size
         return order[:n]
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The global order of ``epoch`` cut to whole global batches (cached for one epoch)."""
         if self._order_cache is None or self._order_cache[0] != epoch:
             order = self._cut(np.asarray(self.global_order(epoch), dtype=np.int64))
             self._order_cache = (epoch, order)
@@ -80,13 +81,13 @@ class EpochSampler:
 
     def rank_indices(self, epoch: int | None = None) -> np.ndarray:
         """This rank's indices for a whole epoch, ``[num_batches * B]``."""
-        order = self._order(self.epoch if epoch is None else epoch)
+        order = self.epoch_order(self.epoch if epoch is None else epoch)
         return order.reshape(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
 
     @property
     def num_batches(self) -> int:
         """Batches per epoch on each rank (the same on every rank)."""
-        return len(self._order(self.epoch)) // self.global_batch_size
+        return len(self.epoch_order(self.epoch)) // self.global_batch_size
 
     def __len__(self) -> int:
         """Images this rank visits in a full epoch (``num_batches * batch_size``)."""
