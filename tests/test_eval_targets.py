@@ -219,6 +219,7 @@ def test_decode_image_resizes_and_names_bad_data():
 
 def test_pair_list_over_a_recordio_pack(tmp_path):
     from dist_train.data import recordio
+
     imgs = identity_images(3, 2)
     flat = [img for group in imgs for img in group]  # key k = image k, identity k // 2
     rec, idx = tmp_path / "val.rec", tmp_path / "val.idx"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import heads
+from dist_train.losses import build_head
 from dist_train.partial_fc import (
     CosineLinear,
     PartialFC,
@@ -24,8 +25,7 @@ D = 8
 
 
 def make(name="arcface", c=11, rate=1.0, update="sparse", dtype=torch.float64, **kw):
-    head_kw = {"num_classes": c} if name == "adacos" else {}
-    head = heads.get_head(name, **head_kw)
+    head = build_head(name, {}, c)
     return PartialFC(head, D, c, sample_rate=rate, update=update, weight_dtype=dtype, **kw)
 
 
@@ -56,9 +56,7 @@ def _assert_matches_full_softmax(pfc):
     torch.testing.assert_close(pfc.sampled_weight.grad, w_ref.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "name", ["softmax", "normface", "cosface", "arcface", "sphereface", "combined", "adacos"]
-)
+@pytest.mark.parametrize("name", heads.HEADS.names(kind="margin"))
 def test_single_process_matches_full_softmax(name):
     _assert_matches_full_softmax(make(name, init_std=0.5))
 
