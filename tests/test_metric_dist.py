@@ -63,7 +63,7 @@ class _MarginStandIn(nn.Module):
 
 
 def _head_cases():
-    return [
+    cases = [
         ("contrastive", lambda: heads.get_head("contrastive", margin=1.1)),
         ("contrastive_semi_hard", lambda: heads.get_head("contrastive", miner="semi_hard")),
         ("triplet_batch_hard", lambda: heads.get_head("triplet", mining="batch_hard")),
@@ -78,6 +78,13 @@ def _head_cases():
             "amsoftmax_proto",
             lambda: AMSoftmaxProto(_MarginStandIn(), AngleProtoLoss(init_w=8.0), 0.7),
         ),
+    ]
+    # a registered metric head without a case above runs with its defaults
+    covered = {"contrastive", "triplet", "margin", "angleproto"}
+    return cases + [
+        (name, lambda name=name: heads.get_head(name))
+        for name in heads.HEADS.names(kind="metric")
+        if name not in covered
     ]
 
 
