@@ -1,8 +1,9 @@
 """Typed configuration: one dataclass per component, nested in :class:`TrainConfig`.
 
-Owns: the schema and defaults, loading YAML, ``--set a.b=c`` overrides, type conversion by the
-declared type (PyYAML reads ``1e-3`` as a string), validation in ``__post_init__``, and writing
-the resolved config. Precedence: command line > YAML > defaults. An unknown key raises naming
+Owns: the schema and defaults, validation in ``__post_init__``, loading YAML with ``--set a.b=c``
+overrides, and writing the resolved config. Precedence: command line > YAML > defaults. The
+generic machinery (type conversion by the declared type, unknown-key errors, builder keyword
+checks, override parsing) is :mod:`dist_train.config_schema`. An unknown key raises naming
 its dotted path and the closest valid key, inside ``backbone.params`` and ``head.params`` too:
 their keys are checked against the registered builder's keyword arguments (``backbones`` and
 ``heads`` registries) and, for ``head.params``, :data:`CENTER_LOSS_PARAMS`.
@@ -10,10 +11,6 @@ their keys are checked against the registered builder's keyword arguments (``bac
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,38 @@ import yaml
 
 # ConfigError lives in core/ so the data layer can subclass it; users import it from here.
 from core.errors import ConfigError
+from dist_train.config_schema import (
+    check_builder_params,
+    check_choice,
+    closest,
+    from_dict,
+    parse_override,
+    set_dotted,
+    to_dict,
+)
+
+__all__ = [
+    "AMP_MODES",
+    "CENTER_LOSS_PARAMS",
+    "CENTER_LOSS_UPDATES",
+    "OPTIMIZER_NAMES",
+    "BackboneConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "HeadConfig",
+    "OptimConfig",
+    "PartialFCConfig",
+    "SchedulerConfig",
+    "TrainConfig",
+    "closest",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "to_dict",
+]
 
 CENTER_LOSS_PARAMS: dict[str, type] = {
     "center_loss_weight": float,  # λ of the sharded center loss added to the objective; 0: off
@@ -37,95 +66,6 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 """Values of ``optim.name``: the rules of :func:`dist_train.optim.make_optimizer`."""
 AMP_MODES = ("none", "bf16", "fp16")
 """Values of ``amp``: the keys of :data:`dist_train.precision.AMP_DTYPES`."""
-
-
-def closest(key: str, names: list[str] | tuple[str, ...]) -> str | None:
-    """The valid name a user most likely meant by ``key`` (``None`` if nothing is close)."""
-
-    def initials(text: str) -> str:
-        return "".join(part[0] for part in text.split("_") if part)
-
-    for name in names:  # abbreviations: learning_rate -> lr, lr -> learning_rate
-        if "_" in key and initials(key) == name or "_" in name and initials(name) == key:
-            return name
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    for name in names:
-        if len(name) > 2 and (name in key or key in name):
-            return name
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.4)
-    return close[0] if close else None
-
-
-def _unknown_key(prefix: str, key: str, names: list[str] | tuple[str, ...]) -> ConfigError:
-    """The error for ``prefix + key``, naming the closest of ``names`` (``prefix`` ends in ".")."""
-    near = closest(key, names)
-    hint = f"; did you mean {prefix}{near}?" if near else ""
-    return ConfigError(f"unknown config key {prefix}{key}{hint}")
-
-
-def _checked_value(path: str, value: Any, tp: Any) -> Any:
-    """``value`` checked against a builder keyword's declared type ``tp``.
-
-    Only plain ``bool``/``int``/``float``/``str`` are checked (other annotations pass as they
-    are). A string given for a number or a bool (PyYAML reads ``1e-3`` as one) is converted;
-    any other value is kept as written.
-    """
-    if tp not in (bool, int, float, str):
-        return value
-    converted = _convert(path, value, tp)
-    return converted if isinstance(value, str) and tp is not str else value
-
-
-def _check_builder_params(
-    section: str,
-    registry: Any,
-    name: str,
-    params: dict[str, Any],
-    *,
-    extra: dict[str, type] | None = None,
-    section_fields: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """``params`` of ``section`` checked against the keywords of ``registry``'s ``name`` builder.
-
-    Args:
-        section: ``"backbone"`` or ``"head"`` (for the dotted paths in messages).
-        registry: the :class:`core.registry.Registry` holding ``name``.
-        name: registered builder name (``section.name``).
-        params: ``section.params``.
-        extra: keys consumed by the trainer rather than the builder, with their types.
-        section_fields: builder keywords the trainer fills from the section's own fields;
-            giving them in ``params`` too raises.
-
-    Returns:
-        ``params`` with string numbers converted (see :func:`_checked_value`).
-    """
-    if name not in registry:
-        near = closest(name, registry.names())
-        hint = f"; did you mean {near!r}?" if near else ""
-        raise ConfigError(f"{section}.name={name!r} is not a registered {registry.kind}{hint}")
-    declared = registry.keywords(name)
-    if declared is None:  # a builder taking **kwargs: its keys cannot be listed
-        return dict(params)
-    allowed = {k: v for k, v in declared.items() if k not in section_fields}
-    allowed.update(extra or {})
-    path = f"{section}.params"
-    checked = {}
-    for key, value in params.items():
-        if key in section_fields:
-            raise ConfigError(f"{path}.{key}: set {section}.{key} instead")
-        if key not in allowed:
-            raise _unknown_key(path + ".", key, list(allowed))
-        checked[key] = _checked_value(f"{path}.{key}", value, allowed[key])
-    return checked
-
-
-def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{path}={value!r} is not one of {list(choices)}{hint}")
 
 
 @dataclass
@@ -174,8 +114,8 @@ class DataConfig:
     """Normalisation std (on [0, 1] pixels), applied on the device."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("auto", "recordio", "folder", "list"))
-        _check_choice(
+        check_choice("data.format", self.format, ("auto", "recordio", "folder", "list"))
+        check_choice(
             "data.sampler",
             self.sampler,
             ("shuffle", "identity_cap", "identity_ratio", "m_per_class"),
@@ -217,10 +157,10 @@ class BackboneConfig:
     embedding_size and checkpointing come from the fields above)."""
 
     def __post_init__(self) -> None:
-        _check_choice("backbone.checkpointing", self.checkpointing, ("none", "stage", "block"))
+        check_choice("backbone.checkpointing", self.checkpointing, ("none", "stage", "block"))
         import backbones  # on first use: importing this module needs no torch
 
-        self.params = _check_builder_params(
+        self.params = check_builder_params(
             "backbone",
             backbones.BACKBONES,
             self.name,
@@ -242,11 +182,11 @@ class HeadConfig:
     def __post_init__(self) -> None:
         import heads  # on first use: importing this module needs no torch
 
-        self.params = _check_builder_params(
+        self.params = check_builder_params(
             "head", heads.HEADS, self.name, self.params, extra=CENTER_LOSS_PARAMS
         )
         if "center_loss_update" in self.params:
-            _check_choice(
+            check_choice(
                 "head.params.center_loss_update",
                 self.params["center_loss_update"],
                 CENTER_LOSS_UPDATES,
@@ -269,8 +209,8 @@ class PartialFCConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {self.sample_rate}")
-        _check_choice("partial_fc.update", self.update, ("sparse", "dense"))
-        _check_choice(
+        check_choice("partial_fc.update", self.update, ("sparse", "dense"))
+        check_choice(
             "partial_fc.weight_dtype", self.weight_dtype, ("float32", "bfloat16", "float16")
         )
 
@@ -299,7 +239,7 @@ class OptimConfig:
     """Clip the backbone's gradient norm to this value (0 disables)."""
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, OPTIMIZER_NAMES)
+        check_choice("optim.name", self.name, OPTIMIZER_NAMES)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
@@ -328,7 +268,7 @@ class SchedulerConfig:
     """step: decay factor."""
 
     def __post_init__(self) -> None:
-        _check_choice("scheduler.name", self.name, ("poly", "cosine_restarts", "step", "constant"))
+        check_choice("scheduler.name", self.name, ("poly", "cosine_restarts", "step", "constant"))
 
 
 @dataclass
@@ -404,7 +344,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("amp", self.amp, AMP_MODES)
+        check_choice("amp", self.amp, AMP_MODES)
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
@@ -413,106 +353,6 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------
 # Building dataclasses from nested dicts
-
-
-def _convert(path: str, value: Any, tp: Any) -> Any:
-    """``value`` converted to the declared type ``tp``; a value that does not fit raises."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(path, value, args[0])
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=path + ".")
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return "" if value is None else str(value)
-        if tp is list or origin is list:
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v] if value else []
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return list(value)
-        if tp is dict or origin is dict:
-            if value is None:
-                return {}
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-    except (TypeError, ValueError):
-        name = getattr(tp, "__name__", str(tp))
-        raise ConfigError(f"{path}={value!r} is not a valid {name}") from None
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Instance of dataclass ``cls`` from a nested dict, checking keys and converting types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(prefix, key, names)
-        kwargs[key] = _convert(prefix + key, value, hints[key])
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config dataclass."""
-    return dataclasses.asdict(cfg)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=c"`` -> ``("a.b", c)`` with ``c`` parsed as a YAML scalar or list."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -539,7 +379,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return from_dict(TrainConfig, data)
 
 
