@@ -13,7 +13,7 @@ gradient of the global loss with respect to its local rows. A loss computed in f
 rank would be counted ``world_size`` times; the metric losses gather with
 :func:`dist_train.metric_loss.gather_with_local_grad` instead. The trainer's DDP comm hook sums
 backbone gradients over ranks (it does not average), so they equal the gradient a single process
-would compute on the whole global batch (see :mod:`dist_train.trainer`).
+would compute on the whole global batch (see :mod:`dist_train.model_setup`).
 """
 
 from __future__ import annotations
