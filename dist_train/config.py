@@ -306,8 +306,11 @@ class CheckpointConfig:
     """Save at the end of every epoch."""
     keep_last: int = 3
     """Number of step/epoch checkpoints kept (older ones are deleted)."""
-    resume: str = ""
-    """"" (fresh run), "auto" (newest valid checkpoint in the run directory) or a file path."""
+    resume: str = "auto"
+    """"auto": continue the run in output_dir from its newest valid checkpoint (or start one
+    there if it holds none); "never": start fresh, moving a run found in output_dir into
+    output_dir/previous-<time>/; "": start fresh in a directory without a run; or a checkpoint
+    file to continue from. docs/cluster.md, "Restart and resume", has the rules."""
 
 
 @dataclass
