@@ -37,13 +37,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Config keys that may differ between two starts of the same run: the directory itself, the
-# run's length, and settings that do not change what is trained (checkpoint schedule, logging,
-# loader processes). Any other difference makes it another run.
+# run's length, how the global batch is split over processes and micro-steps (a restart may
+# have another number of GPUs), and settings that do not change what is trained (checkpoint
+# schedule, logging, loader processes). Any other difference makes it another run.
 RESTART_KEYS = frozenset(
     {
         "output_dir",
         "max_steps",
         "num_epochs",
+        "grad_accum_steps",
+        "data.batch_size",
         "log_every_steps",
         "checkpoint.resume",
         "checkpoint.every_steps",
