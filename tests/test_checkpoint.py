@@ -114,6 +114,7 @@ def test_the_same_run_continues_with_auto_and_restart_keys_may_change(tmp_path):
     assert decide_run_start(_cfg(tmp_path)).resume == "auto"
     cfg = _cfg(tmp_path, every_steps=7)
     cfg.max_steps = 99
+    cfg.grad_accum_steps = 2  # e.g. half the GPUs, the same global batch
     start = decide_run_start(cfg)
     assert start.resume == "auto"
     assert "max_steps: 0 -> 99" in start.note and "checkpoint.every_steps: 0 -> 7" in start.note
