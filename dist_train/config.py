@@ -307,10 +307,7 @@ class CheckpointConfig:
     keep_last: int = 3
     """Number of step/epoch checkpoints kept (older ones are deleted)."""
     resume: str = "auto"
-    """"auto": continue the run in output_dir from its newest valid checkpoint (or start one
-    there if it holds none); "never": start fresh, moving a run found in output_dir into
-    output_dir/previous-<time>/; "": start fresh in a directory without a run; or a checkpoint
-    file to continue from. docs/cluster.md, "Restart and resume", has the rules."""
+    """"auto" continues the run in output_dir, "never" moves it aside; "" or a checkpoint file."""
 
 
 @dataclass
