@@ -1,9 +1,11 @@
 """Training-state checkpoints: atomic writes, rotation, and finding the newest valid one.
 
-Owns the file side only (where, how, which). What goes into a checkpoint, and when it is
-written and restored, belongs to :mod:`dist_train.checkpointer`; the Partial FC part is
-world-size-free (per-class rows tagged with class ranges), so a checkpoint written by N
-processes loads into M processes.
+Owns the file side only (where, how, which) and the run directory's files as a whole: which
+entries make up a run (:data:`RUN_ENTRIES`), whether it finished, moving a run aside. What goes
+into a checkpoint, and when it is written and restored, belongs to
+:mod:`dist_train.checkpointer`, and so does deciding whether a start may use a run directory;
+the Partial FC part is world-size-free (per-class rows tagged with class ranges), so a
+checkpoint written by N processes loads into M processes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,21 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+# What a run writes into its directory (glob patterns). Anything else there is not the run's and
+# is never moved. A component that writes a new kind of file into the run directory adds it here.
+RUN_ENTRIES = (
+    "config.yaml",
+    "train.log",
+    "checkpoints",
+    "tensorboard",
+    "model.pt",
+    "best_model.pt",
+    "best_model.json",
+    "metrics*.json",
+)
+# Written at the end of a run only: their presence means the run finished.
+FINISHED_MARKERS = ("model.pt", "metrics.json")
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -67,11 +85,36 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def rotate(run_dir: str | Path, keep_last: int) -> None:
-    """Deletes all but the newest ``keep_last`` step checkpoints (``keep_last <= 0`` keeps all)."""
+def step_of(path: str | Path) -> int:
+    """The step in a checkpoint's file name (``step_00000042.pt`` -> 42)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not named step_XXXXXXXX.pt")
+    return int(m.group(1))
+
+
+def rotate(run_dir: str | Path, keep_last: int, written: str | Path | None = None) -> None:
+    """Keeps the newest ``keep_last`` step checkpoints, deletes the others (``<= 0`` keeps all).
+
+    Args:
+        run_dir: the run directory.
+        keep_last: how many to keep.
+        written: the checkpoint just written. It is always kept, and counts as the newest:
+            the others kept are the ``keep_last - 1`` newest before it. Checkpoints of later
+            steps (a timeline this run left by resuming from an older checkpoint) are deleted,
+            so that ``resume=auto`` can never jump back onto them.
+    """
     if keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    found = list_checkpoints(run_dir)
+    if written is None:
+        doomed = found[:-keep_last]
+    else:
+        written = Path(written)
+        before = [p for p in found if step_of(p) < step_of(written)]
+        kept = {written.name, *(p.name for p in before[max(0, len(before) - keep_last + 1) :])}
+        doomed = [p for p in found if p.name not in kept]
+    for old in doomed:
         # main file first: without it the shards are never picked up
         for p in [old, *old.parent.glob(f"{old.stem}.shard*.pt")]:
             try:
@@ -116,10 +159,12 @@ def find_resume(run_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]]
 
     Args:
         run_dir: the run directory.
-        resume: ``""`` (fresh), ``"auto"`` (newest checkpoint that loads; corrupt ones are skipped
-            with a warning) or a file path (must load).
+        resume: ``"auto"`` (newest checkpoint that loads; corrupt ones are skipped with a
+            warning), ``"never"`` or ``""`` (fresh) or a file path (must load). Whether the run
+            directory may be used at all is decided before (:func:`dist_train.checkpointer.
+            claim_run_dir`).
     """
-    if not resume:
+    if resume in ("", "never"):
         return None
     if resume != "auto":
         return Path(resume), load_checkpoint(resume)
@@ -129,3 +174,38 @@ def find_resume(run_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]]
         except RuntimeError as exc:
             log.warning("skipping checkpoint: %s", exc)
     return None
+
+
+def run_entries(run_dir: str | Path) -> list[Path]:
+    """The entries of :data:`RUN_ENTRIES` present in ``run_dir`` (empty: no run there)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted({p for pattern in RUN_ENTRIES for p in run_dir.glob(pattern)})
+
+
+def finished_marker(run_dir: str | Path) -> Path | None:
+    """``model.pt`` or ``metrics.json`` when the run in ``run_dir`` finished, else ``None``."""
+    for name in FINISHED_MARKERS:
+        if (Path(run_dir) / name).exists():
+            return Path(run_dir) / name
+    return None
+
+
+def move_aside(run_dir: str | Path) -> Path:
+    """Moves the run's entries (:data:`RUN_ENTRIES`) into ``run_dir/previous-<UTC time>/``.
+
+    Nothing is deleted; other files in ``run_dir`` and earlier ``previous-*`` folders stay.
+    Returns the folder the entries went to.
+    """
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir / f"previous-{stamp}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir / f"previous-{stamp}-{n}"
+    target.mkdir()
+    for entry in run_entries(run_dir):
+        os.replace(entry, target / entry.name)
+    return target

@@ -5,15 +5,20 @@ state, the run's position and counters, the best metric, the world size and the 
 config), the sharded loss state beside it (every rank writes its piece, tagged with class
 ranges, so any world size can load the set), the save schedule (``checkpoint.every_steps``;
 the trainer asks at epoch ends, at preemption and at the end) and restoring all of it
-(``checkpoint.resume``), on the same or another world size. Does not own the file side (paths,
-atomic writes, rotation, finding the newest valid file: :mod:`dist_train.checkpoint`) nor the
+(``checkpoint.resume``), on the same or another world size, and the decision at the start of a
+run whether its directory may be used (:func:`claim_run_dir`: continue the same run, start
+fresh, move an old run aside, or stop). Does not own the file side (paths, atomic writes,
+rotation, finding the newest valid file, moving files: :mod:`dist_train.checkpoint`) nor the
 sampler's re-sharding arithmetic (:meth:`dist_train.data.samplers.EpochSampler.load_state_dict`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from dist_train import checkpoint as ckpt
-from dist_train.config import TrainConfig, to_dict
+from dist_train.config import ConfigError, TrainConfig, load_config, to_dict
 from dist_train.distributed import DistInfo, all_gather_object, barrier
 
 if TYPE_CHECKING:
@@ -30,6 +35,26 @@ if TYPE_CHECKING:
     from dist_train.train_step import TrainStep
 
 log = logging.getLogger(__name__)
+
+# Config keys that may differ between two starts of the same run: the directory itself, the
+# run's length, how the global batch is split over processes and micro-steps (a restart may
+# have another number of GPUs), and settings that do not change what is trained (checkpoint
+# schedule, logging, loader processes). Any other difference makes it another run.
+RESTART_KEYS = frozenset(
+    {
+        "output_dir",
+        "max_steps",
+        "num_epochs",
+        "grad_accum_steps",
+        "data.batch_size",
+        "log_every_steps",
+        "checkpoint.resume",
+        "checkpoint.every_steps",
+        "checkpoint.keep_last",
+        "data.num_workers",
+        "data.prefetch_factor",
+    }
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,6 +76,130 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """How a run starts in its directory (the same on every rank).
+
+    Attributes:
+        resume: the ``checkpoint.resume`` value to use (``"auto"`` where a restart continues a
+            run that ``"never"`` started).
+        note: what was found or done, for the log (empty: nothing to say).
+    """
+
+    resume: str
+    note: str = ""
+
+
+def is_restart(environ: Mapping[str, str]) -> bool:
+    """True in a process that torchrun restarted or in a requeued Slurm job."""
+    return any(
+        int(environ.get(k) or 0) > 0 for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+    )
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list:
+    """``[(dotted key, old value, new value)]`` where two nested config dicts differ."""
+    changes = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append((prefix + key, a, b))
+    return changes
+
+
+def _ways_out(run_dir: Path) -> str:
+    return (
+        f"start this run in a new output_dir, or set checkpoint.resume=never to move the old "
+        f"run's files into {run_dir}/previous-<time>/"
+    )
+
+
+def decide_run_start(cfg: TrainConfig, *, restarted: bool = False) -> RunStart:
+    """Decides from the files in ``cfg.output_dir`` how this run starts (rank 0 only).
+
+    The directory is free (no :data:`dist_train.checkpoint.RUN_ENTRIES` in it), or holds this
+    run (its ``config.yaml`` equals ``cfg`` apart from :data:`RESTART_KEYS`, and it has not
+    finished), or holds another run (a finished one, a different config, files without a
+    ``config.yaml``). ``resume="auto"`` or a checkpoint path may start in a free directory or
+    continue this run; ``""`` needs a free directory; ``"never"`` moves any run aside first,
+    except on a restart (``restarted``) of this run, which it continues as ``"auto"``.
+
+    Raises:
+        ConfigError: the directory may not be used; the message names it and the ways out.
+    """
+    run_dir = Path(cfg.output_dir)
+    mode = cfg.checkpoint.resume
+    if not ckpt.run_entries(run_dir):
+        return RunStart(mode)
+    finished = ckpt.finished_marker(run_dir)
+    other, changed = _compare_run(cfg, run_dir)
+    if mode == "never":
+        if restarted and not other and finished is None:
+            return RunStart("auto", f"restart: continuing the run in {run_dir} (resume=never)")
+        moved = ckpt.move_aside(run_dir)
+        return RunStart(mode, f"checkpoint.resume=never: the previous run's files are in {moved}")
+    if finished is not None:
+        raise ConfigError(f"{run_dir} holds a finished run ({finished.name}); {_ways_out(run_dir)}")
+    if other:
+        raise ConfigError(f"{run_dir} holds {other}; {_ways_out(run_dir)}")
+    if not mode:
+        raise ConfigError(
+            f"{run_dir} holds this run's files but checkpoint.resume is empty (a fresh start in "
+            f"a directory without a run); checkpoint.resume=auto continues the run, "
+            f"checkpoint.resume=never moves its files aside, or use a new output_dir"
+        )
+    note = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed if k != "output_dir")
+    return RunStart(mode, f"continuing the run in {run_dir} with {note}" if note else "")
+
+
+def _compare_run(cfg: TrainConfig, run_dir: Path) -> tuple[str, list]:
+    """(what makes the run in ``run_dir`` another run, or ``""``; its allowed changes)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return "files of a run without its config.yaml", []
+    try:
+        old = to_dict(load_config(saved))
+    except ConfigError as exc:
+        return f"a run whose config does not load here ({exc})", []
+    changes = config_changes(old, to_dict(cfg))
+    differs = [c for c in changes if c[0] not in RESTART_KEYS]
+    if differs:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differs[:3])
+        more = f" and {len(differs) - 3} more" if len(differs) > 3 else ""
+        return f"another run (config differs at {shown}{more})", []
+    return "", changes
+
+
+def claim_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> RunStart:
+    """Rank 0 decides how the run starts in ``cfg.output_dir`` (:func:`decide_run_start`, which
+    may move an old run aside); every rank gets the same answer (collective).
+
+    Call it before anything writes into the run directory.
+
+    Raises:
+        ConfigError: on every rank, when the directory holds another run.
+    """
+    answer: tuple[str, Any] | None = None
+    error: BaseException | None = None
+    if dist_info.is_main:
+        try:
+            answer = ("ok", decide_run_start(cfg, restarted=is_restart(os.environ)))
+        except ConfigError as exc:
+            answer = ("config", str(exc))
+        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait for a decision
+            answer, error = ("error", f"{type(exc).__name__}: {exc}"), exc
+    kind, value = all_gather_object(answer)[0]
+    if error is not None:
+        raise error
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not prepare the run directory {cfg.output_dir}: {value}")
+    return value
+
+
 class Checkpointer:
     """Saves and restores a training run (collective: every rank calls every method).
 
@@ -60,6 +209,8 @@ class Checkpointer:
         train_step: the step (its modules, optimizer, scaler, counters and the run's position).
         sampler: the training sampler (its position in the epoch).
         evaluator: the training evaluator (its best metric).
+        resume: the ``checkpoint.resume`` value to use (default: the config's; the trainer
+            passes :attr:`RunStart.resume`).
     """
 
     def __init__(
@@ -69,6 +220,7 @@ class Checkpointer:
         train_step: TrainStep,
         sampler: EpochSampler,
         evaluator: TrainEvaluator,
+        resume: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist_info
@@ -76,6 +228,7 @@ class Checkpointer:
         self.sampler = sampler
         self.evaluator = evaluator
         self.run_dir = Path(cfg.output_dir)
+        self.resume_from = cfg.checkpoint.resume if resume is None else resume
         self._saved_step = -1
 
     def state(self) -> dict[str, Any]:
@@ -123,7 +276,7 @@ class Checkpointer:
         if self.dist.is_main:
             state["loss_shards"] = [ckpt.shard_path(path, r, world).name for r in range(world)]
             ckpt.atomic_save(state, path)
-            ckpt.rotate(self.run_dir, self.cfg.checkpoint.keep_last)
+            ckpt.rotate(self.run_dir, self.cfg.checkpoint.keep_last, written=path)
             log.info("checkpoint %s", path)
         barrier()
         self._saved_step = step
@@ -131,12 +284,15 @@ class Checkpointer:
 
     def resume(self) -> bool:
         """Restores the newest valid checkpoint when ``checkpoint.resume`` asks for it; False
-        when there is none (a fresh run).
+        when there is none (a fresh run). Collective: every rank must find the same file.
 
         Written by another world size, the sampler continues after the images already consumed
         (rounded down to a whole global batch) and the RNG states are left as seeded.
         """
-        found = ckpt.find_resume(self.run_dir, self.cfg.checkpoint.resume)
+        found = ckpt.find_resume(self.run_dir, self.resume_from)
+        chosen = all_gather_object(None if found is None else str(found[0]))
+        if len(set(chosen)) > 1:
+            raise RuntimeError(f"ranks found different checkpoints to resume from: {chosen}")
         if found is None:
             return False
         path, state = found

@@ -306,8 +306,8 @@ class CheckpointConfig:
     """Save at the end of every epoch."""
     keep_last: int = 3
     """Number of step/epoch checkpoints kept (older ones are deleted)."""
-    resume: str = ""
-    """"" (fresh run), "auto" (newest valid checkpoint in the run directory) or a file path."""
+    resume: str = "auto"
+    """"auto" continues the run in output_dir, "never" moves it aside; "" or a checkpoint file."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_train.checkpointer import Checkpointer, rng_state, set_rng_state
+from dist_train.checkpointer import Checkpointer, claim_run_dir, rng_state, set_rng_state
 from dist_train.config import TrainConfig, save_config
 from dist_train.distributed import DistInfo
 from dist_train.logging_utils import TensorBoard, setup_logging
@@ -69,7 +69,12 @@ class Trainer:
         self.dist = dist_info
         self.device = dist_info.device
         self.run_dir = Path(cfg.output_dir)
+        # Before anything writes into the run directory (train.log is the first): continue the
+        # same run, start fresh, move an old run aside (resume=never) or stop (another run).
+        start = claim_run_dir(cfg, dist_info)
         setup_logging(self.run_dir, dist_info.is_main, dist_info.rank)
+        if start.note:
+            log.info("%s", start.note)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # Same seed on every rank: identical initial backbones (DDP also broadcasts rank 0's).
@@ -118,7 +123,7 @@ class Trainer:
         self.meter = Meter(tb, cfg.log_every_steps, self.global_batch)
         self.evaluator = TrainEvaluator(cfg, dist_info, self.backbone, tb, self.progress)
         self.checkpointer = Checkpointer(
-            cfg, dist_info, self.train_step, self.data.sampler, self.evaluator
+            cfg, dist_info, self.train_step, self.data.sampler, self.evaluator, start.resume
         )
         if dist_info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -165,7 +170,7 @@ class Trainer:
                 ``total_steps`` (as the trainer benchmark times steps).
         """
         self.evaluator.on_evaluate = on_evaluate
-        # resume from a checkpoint when checkpoint.resume asks for it
+        # resume from the newest checkpoint of this run (checkpoint.resume, default auto)
         self.checkpointer.resume()
         # SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit
         install_stop_handlers(self.train_step.request_stop)

@@ -1,7 +1,11 @@
 """Fault tolerance of real runs: the launcher ``launch/train.py`` in subprocesses, on CPU.
 
 - a worker killed with SIGKILL under ``torchrun --max-restarts=1`` -> the elastic agent restarts
-  both workers, they resume from the newest checkpoint and the run completes;
+  both workers, they resume from the newest checkpoint (the default ``checkpoint.resume``) and
+  the run completes;
+- a second run into a finished run's directory stops before writing anything (``model.pt``,
+  checkpoints and log unchanged); ``checkpoint.resume=never`` moves the finished run aside and
+  starts fresh;
 - SIGUSR1 to a single-process run and SIGTERM to the torchrun agent (2 workers) -> a checkpoint
   at the step where every rank agreed to stop, a clean exit, and a later ``resume=auto`` run
   continues from that step;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,7 +157,7 @@ def test_sigkilled_worker_restarts_from_last_checkpoint(tiny_data, tmp_path):
                 "max_steps": total,
                 "checkpoint.every_steps": 3,
                 "checkpoint.keep_last": 2,
-                "checkpoint.resume": "auto",
+                # checkpoint.resume left at its default: a restart resumes without flags
             },
         ),
         out,
@@ -242,6 +247,11 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
     text = _finish(proc, out)
     assert proc.returncode == 0, text[-4000:]
     assert _checkpoints(run) == [2, 4]
+    # the same run as a node failure leaves it: its config and checkpoints, not finished
+    cut = tmp_path / "cut"
+    shutil.copytree(run / "checkpoints", cut / "checkpoints")
+    shutil.copy(run / "config.yaml", cut / "config.yaml")
+    run = cut
     newest = run / "checkpoints" / "step_00000004.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])  # a torn write from a dying node
@@ -256,3 +266,48 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_data, tmp_path):
     ), text[-4000:]
     assert re.search(r"resumed from \S+step_00000002\.pt at step 2 ", text), text[-4000:]
     assert re.findall(r" step (\d+)/\d+ epoch", text) == ["3", "4", "5"]
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _finished_run(tiny_data: Path, run: Path, out: Path, **sets) -> dict[str, bytes]:
+    """A finished 6-step single-process run in ``run``; its files' bytes."""
+    proc = _start(_command(tiny_data, run, 1, **sets), out)
+    text = _finish(proc, out)
+    assert proc.returncode == 0, text[-4000:]
+    assert _checkpoints(run) == [3, 6] and (run / "model.pt").is_file()
+    return _snapshot(run)
+
+
+_SETS = {"max_steps": 6, "checkpoint.every_steps": 3, "checkpoint.keep_last": 2}
+
+
+def test_a_second_run_into_a_finished_run_stops_and_keeps_its_model(tiny_data, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "torchrun.out"
+    finished = _finished_run(tiny_data, run, out, **_SETS)
+    # the issue's second run: same output_dir, 4 steps, 2 processes
+    proc = _start(_command(tiny_data, run, 2, **{**_SETS, "max_steps": 4}), out)
+    text = _finish(proc, out)
+    assert proc.returncode != 0, text[-4000:]
+    assert f"{run} holds a finished run (model.pt); start this run in a new output_dir" in text
+    assert "checkpoint.resume=never" in text
+    assert "step 1/" not in text
+    assert _snapshot(run) == finished  # model.pt, checkpoints, log: not a byte changed
+
+
+def test_resume_never_moves_a_finished_run_aside_and_starts_fresh(tiny_data, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "train.out"
+    finished = _finished_run(tiny_data, run, out, **_SETS)
+    sets = {**_SETS, "max_steps": 4, "checkpoint.resume": "never"}
+    proc = _start(_command(tiny_data, run, 1, **sets), out)
+    text = _finish(proc, out)
+    assert proc.returncode == 0, text[-4000:]
+    (moved,) = run.glob("previous-*")
+    assert f"the previous run's files are in {moved}" in text
+    assert _snapshot(moved) == finished  # moved, not a byte changed
+    assert "resumed from" not in text
+    assert re.findall(r" step (\d+)/4 epoch", text) == ["1", "2", "3", "4"]
+    assert _checkpoints(run) == [3, 4]  # only the new run's checkpoints
+    assert (run / "model.pt").read_bytes() != finished["model.pt"]

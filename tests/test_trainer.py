@@ -232,10 +232,13 @@ def test_torchrun_two_processes_then_resume_on_one(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "step_00000006.shard001-of-002.pt").is_file()
     assert (run / "model.pt").is_file()
-    # continue the same run on one process from the 2-process checkpoint
-    sets1 = [s for s in sets if not s.startswith("max_steps")] + [
+    # continue on one process from the 2-process checkpoint; the run is finished, so the
+    # continuation goes to its own run directory
+    one = tmp_path / "one"
+    sets1 = [s for s in sets if not s.startswith(("max_steps", "output_dir"))] + [
+        f"output_dir={one}",
         "max_steps=8",
-        "checkpoint.resume=auto",
+        f"checkpoint.resume={run / 'checkpoints' / 'step_00000006.pt'}",
     ]
     cmd1 = [
         sys.executable,
@@ -248,4 +251,4 @@ def test_torchrun_two_processes_then_resume_on_one(tiny_data, tmp_path):
     proc = subprocess.run(cmd1, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "written by 2 processes" in proc.stdout
-    assert (run / "checkpoints" / "step_00000008.shard000-of-001.pt").is_file()
+    assert (one / "checkpoints" / "step_00000008.shard000-of-001.pt").is_file()

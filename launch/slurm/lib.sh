@@ -21,7 +21,9 @@
 #   RUNS_DIR      parent of run directories (default: $REPO_DIR/runs)
 #   OUTPUT_DIR    run directory (default: $RUNS_DIR/$RUN_NAME; never the job id, so a requeued
 #                 or resubmitted job finds its checkpoints)
-#   RESUME        checkpoint.resume value (default: auto; set it empty for a fresh start)
+#   RESUME        checkpoint.resume value (default: auto, the trainer's default: continue the run in
+#                 OUTPUT_DIR; never: move a previous run there aside and start fresh; empty:
+#                 start fresh, only in a directory without a run; or a checkpoint file)
 #   GPUS          processes per node (default: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE, else
 #                 the number of GPUs nvidia-smi lists, else 1)
 #   MAX_REQUEUES  stop requeueing after this many restarts of the job (default: 50)
