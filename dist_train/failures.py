@@ -18,6 +18,11 @@ What is reported:
   failed first (it left a mark in the store): then this rank's error (typically gloo's
   "connection closed by peer") is a consequence, and the rank leaves quietly.
 
+Exit order: a user error exits at once. A rank with any other error exits
+:data:`PEER_GRACE_S` later (a reported one, or one that may follow from a peer that died without
+a report, e.g. SIGKILLed), so that the launcher sees the first failure first and names it as
+the root cause.
+
 Errors raised in a DataLoader worker reach the trainer wrapped by torch (the worker's whole
 traceback in the message, or a RuntimeError when the type cannot be rebuilt): the original
 type's name and message are read back from that text.
@@ -25,11 +30,13 @@ type's name and message are read back from that text.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +61,10 @@ USER_ERRORS: tuple[str, ...] = (
 REPORT_GRACE_S = 5.0
 """Before the process group exists, ranks other than 0 wait this long before printing a
 config error themselves (normally the launcher has ended them after rank 0 printed it)."""
+
+PEER_GRACE_S = 1.0
+"""How long a rank whose error may follow from another rank's failure waits before it exits
+(torchrun checks its workers every 0.1 s by default)."""
 
 _STORE_TIMEOUT = timedelta(seconds=5)
 _FAILED_KEY = "dist_train/failed"
@@ -131,11 +142,27 @@ def _fail(exc: Exception, started: float) -> int:
         return 2
     if store is not None and not _claim(store, _FAILED_KEY, started):
         # another rank failed first and reported it; this error follows from that one
+        _let_the_launcher_see_peers_exit()
         distributed.abort()
         return 1
     _report(rank, f"failed: {type(exc).__name__}: {exc}", exc)
+    if distributed.get_world_size() > 1:
+        # the error may follow from a peer that died without a report (SIGKILL, a segfault)
+        _let_the_launcher_see_peers_exit()
     distributed.abort()
     return 1
+
+
+def _let_the_launcher_see_peers_exit() -> None:
+    """Stays alive :data:`PEER_GRACE_S` so that the launcher observes an earlier failure first
+    (torchrun names the first exit it sees as the root cause; two exits in one check are
+    ordered by local rank)."""
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        # SIGCHLD: torch's DataLoader handler raises when the launcher kills a worker process.
+        # SIGTERM: the launcher has seen a failure and stops the job; ending now is right.
+        with contextlib.suppress(ValueError, AttributeError):  # not the main thread / no POSIX
+            signal.signal(sig, signal.SIG_DFL)
+    time.sleep(PEER_GRACE_S)
 
 
 def _report(rank: int, message: str, exc: BaseException | None = None) -> None:
