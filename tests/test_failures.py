@@ -140,6 +140,44 @@ def test_a_claim_in_the_store_is_won_once_per_run():
     assert failures._claim(None, "k", started)  # without a store every rank reports
 
 
+def test_a_rank_stays_quiet_when_the_error_was_reported_by_another_rank(capsys, plain_logging):
+    """A 1-rank gloo group whose store already holds another rank's marks: an error that
+    follows from that rank's failure, and a message it already printed, print nothing; the
+    group is torn down (abort) in both cases."""
+    import torch.distributed as dist
+
+    from dist_train.distributed import free_port
+
+    def bug():
+        raise RuntimeError("Connection closed by peer")
+
+    def same_config_error():
+        raise DataConfigError("data.num_classes=5 but the data holds 12 identities")
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=10))
+    for work, code, key in (
+        (bug, 1, failures._FAILED_KEY),
+        (
+            same_config_error,
+            2,
+            failures._message_key(
+                "config error: data.num_classes=5 but the data holds 12 identities"
+            ),
+        ),
+    ):
+        dist.init_process_group("gloo", store=dist.PrefixStore("g", store), rank=0, world_size=1)
+        # the other rank's claim, made while this run goes on (after run_guarded's start)
+        dist.distributed_c10d._get_default_store().set(key, f"{time.time() + 60:.6f}")
+        assert failures.run_guarded(work) == code
+        assert not dist.is_initialized()
+        assert capsys.readouterr().err == ""
+        # the same error without the other rank's mark is reported
+        dist.init_process_group("gloo", store=dist.PrefixStore("h", store), rank=0, world_size=1)
+        assert failures.run_guarded(work) == code
+        assert capsys.readouterr().err.startswith("rank 0: ")
+        store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=10))
+
+
 def test_the_collective_timeout_is_a_validated_config_value(monkeypatch):
     assert load_config(None).dist_timeout_s == 600
     with pytest.raises(ConfigError, match="dist_timeout_s must be > 0, got 0"):
