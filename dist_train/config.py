@@ -334,6 +334,10 @@ class TrainConfig:
     """Deterministic algorithms (slower; for exact-resume tests)."""
     max_skipped_steps: int = 10
     """Stop the run after this many consecutive non-finite steps."""
+    dist_timeout_s: float = 600.0
+    """Collective timeout in seconds: how long a rank waits in a collective for a peer that is
+    alive but stuck (a peer that fails ends the job at once). Must exceed the longest wait of
+    one rank on another (a checkpoint write, the first open of a large dataset)."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -347,6 +351,8 @@ class TrainConfig:
         check_choice("amp", self.amp, AMP_MODES)
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("one of num_epochs or max_steps must be > 0")
 

@@ -222,12 +222,36 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def cleanup() -> None:
-    """Barrier then destroy the process group (the barrier keeps teardown from aborting)."""
+    """Barrier then destroy the process group (the barrier keeps teardown from aborting).
+
+    For the success path only: every rank must reach it. A failing rank calls :func:`abort`.
+    """
     if is_initialized():
         try:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Tears the process group down without any collective (a failing rank's exit).
+
+    The peers, blocked in a collective this rank will never join, get an error as soon as its
+    connections close (gloo) or are stopped by the launcher (NCCL). A no-op without a group.
+    """
+    if not is_initialized():
+        return
+    try:
+        # aborts NCCL communicators instead of waiting for their pending work; also gloo
+        dist.distributed_c10d._abort_process_group()
+    except Exception:  # noqa: BLE001 - a backend without abort: destroying is collective-free
+        if is_initialized():
+            dist.destroy_process_group()
+
+
+def default_store() -> dist.Store:
+    """The key-value store the process group was created with (needs a process group)."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def free_port() -> int:
