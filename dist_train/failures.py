@@ -54,6 +54,7 @@ USER_ERRORS: tuple[str, ...] = (
     "DataError",
     "RecordIOError",
     "TargetError",
+    "ModelLoadError",
     "FileNotFoundError",
 )
 """Exception types (by class name, along the class hierarchy) reported as one line, exit 2."""

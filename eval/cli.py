@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from dist_train.distributed import cleanup, init_distributed
+from dist_train.distributed import init_distributed
 from eval import report
 from eval.options import EvalOptions
 from eval.runner import (
@@ -128,24 +128,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
         raise SystemExit("error: give --targets and/or --test-list")
     if tests and not args.out:
         raise SystemExit("error: --test-list needs --out (where the scores files go)")
+    # The process group is torn down by the caller: launch/eval.py runs this under
+    # dist_train.failures.run_guarded (a failing rank leaves without a collective).
     dist = init_distributed()
-    try:
-        # Load every list before the model so a bad file fails fast, naming itself.
-        loaded = [load_target(t, args.images_root) for t in targets + tests]
-        for t in loaded[len(targets) :]:
-            if t.labelled:
-                raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
-        model, config = load_model(args.weights, args.network, args.embedding_size)
-        model = model.to(dist.device)
-        options = options_from(args, config)
-        start = time.perf_counter()
-        results = evaluate_targets_full(model, loaded, options, device=dist.device)
-        seconds = time.perf_counter() - start
-        if dist.is_main:
-            _write_outputs(args, options, results, seconds, dist.world_size)
-        return results
-    finally:
-        cleanup()
+    # Load every list before the model so a bad file fails fast, naming itself.
+    loaded = [load_target(t, args.images_root) for t in targets + tests]
+    for t in loaded[len(targets) :]:
+        if t.labelled:
+            raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
+    model, config = load_model(args.weights, args.network, args.embedding_size)
+    model = model.to(dist.device)
+    options = options_from(args, config)
+    start = time.perf_counter()
+    results = evaluate_targets_full(model, loaded, options, device=dist.device)
+    seconds = time.perf_counter() - start
+    if dist.is_main:
+        _write_outputs(args, options, results, seconds, dist.world_size)
+    return results
 
 
 def _write_outputs(
