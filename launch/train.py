@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    info = init_distributed()
+    info = init_distributed(device=cfg.device)
     try:
         setup_logging(None, info.is_main, info.rank)  # the trainer adds run_dir/train.log
         from dist_train.trainer import Trainer
