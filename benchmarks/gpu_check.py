@@ -245,9 +245,16 @@ def section_fp16_resume(sz: Sizes, device: torch.device, tmp: Path, data: Path) 
         trainer.fit(on_step=losses.append, finish=False)
         return losses, trainer.scaler.get_scale()
 
-    straight, scale_straight = run(tmp / "fp16_straight", None)
-    first, scale_stop = run(tmp / "fp16_resumed", k)
-    resumed, scale_resumed = run(tmp / "fp16_resumed", None, "checkpoint.resume=auto")
+    try:
+        straight, scale_straight = run(tmp / "fp16_straight", None)
+        first, scale_stop = run(tmp / "fp16_resumed", k)
+        resumed, scale_resumed = run(tmp / "fp16_resumed", None, "checkpoint.resume=auto")
+    finally:
+        # deterministic=true is process-wide: the sections after this one time the defaults
+        torch.use_deterministic_algorithms(False)
+        from dist_train.device_setup import apply_backend_flags, backend_flags
+
+        apply_backend_flags(backend_flags(device.type, tf32=True, deterministic=False))
     diffs = [abs(a - b) for a, b in zip(resumed, straight[k:])]
     same = len(resumed) == k and all(d == 0 for d in diffs)
     return (
