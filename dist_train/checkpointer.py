@@ -57,23 +57,46 @@ RESTART_KEYS = frozenset(
 )
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch and CUDA generator states."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, NumPy and torch generator states, and the CUDA generator of its
+    own device only (``device``, default the current CUDA device): a rank resumed where it
+    sees a different number of GPUs (``srun --gpus-per-task=1`` after torchrun) still finds
+    its own state."""
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state(device if device is not None else "cuda")
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": cuda,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` returned."""
+def own_cuda_rng_state(saved: Any, local_rank: int) -> torch.Tensor | None:
+    """The CUDA generator state of this rank's device in a saved :func:`rng_state` entry.
+
+    Checkpoints hold one state (the rank's own device); older ones hold a list with every
+    visible device's state, where the rank's own is the one of its torchrun device, index
+    ``local_rank`` (modulo the list's length).
+    """
+    if saved is None or isinstance(saved, torch.Tensor):
+        return saved
+    states = list(saved)
+    return states[local_rank % len(states)] if states else None
+
+
+def set_rng_state(
+    state: dict[str, Any], device: torch.device | None = None, local_rank: int = 0
+) -> None:
+    """Restores what :func:`rng_state` returned (the CUDA state into ``device``, default the
+    current CUDA device; ``local_rank`` picks this rank's entry of an older all-devices list)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = own_cuda_rng_state(state.get("cuda"), local_rank)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, device if device is not None else "cuda")
 
 
 @dataclass(frozen=True)
@@ -231,6 +254,10 @@ class Checkpointer:
         self.resume_from = cfg.checkpoint.resume if resume is None else resume
         self._saved_step = -1
 
+    def _cuda_device(self) -> torch.device | None:
+        """This rank's GPU, whose generator is saved (None on CPU)."""
+        return self.dist.device if self.dist.device.type == "cuda" else None
+
     def state(self) -> dict[str, Any]:
         """Everything but the sharded loss state (collective: every rank must call)."""
         ts, progress = self.train_step, self.train_step.progress
@@ -239,7 +266,7 @@ class Checkpointer:
             "optimizer": ts.optimizer.state_dict(),
             "scaler": ts.scaler.state_dict(),
             "sampler": self.sampler.state_dict(progress.batches_in_epoch),
-            "rng": all_gather_object(rng_state()),
+            "rng": all_gather_object(rng_state(self._cuda_device())),
             "step": progress.step,
             "epoch": progress.epoch,
             "batches_in_epoch": progress.batches_in_epoch,
@@ -307,7 +334,7 @@ class Checkpointer:
         progress.batches_in_epoch = self.sampler.load_state_dict(state["sampler"], reshard=True)
         same_world = int(state["world_size"]) == self.dist.world_size
         if same_world:
-            set_rng_state(state["rng"][self.dist.rank])
+            set_rng_state(state["rng"][self.dist.rank], self._cuda_device(), self.dist.local_rank)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)%s",
             path,

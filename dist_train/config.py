@@ -35,6 +35,7 @@ __all__ = [
     "CENTER_LOSS_UPDATES",
     "OPTIMIZER_NAMES",
     "BackboneConfig",
+    "DEVICE_CHOICES",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -66,6 +67,8 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 """Values of ``optim.name``: the rules of :func:`dist_train.optim.make_optimizer`."""
 AMP_MODES = ("none", "bf16", "fp16")
 """Values of ``amp``: the keys of :data:`dist_train.precision.AMP_DTYPES`."""
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+"""Values of ``device``: what :func:`dist_train.device_setup.resolve_device_type` accepts."""
 
 
 @dataclass
@@ -338,6 +341,13 @@ class TrainConfig:
     """Collective timeout in seconds: how long a rank waits in a collective for a peer that is
     alive but stuck (a peer that fails ends the job at once). Must exceed the longest wait of
     one rank on another (a checkpoint write, the first open of a large dataset)."""
+    device: str = "auto"
+    """"auto" (CUDA when torch has it, else CPU), "cuda" (fail at start without CUDA) or "cpu";
+    with "auto", GPUs allocated by the launcher but invisible to torch also fail at start
+    (see dist_train.device_setup)."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions use TF32 tensor cores (the classifier's cosine
+    GEMMs); margin and softmax stay fp32. False: strict IEEE fp32."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -349,6 +359,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("amp", self.amp, AMP_MODES)
+        check_choice("device", self.device, DEVICE_CHOICES)
         if self.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.dist_timeout_s <= 0:

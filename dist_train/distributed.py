@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_train.device_setup import resolve_device_type
+
 # The one Slurm host-list parser (re-exported): the bootstrap takes its master host from it.
 from dist_train.slurm_hosts import expand_nodelist as expand_nodelist
 from dist_train.slurm_hosts import first_host as first_host
@@ -141,36 +143,46 @@ def _restart_store(environ, world_size: int, timeout: timedelta):
     return dist.PrefixStore(prefix, store)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+def init_distributed(
+    backend: str | None = None, timeout_s: float = 1800.0, device: str = "auto"
+) -> DistInfo:
     """Creates the process group (when there is more than one process) and picks the device.
 
     Args:
-        backend: ``"nccl"`` or ``"gloo"``; by default NCCL when CUDA is available, else gloo.
+        backend: ``"nccl"`` or ``"gloo"``; by default NCCL on CUDA, else gloo.
         timeout_s: collective timeout.
+        device: the config's ``device``: ``"auto"``, ``"cuda"`` or ``"cpu"``.
 
     Returns:
-        This process's :class:`DistInfo`; its device is ``cuda:LOCAL_RANK`` when CUDA is
-        available and ``cpu`` otherwise.
+        This process's :class:`DistInfo`; its device is ``cuda:LOCAL_RANK`` on CUDA and
+        ``cpu`` otherwise.
+
+    Raises:
+        DeviceUnavailableError: GPUs were requested but torch has no CUDA
+            (:func:`dist_train.device_setup.resolve_device_type`), before any process group.
     """
     rank, local_rank, world_size, addr, port = env_world_info()
-    use_cuda = torch.cuda.is_available()
+    use_cuda = resolve_device_type(device, torch.cuda.is_available()) == "cuda"
     if use_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+        own = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(own)
     else:
-        device = torch.device("cpu")
+        own = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", addr)
         os.environ.setdefault("MASTER_PORT", port)
         timeout = timedelta(seconds=timeout_s)
+        backend = backend or ("nccl" if use_cuda else "gloo")
         dist.init_process_group(
-            backend=backend or ("nccl" if use_cuda else "gloo"),
+            backend=backend,
             rank=rank,
             world_size=world_size,
             timeout=timeout,
             store=_restart_store(os.environ, world_size, timeout),
+            # binds NCCL's communicator to this rank's GPU (no guessing from the current device)
+            device_id=own if backend == "nccl" else None,
         )
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=own)
 
 
 def current_info(device: torch.device | None = None) -> DistInfo:

@@ -1,7 +1,8 @@
 """The trained network: the backbone built from config and its DDP wrapper.
 
 Owns: building the backbone (registry name and parameters, initial weights, frozen stages,
-channels-last) and wrapping it in DDP with a comm hook that *sums* gradients over ranks. Does
+channels-last), wrapping it in DDP (gradients as bucket views) with a comm hook that *sums*
+gradients over ranks, and its CPU copy for weight files (:func:`cpu_state_dict`). Does
 not own the classifier (:mod:`dist_train.losses`, :mod:`dist_train.partial_fc`) nor the step
 that trains them (:mod:`dist_train.train_step`).
 
@@ -16,6 +17,7 @@ equal the gradient a single process would compute on the whole global batch (pin
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,7 +73,22 @@ def wrap_ddp(backbone: nn.Module, device: torch.device) -> DDP:
     The caller registers :func:`allreduce_sum_hook` (``model.register_comm_hook(None, ...)``).
     """
     ids = [device.index] if device.type == "cuda" else None
+    # Gradients are views into DDP's communication buckets: no copy between .grad and the
+    # buckets after the all-reduce, and one gradient-sized buffer less per replica.
+    kw: dict = {"device_ids": ids, "gradient_as_bucket_view": True}
     try:
-        return DDP(backbone, device_ids=ids, forward_sync_buffers=False)
+        return DDP(backbone, forward_sync_buffers=False, **kw)
     except TypeError:  # torch releases before forward_sync_buffers
-        return DDP(backbone, device_ids=ids, broadcast_buffers=False)
+        return DDP(backbone, broadcast_buffers=False, **kw)
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every tensor copied to the CPU (detached).
+
+    Weight files written from it load on any machine without ``map_location`` and hold no
+    reference to a GPU.
+    """
+    return {
+        k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        for k, v in module.state_dict().items()
+    }

@@ -27,6 +27,7 @@ from dist_train import checkpoint as ckpt
 from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo, barrier
 from dist_train.logging_utils import TensorBoard
+from dist_train.model_setup import cpu_state_dict
 
 if TYPE_CHECKING:
     from dist_train.train_step import Progress
@@ -100,7 +101,7 @@ class TrainEvaluator:
         results ``metrics.json``."""
         self.evaluate()
         if self.dist.is_main:
-            ckpt.atomic_save(self.backbone.state_dict(), self.run_dir / "model.pt")
+            ckpt.atomic_save(cpu_state_dict(self.backbone), self.run_dir / "model.pt")
             with open(self.run_dir / "metrics.json", "w") as f:
                 json.dump(self.last_metrics, f, indent=2)
 
@@ -159,7 +160,7 @@ class TrainEvaluator:
             self.best = value
             if self.dist.is_main:
                 step, epoch = self.progress.step, self.progress.epoch
-                ckpt.atomic_save(self.backbone.state_dict(), self.run_dir / "best_model.pt")
+                ckpt.atomic_save(cpu_state_dict(self.backbone), self.run_dir / "best_model.pt")
                 _write_best_info(self.run_dir, spec, value, step, epoch)
                 log.info("new best %s = %.4f at step %d: best_model.pt", spec, value, step)
 

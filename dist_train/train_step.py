@@ -106,11 +106,13 @@ class TrainStep:
             self.schedule.apply(lr_opt, base, self.progress.step)
         total = torch.zeros((), device=self.device)
         for i, (images, labels) in enumerate(micro):
-            images = images.to(self.device, non_blocking=True)
+            # The loader's batch is a channels_last-strided view; the input takes the model's
+            # memory format (converted as uint8: a quarter of the bytes of a float copy), so
+            # DDP's gradient buckets match the parameters' strides.
+            fmt = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
             labels = labels.to(self.device, non_blocking=True)
-            x = normalize(images, cfg.data.mean, cfg.data.std)
-            if cfg.backbone.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = normalize(images, cfg.data.mean, cfg.data.std)  # keeps the memory format
             # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
             sync = i == k - 1 or not isinstance(self.model, DDP)
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()

@@ -25,6 +25,7 @@ from torch import nn
 
 from dist_train.checkpointer import Checkpointer, claim_run_dir, rng_state, set_rng_state
 from dist_train.config import TrainConfig, save_config
+from dist_train.device_setup import apply_backend_flags, backend_flags, describe_device
 from dist_train.distributed import DistInfo
 from dist_train.logging_utils import TensorBoard, setup_logging
 from dist_train.losses import build_loss
@@ -77,6 +78,11 @@ class Trainer:
             log.info("%s", start.note)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # TF32 matmuls/convolutions and cudnn.benchmark on CUDA (nothing on CPU)
+        apply_backend_flags(
+            backend_flags(self.device.type, tf32=cfg.tf32, deterministic=cfg.deterministic)
+        )
+        log.info(describe_device(self.device, dist_info.world_size))
         # Same seed on every rank: identical initial backbones (DDP also broadcasts rank 0's).
         seed_everything(cfg.seed)
         self.data = data if data is not None else build_train_data(cfg.data, dist_info, cfg.seed)

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
-    info = init_distributed(timeout_s=cfg.dist_timeout_s)
+    info = init_distributed(timeout_s=cfg.dist_timeout_s, device=cfg.device)
     setup_logging(None, info.is_main, info.rank)  # the trainer adds run_dir/train.log
     from dist_train.trainer import Trainer
 

@@ -26,7 +26,7 @@ from dist_train.partial_fc.dtypes import (
 from dist_train.partial_fc.kernels import CosineLinear, ShardedCrossEntropy
 from dist_train.partial_fc.memory import estimate_memory_bytes
 from dist_train.partial_fc.module import INIT_BLOCK_ROWS, PartialFC, build_partial_fc, init_rows
-from dist_train.partial_fc.optimizer import STEP_CHUNK_ROWS, PartialFCOptimizer
+from dist_train.partial_fc.optimizer import STEP_CHUNK_ROWS, PartialFCOptimizer, step_chunk_rows
 from dist_train.partial_fc.state import FORMAT, export_class_centers, merge_state_dicts
 
 __all__ = [
@@ -45,5 +45,6 @@ __all__ = [
     "init_rows",
     "master_dtype",
     "merge_state_dicts",
+    "step_chunk_rows",
     "stochastic_round_bf16",
 ]

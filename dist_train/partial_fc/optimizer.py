@@ -2,10 +2,11 @@
 
 Owns :class:`PartialFCOptimizer`: which rows a step updates (the sampled rows, or every row in
 ``"dense"`` mode), the per-class optimizer rows, gradient accumulation over several forwards,
-the chunked gather/update/scatter that bounds its temporaries, and the write-back into the
-shard's storage dtype. The update rule itself (SGD, Adam, AdamW on rows) and the optimizer
-names and hyper-parameters are :mod:`dist_train.optim`'s. Does not own the forward, the sampling
-or the saved state (:mod:`dist_train.partial_fc.module`, :mod:`dist_train.partial_fc.state`).
+the chunked gather/update/scatter that bounds its temporaries (chunk size per device), and
+the write-back into the shard's storage dtype. The update rule itself (SGD, Adam, AdamW on
+rows) and the optimizer names and hyper-parameters are :mod:`dist_train.optim`'s. Does not own
+the forward, the sampling or the saved state (:mod:`dist_train.partial_fc.module`,
+:mod:`dist_train.partial_fc.state`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,25 @@ if TYPE_CHECKING:
     from dist_train.partial_fc.module import PartialFC
 
 STEP_CHUNK_ROWS = 8192
-"""Rows updated at once by the optimizer: bounds its temporaries to ~16 MB each at D = 512."""
+"""Rows updated at once by the optimizer on CPU: temporaries of ~16 MB each at D = 512, which
+stay in cache."""
+CUDA_CHUNK_BYTES = 256 * 2**20
+"""Size of one chunk temporary on CUDA: few, large kernels (a 10M-row dense step is ~80 chunks
+of each kernel, not ~1,200) at a bounded memory cost."""
+
+
+def step_chunk_rows(device: torch.device, embedding_size: int, state_itemsize: int = 4) -> int:
+    """Rows the optimizer updates at once on ``device``.
+
+    CPU: :data:`STEP_CHUNK_ROWS` (cache-sized). CUDA: rows whose ``[rows, D]`` temporary in the
+    state dtype fills :data:`CUDA_CHUNK_BYTES` (131,072 rows at D = 512, fp32), at least
+    :data:`STEP_CHUNK_ROWS`. Every row's update is independent of the others, so the chunk
+    size changes the number of kernel launches, never the result (up to the stochastic
+    rounding draws of bf16 storage, which are random either way).
+    """
+    if device.type != "cuda":
+        return STEP_CHUNK_ROWS
+    return max(STEP_CHUNK_ROWS, CUDA_CHUNK_BYTES // (embedding_size * state_itemsize))
 
 
 class PartialFCOptimizer(torch.optim.Optimizer):
@@ -54,6 +73,8 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             raise ValueError("nesterov needs SGD with momentum > 0")
         device = pfc.weight.device
         self.state_dtype = master_dtype(pfc.weight.dtype)
+        # rows updated at once; any value gives the same result (tests set small ones)
+        self.chunk_rows = step_chunk_rows(device, pfc.embedding_size, self.state_dtype.itemsize)
         placeholder = torch.zeros(0, pfc.embedding_size, device=device, requires_grad=True)
         super().__init__([placeholder], spec.hyperparameters())
         self.name = spec.name
@@ -185,8 +206,8 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         # Gathers go into buffers kept across steps: a fresh multi-MB tensor per chunk costs
         # more in page faults than the gather itself.
         bufs = self._chunk_buffers()
-        for a in range(0, index.numel(), STEP_CHUNK_ROWS):
-            rows = index[a : a + STEP_CHUNK_ROWS]
+        for a in range(0, index.numel(), self.chunk_rows):
+            rows = index[a : a + self.chunk_rows]
             k = rows.numel()
             w = bufs["weight"][:k]
             if weight.dtype == self.state_dtype:
@@ -207,10 +228,10 @@ class PartialFCOptimizer(torch.optim.Optimizer):
                 self.rows[key].index_copy_(0, rows, v)
 
     def _chunk_buffers(self) -> dict[str, torch.Tensor]:
-        """[STEP_CHUNK_ROWS, D] state-dtype buffers for the sparse step (made once)."""
+        """[chunk_rows, D] state-dtype buffers for the sparse step (made once)."""
         if not hasattr(self, "_bufs"):
             weight = self._pfc.weight
-            n = min(STEP_CHUNK_ROWS, weight.shape[0])
+            n = min(self.chunk_rows, weight.shape[0])
             names = ["weight", "grad"] + [k for k, v in self.rows.items() if v.dim() == 2]
             self._bufs = {
                 k: torch.empty(n, weight.shape[1], device=weight.device, dtype=self.state_dtype)
@@ -220,13 +241,13 @@ class PartialFCOptimizer(torch.optim.Optimizer):
 
     def _dense_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = self._pfc.weight
-        bounds = torch.arange(0, weight.shape[0] + STEP_CHUNK_ROWS, STEP_CHUNK_ROWS)
+        bounds = torch.arange(0, weight.shape[0] + self.chunk_rows, self.chunk_rows)
         # Where each block's sampled rows start in `index`: one sync for the whole step.
         starts = torch.searchsorted(index, bounds.to(index.device)).tolist()
 
         def block_grad(a: int, b: int) -> torch.Tensor:
             g = torch.zeros(b - a, weight.shape[1], device=weight.device, dtype=self.state_dtype)
-            lo, hi = starts[a // STEP_CHUNK_ROWS], starts[a // STEP_CHUNK_ROWS + 1]
+            lo, hi = starts[a // self.chunk_rows], starts[a // self.chunk_rows + 1]
             if hi > lo:
                 g.index_copy_(0, index[lo:hi] - a, grad[lo:hi].to(self.state_dtype))
             return g
@@ -237,8 +258,8 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         """Updates every row, block by block, through views of the shard and state."""
         weight = self._pfc.weight
         n = weight.shape[0]
-        for a in range(0, n, STEP_CHUNK_ROWS):
-            b = min(a + STEP_CHUNK_ROWS, n)
+        for a in range(0, n, self.chunk_rows):
+            b = min(a + self.chunk_rows, n)
             view = weight[a:b]
             w = view if view.dtype == self.state_dtype else view.to(self.state_dtype)
             state = {k: v[a:b] for k, v in self.rows.items()}  # views: updated in place
