@@ -39,3 +39,6 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     # the fp16 run resumed from its checkpoint and continued exactly as without a stop
     resume = page.split("## 3.")[1].split("## 4.")[0]
     assert "| yes |" in resume
+    # a rank that hits a corrupt record ends the job non-zero within the section's limit
+    failing = page.split("## 7.")[1]
+    assert "| yes |" in failing, failing
