@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_train.collectives import equal_local_batches
 from dist_train.config import TrainConfig
 from dist_train.data.transforms import normalize
 from dist_train.distributed import all_reduce
@@ -90,8 +91,13 @@ class TrainStep:
         """Asks for a stop; every rank agrees on it in the next optimizer step's all-reduce."""
         self.stop_signal = signum
 
-    def __call__(self, batches: Iterator) -> float | None:
-        """One optimizer step; returns the (unscaled) loss, or None at the end of the epoch."""
+    def __call__(self, batches: Iterator) -> torch.Tensor | None:
+        """One optimizer step; returns the (unscaled) loss, or None at the end of the epoch.
+
+        The loss is a 0-d tensor on the device, NaN for a skipped step; it is not read here
+        (reading it costs a host synchronisation: :class:`dist_train.meter.Meter` reads the
+        window's sum at log steps only).
+        """
         cfg = self.cfg
         k = cfg.grad_accum_steps
         micro = []
@@ -105,58 +111,77 @@ class TrainStep:
         for lr_opt, base in self.optimizers:
             self.schedule.apply(lr_opt, base, self.progress.step)
         total = torch.zeros((), device=self.device)
-        for i, (images, labels) in enumerate(micro):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            x = normalize(images, cfg.data.mean, cfg.data.std)
-            if cfg.backbone.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
-            sync = i == k - 1 or not isinstance(self.model, DDP)
-            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
-            with ctx:
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.amp_dtype or torch.float32,
-                    enabled=self.amp_dtype is not None,
-                ):
-                    embeddings = self.model(x)
-                # The classifier and its softmax run in fp32 whatever the autocast dtype.
-                loss = self.loss(embeddings.float(), labels) / k
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
+        # Batches are drop_last: every rank has the same micro-batch size, so the gathers of
+        # the loss exchange no sizes and reduce-scatter their gradients.
+        with equal_local_batches():
+            for i, (images, labels) in enumerate(micro):
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                x = normalize(images, cfg.data.mean, cfg.data.std)
+                if cfg.backbone.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
+                sync = i == k - 1 or not isinstance(self.model, DDP)
+                ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+                with ctx:
+                    with torch.autocast(
+                        self.device.type,
+                        dtype=self.amp_dtype or torch.float32,
+                        enabled=self.amp_dtype is not None,
+                    ):
+                        embeddings = self.model(x)
+                    # The classifier and its softmax run in fp32 whatever the autocast dtype.
+                    loss = self.loss(embeddings.float(), labels) / k
+                    self.scaler.scale(loss).backward()
+                total += loss.detach()
         self.progress.batches_in_epoch += k
         ok = self.optimizer_step()
         self.progress.step += 1
-        loss_value = float(total.item())  # CPU-GPU sync point: once per step, for logging
-        if not ok:
-            return loss_value if math.isfinite(loss_value) else float("nan")
-        return loss_value
+        return total if ok else torch.where(torch.isfinite(total), total, math.nan)
 
     def optimizer_step(self) -> bool:
-        """Unscales, checks finiteness on every rank, clips, steps; False if the step is skipped."""
+        """Unscales, checks finiteness on every rank, clips, steps; False if the step is skipped.
+
+        The skip, the stop request and every non-finite check (the backbone's gradient norm,
+        the gradients of every optimizer, and the GradScaler's own inf check of each of them)
+        travel in one device tensor, all-reduced once and read once: the step's only host
+        synchronisation when nothing is logged.
+        """
         cfg = self.cfg
         opts = [o for o, _ in self.optimizers]
         for opt in opts:
             self.scaler.unscale_(opt)
         params = [p for p in self.backbone.parameters() if p.grad is not None]
         max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        self.last_grad_norm = grad_norm
-        bad = torch.tensor(
-            [0.0 if torch.isfinite(grad_norm) else 1.0, 0.0 if self.stop_signal is None else 1.0],
-            device=self.device,
-        )
-        bad[0] += float(not self.loss.grads_finite())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
+        self.last_grad_norm = grad_norm if grad_norm is not None else torch.zeros(())
+        flags = torch.zeros(2, device=self.device)
+        nonfinite = [
+            non_finite_flag([p.grad for g in o.param_groups for p in g["params"]]) for o in opts
+        ]
+        if grad_norm is not None:
+            nonfinite.append((~torch.isfinite(grad_norm)).float())
+        if self.scaler.is_enabled():
+            for opt in opts:
+                # The scaler's own inf check (recorded by unscale_), whichever device it ran on.
+                nonfinite += [f.float() for f in self.scaler._found_inf_per_device(opt).values()]
+        for flag in nonfinite:
+            if flag is not None:
+                flags[0] = torch.maximum(flags[0], flag.to(self.device).reshape(()))
+        if self.stop_signal is not None:
+            flags[1] = 1.0
         # One tiny all-reduce per step: every rank must agree to skip and to stop.
-        all_reduce(bad, op="max")
-        self.stop_agreed = bool(bad[1].item())
-        if bad[0].item() > 0:
+        all_reduce(flags, op="max")
+        skip, stop = flags.tolist()  # CPU-GPU sync point: the step's one host read
+        self.stop_agreed = stop > 0
+        if skip > 0:
             self._skip(opts)
             return False
         self.skipped_in_row = 0
+        # Every optimizer's gradients are unscaled and known finite on every rank: step them
+        # directly (GradScaler.step would read each optimizer's inf flag back again).
         for opt in opts:
-            self.scaler.step(opt)
+            opt.step()
         self.scaler.update()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -190,6 +215,27 @@ class TrainStep:
                 f"{self.skipped_in_row} consecutive non-finite steps (max_skipped_steps="
                 f"{cfg.max_skipped_steps}); lower the learning rate or use bf16"
             )
+
+
+def non_finite_flag(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """A 0-d float tensor, 1 if any of ``tensors`` holds a non-finite value, else 0; computed
+    on the device (no host read). ``None`` entries are left out; ``None`` if none remain."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    # max-norms: inf for an inf entry, NaN for a NaN, never an overflow of finite values
+    flags = [
+        (~torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))).any()
+        for group in _by_device_and_dtype(present)
+    ]
+    return torch.stack([f.to(flags[0].device) for f in flags]).any().float()
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 def install_stop_handlers(request_stop: Callable[[int], None]) -> None:
