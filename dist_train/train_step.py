@@ -155,7 +155,8 @@ class TrainStep:
         max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
         self.last_grad_norm = grad_norm if grad_norm is not None else torch.zeros(())
-        flags = torch.zeros(2, device=self.device)
+        # [skip, stop, loss scale]: one read gives the decision and the scale a skip logs
+        flags = torch.zeros(3, device=self.device)
         nonfinite = [
             non_finite_flag([p.grad for g in o.param_groups for p in g["params"]]) for o in opts
         ]
@@ -170,12 +171,14 @@ class TrainStep:
                 flags[0] = torch.maximum(flags[0], flag.to(self.device).reshape(()))
         if self.stop_signal is not None:
             flags[1] = 1.0
+        if self.scaler.is_enabled():
+            flags[2] = self.scaler._get_scale_async().to(self.device).reshape(())
         # One tiny all-reduce per step: every rank must agree to skip and to stop.
         all_reduce(flags, op="max")
-        skip, stop = flags.tolist()  # CPU-GPU sync point: the step's one host read
+        skip, stop, scale = flags.tolist()  # CPU-GPU sync point: the step's one host read
         self.stop_agreed = stop > 0
         if skip > 0:
-            self._skip(opts)
+            self._skip(opts, scale)
             return False
         self.skipped_in_row = 0
         # Every optimizer's gradients are unscaled and known finite on every rank: step them
@@ -187,19 +190,21 @@ class TrainStep:
             opt.zero_grad(set_to_none=True)
         return True
 
-    def _skip(self, opts: list[torch.optim.Optimizer]) -> None:
-        """Drops this step's gradients, backs the scaler off, counts; raises past the limit."""
+    def _skip(self, opts: list[torch.optim.Optimizer], scale: float) -> None:
+        """Drops this step's gradients, backs the scaler off from ``scale`` (its value this
+        step), counts; raises past the limit."""
         cfg = self.cfg
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         # A GradScaler overflow while the scale is still large is the scaler searching for
         # its range (normal in the first fp16 steps); only skips at a scale below 1, or
         # without a scaler, count towards max_skipped_steps.
-        searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+        searching = self.scaler.is_enabled() and scale >= 1.0
         if self.scaler.is_enabled():
             # Back off explicitly: the overflow may have been seen on another rank only,
             # and every rank's scale must stay the same.
-            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            scale *= self.scaler.get_backoff_factor()
+            self.scaler.update(scale)
         self.skipped_total += 1
         if not searching:
             self.skipped_in_row += 1
@@ -208,7 +213,7 @@ class TrainStep:
             self.progress.step + 1,
             self.skipped_in_row,
             self.skipped_total,
-            f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "",
+            f", loss scale now {scale:g}" if self.scaler.is_enabled() else "",
         )
         if self.skipped_in_row >= cfg.max_skipped_steps:
             raise RuntimeError(
