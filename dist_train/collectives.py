@@ -47,8 +47,12 @@ def equal_local_batches(enabled: bool = True) -> Iterator[None]:
         _EQUAL_SIZES = before
 
 
-def _local_sizes(tensor: torch.Tensor, world: int) -> list[int]:
-    """Every rank's length of ``tensor`` along dim 0."""
+def local_batch_sizes(tensor: torch.Tensor) -> list[int]:
+    """Every rank's length of ``tensor`` along dim 0 (exchanged, except inside
+    :func:`equal_local_batches`); ``[len]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor.shape[0]]
+    world = dist.get_world_size()
     if _EQUAL_SIZES:
         return [tensor.shape[0]] * world
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
@@ -61,7 +65,7 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
         ctx.rank = dist.get_rank()
-        ctx.sizes = _local_sizes(tensor, world)
+        ctx.sizes = local_batch_sizes(tensor)
         ctx.equal = len(set(ctx.sizes)) == 1
         tensor = tensor.contiguous()
         if ctx.equal:
