@@ -53,7 +53,9 @@ class Meter:
         The losses (0-d device tensors) are summed on the device; the sum and the gradient
         norm are read back at log steps only (each read is a host synchronisation).
         """
-        self._loss_sum = self._loss_sum + loss
+        # summed in float64 as a Python float would be: the logged mean does not depend on
+        # where the sum is kept
+        self._loss_sum = self._loss_sum + torch.as_tensor(loss).detach().to(torch.float64)
         self._loss_count += 1
         step = train_step.progress.step
         if not (step % self.log_every_steps == 0 or step == total_steps):
