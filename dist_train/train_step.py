@@ -4,7 +4,9 @@ Owns: the run's position (:class:`Progress`), the step (learning rate from the s
 ``grad_accum_steps`` micro-batches of forward and backward under autocast, normalised on the
 device), the optimizer step with its skip logic (a non-finite gradient on any rank skips the step
 on every rank; too many in a row stop the run), and stop requests (preemption signals), which
-every rank agrees on in the same all-reduce. Does not own building the modules, optimizers,
+every rank agrees on in the same all-reduce. That one flag tensor, read once, is the step's only
+host synchronisation (docs/cluster.md, "Host synchronisation"); the loss stays on the device.
+Does not own building the modules, optimizers,
 schedule or scaler (:class:`dist_train.trainer.Trainer` builds them), the loss maths
 (:mod:`dist_train.losses`) nor what happens between steps (logging, evaluation, checkpoints).
 """
