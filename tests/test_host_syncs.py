@@ -191,3 +191,18 @@ def _worker(rank: int, world: int, data: str, run: str) -> dict:
 def test_two_gloo_processes_step_syncs_once(tiny_data, tmp_path):
     for res in run_distributed(_worker, 2, str(tiny_data), str(tmp_path / "run")):
         _assert_pinned(res)
+
+
+def test_loader_checks_labels_on_the_host(tiny_data, tmp_path):
+    # The step reads no label back from the device: the loader checks them as it builds the
+    # batch, and names the data and the image.
+    from dist_train.data.datasets import DataError
+    from dist_train.data.loader import build_train_data
+
+    cfg = load_config(None, _overrides(tiny_data, tmp_path / "run"))
+    data = build_train_data(cfg.data, DistInfo(), seed=0)
+    first = next(iter(data.loader))[1]
+    assert int(first.max()) < data.num_classes
+    data.dataset.labels[:] = data.num_classes  # every image now has a label outside [0, C)
+    with pytest.raises(DataError, match=r"image \d+ has label 12, outside \[0, 12\)"):
+        next(iter(data.loader))
