@@ -165,8 +165,11 @@ class ShardedCenterLoss(nn.Module):
         check_local_batch(local_embeddings, local_labels, self.embedding_size, "center loss")
         global_embeddings = all_gather_with_grad(local_embeddings)
         global_labels = all_gather_no_grad(local_labels)
-        if global_labels.numel():
-            lo, hi = int(global_labels.min()), int(global_labels.max())  # CPU-GPU sync point
+        if global_labels.numel() and global_labels.device.type == "cpu":
+            # Checked on the host only: labels on an accelerator would cost a host read per
+            # step (the training loader checks them before they travel).
+            labels = global_labels.numpy()
+            lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.num_classes:
                 raise ValueError(
                     f"center loss: labels must be in [0, {self.num_classes}), the global batch "
@@ -174,26 +177,33 @@ class ShardedCenterLoss(nn.Module):
                 )
         n_global = max(1, global_labels.numel())
         compute_dtype = torch.promote_types(self.centers_shard.dtype, torch.float32)
+        num_local = self.stop - self.start
         with torch.autocast(global_embeddings.device.type, enabled=False):
-            mine = ((global_labels >= self.start) & (global_labels < self.stop)).nonzero()
-            mine = mine.squeeze(1)
-            rows = global_labels[mine] - self.start
-            # Always indexed, even when empty: every rank must reach the gather's backward.
-            x = global_embeddings[mine].to(compute_dtype)
-            centers = self.centers_shard[rows].to(compute_dtype)
-            partial = (x - centers).pow(2).sum() * (self.weight / (2.0 * n_global))
+            # Every sample takes part with a fixed shape (no data-dependent selection, no host
+            # read); samples of other ranks' classes point at row 0 and are masked out.
+            mine = (global_labels >= self.start) & (global_labels < self.stop)
+            x = global_embeddings.to(compute_dtype)
+            if num_local == 0:
+                # Still connected to the gather: every rank must reach its backward.
+                rows, partial = global_labels[:0], x[:0].sum() * 0.0
+            else:
+                rows = (global_labels - self.start).clamp(0, num_local - 1)
+                centers = self.centers_shard.index_select(0, rows).to(compute_dtype)
+                per_sample = torch.where(mine, (x - centers).pow(2).sum(dim=1), 0.0)
+                partial = per_sample.sum() * (self.weight / (2.0 * n_global))
             total = all_reduce(partial.detach().clone(), "sum")
             # The value is the full loss; autograd sees only this rank's part.
             loss = partial + (total - partial.detach())
-        if self.update == "alpha" and self.training:
-            self._alpha_update(x.detach(), rows)
+        if self.update == "alpha" and self.training and num_local:
+            self._alpha_update(x.detach(), rows, mine)
         return loss
 
     @torch.no_grad()
-    def _alpha_update(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+    def _alpha_update(self, x: torch.Tensor, rows: torch.Tensor, mine: torch.Tensor) -> None:
         shard = self.centers_shard
-        counts = torch.bincount(rows, minlength=shard.shape[0]).to(x.dtype)[:, None]
-        sums = torch.zeros(shard.shape, dtype=x.dtype, device=x.device).index_add_(0, rows, x)
+        weight = mine.to(x.dtype)
+        counts = x.new_zeros(shard.shape[0]).index_add_(0, rows, weight)[:, None]
+        sums = x.new_zeros(shard.shape).index_add_(0, rows, x * weight[:, None])
         delta = (counts * shard.to(x.dtype) - sums) / (1.0 + counts)
         shard.sub_((self.alpha * delta).to(shard.dtype))
 

@@ -2,8 +2,9 @@
 
 Owns the differentiable all-gather (:func:`all_gather_with_grad`) used by Partial FC and the
 sharded center loss, its no-grad twin for labels, and the shape check of a local batch before
-it is gathered (:func:`check_local_batch`). Does not own any loss, nor the backbone's
-gradient sync (the trainer's DDP comm hook does).
+it is gathered (:func:`check_local_batch`), and the promise of equal local batch sizes
+(:func:`equal_local_batches`) under which the gathers exchange no sizes. Does not own any
+loss, nor the backbone's gradient sync (the trainer's DDP comm hook does).
 
 Gradient convention (pinned by tests): the backward of :func:`all_gather_with_grad` *sums* the
 gradients that every rank computed for a given slice (a reduce-scatter). A caller whose rank
@@ -18,8 +19,45 @@ would compute on the whole global batch (see :mod:`dist_train.model_setup`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
+
+_EQUAL_SIZES = False
+"""Set by :func:`equal_local_batches`: every rank's gathered tensors have the same length."""
+
+
+@contextlib.contextmanager
+def equal_local_batches(enabled: bool = True) -> Iterator[None]:
+    """Inside, the all-gathers of this module assume every rank passes the same number of rows.
+
+    The training loop enters it (its batches are ``drop_last``): the gathers then exchange no
+    sizes (the ragged path costs an all-gather of the sizes and one host read per rank) and
+    the backward of :func:`all_gather_with_grad` is a reduce-scatter. A rank with another
+    length inside it makes the collective fail. Outside (evaluation, tests with ragged
+    batches) sizes may differ between ranks.
+    """
+    global _EQUAL_SIZES
+    before, _EQUAL_SIZES = _EQUAL_SIZES, bool(enabled)
+    try:
+        yield
+    finally:
+        _EQUAL_SIZES = before
+
+
+def local_batch_sizes(tensor: torch.Tensor) -> list[int]:
+    """Every rank's length of ``tensor`` along dim 0 (exchanged, except inside
+    :func:`equal_local_batches`); ``[len]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor.shape[0]]
+    world = dist.get_world_size()
+    if _EQUAL_SIZES:
+        return [tensor.shape[0]] * world
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    return [int(s.item()) for s in sizes]  # CPU-GPU sync point: ragged batches only
 
 
 class _AllGather(torch.autograd.Function):
@@ -27,23 +65,29 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         world = dist.get_world_size()
         ctx.rank = dist.get_rank()
-        ctx.sizes = [None] * world
-        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-        ctx.sizes = [int(s.item()) for s in sizes]  # CPU-GPU sync point: ragged batches
+        ctx.sizes = local_batch_sizes(tensor)
+        ctx.equal = len(set(ctx.sizes)) == 1
+        tensor = tensor.contiguous()
+        if ctx.equal:
+            out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+            dist.all_gather_into_tensor(out, tensor)
+            return out
         max_n = max(ctx.sizes)
         padded = tensor.new_zeros((max_n, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded)
         return torch.cat([p[:n] for p, n in zip(parts, ctx.sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous()
-        # Sum over ranks of each rank's gradient w.r.t. the full gathered tensor, then keep
-        # our own slice: an all-reduce followed by a slice equals a reduce-scatter and works
-        # with ragged sizes on gloo, which lacks reduce_scatter.
+        if ctx.equal:
+            # Sum over ranks of each rank's gradient, our own slice only.
+            out = grad.new_empty((ctx.sizes[ctx.rank], *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        # Ragged sizes: an all-reduce followed by our slice equals a reduce-scatter.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start : start + ctx.sizes[ctx.rank]]
@@ -53,7 +97,8 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenation of every rank's ``tensor`` along dim 0, differentiable.
 
     Args:
-        tensor: ``[N_local, ...]``; N_local may differ between ranks.
+        tensor: ``[N_local, ...]``; N_local may differ between ranks, except inside
+            :func:`equal_local_batches`.
 
     Returns:
         ``[sum of N_local, ...]`` in rank order. Identity at world size 1.

@@ -123,15 +123,6 @@ class TrainLoss(nn.Module):
             out.append((self.center.optimizer, self.center_lr_scale))
         return out
 
-    def grads_finite(self) -> bool:
-        """Whether this rank's sharded gradients are finite (checked before stepping)."""
-        for opt, _ in self.extra_optimizers():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and not torch.isfinite(p.grad).all():
-                        return False
-        return True
-
     def local_state(self) -> dict[str, Any]:
         """This rank's piece of the loss state; pieces of any world size load anywhere.
 

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
 from dist_train.config import TrainConfig
 from dist_train.logging_utils import TensorBoard, format_eta
 
@@ -40,13 +42,20 @@ class Meter:
     def start(self, step: int) -> None:
         """Starts timing at ``step`` (the first step this process runs)."""
         self._t_last, self._step_last = time.time(), step
-        self._loss_sum, self._loss_count = 0.0, 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
         self._t_start, self._step_start = time.time(), step
 
-    def log_step(self, loss: float, train_step: TrainStep, total_steps: int) -> None:
+    def log_step(self, loss: torch.Tensor | float, train_step: TrainStep, total_steps: int) -> None:
         """Adds a step's loss; every ``log_every_steps`` (and at ``total_steps``) logs the mean
-        loss of the window, lr, samples/s, gradient norm and ETA, and the ``train/*`` scalars."""
-        self._loss_sum += loss
+        loss of the window, lr, samples/s, gradient norm and ETA, and the ``train/*`` scalars.
+
+        The losses (0-d device tensors) are summed on the device; the sum and the gradient
+        norm are read back at log steps only (each read is a host synchronisation).
+        """
+        # summed in float64 as a Python float would be: the logged mean does not depend on
+        # where the sum is kept
+        self._loss_sum = self._loss_sum + torch.as_tensor(loss).detach().to(torch.float64)
         self._loss_count += 1
         step = train_step.progress.step
         if not (step % self.log_every_steps == 0 or step == total_steps):
@@ -55,7 +64,7 @@ class Meter:
         sps = (step - self._step_last) * self.global_batch / max(1e-9, now - self._t_last)
         rate = (step - self._step_start) / max(1e-9, now - self._t_start)
         eta = (total_steps - step) / max(1e-9, rate)
-        mean_loss = self._loss_sum / max(1, self._loss_count)
+        mean_loss = float(self._loss_sum) / max(1, self._loss_count)  # host read: log steps only
         lr = train_step.optimizer.param_groups[0]["lr"]
         grad_norm = float(train_step.last_grad_norm)
         epoch = train_step.progress.epoch

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_train.collectives import all_gather_no_grad
+from dist_train.collectives import all_gather_no_grad, local_batch_sizes
 from dist_train.distributed import get_rank, get_world_size
 
 
@@ -53,8 +53,8 @@ def gather_with_local_grad(
     if get_world_size() == 1:
         return local_embeddings, local_labels
     n_local = local_embeddings.shape[0]
-    sizes = all_gather_no_grad(torch.tensor([n_local], device=local_embeddings.device))
-    start = int(sizes[: get_rank()].sum())  # CPU-GPU sync point: offset of our slice
+    # offset of our slice: a host read of the exchanged sizes, except for equal local batches
+    start = sum(local_batch_sizes(local_embeddings)[: get_rank()])
     global_labels = all_gather_no_grad(local_labels)
     others = all_gather_no_grad(local_embeddings.detach())
     global_embeddings = torch.cat(

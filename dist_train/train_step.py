@@ -4,7 +4,9 @@ Owns: the run's position (:class:`Progress`), the step (learning rate from the s
 ``grad_accum_steps`` micro-batches of forward and backward under autocast, normalised on the
 device), the optimizer step with its skip logic (a non-finite gradient on any rank skips the step
 on every rank; too many in a row stop the run), and stop requests (preemption signals), which
-every rank agrees on in the same all-reduce. Does not own building the modules, optimizers,
+every rank agrees on in the same all-reduce. That one flag tensor, read once, is the step's only
+host synchronisation (docs/cluster.md, "Host synchronisation"); the loss stays on the device.
+Does not own building the modules, optimizers,
 schedule or scaler (:class:`dist_train.trainer.Trainer` builds them), the loss maths
 (:mod:`dist_train.losses`) nor what happens between steps (logging, evaluation, checkpoints).
 """
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_train.collectives import equal_local_batches
 from dist_train.config import TrainConfig
 from dist_train.data.transforms import normalize
 from dist_train.distributed import all_reduce
@@ -90,8 +93,13 @@ class TrainStep:
         """Asks for a stop; every rank agrees on it in the next optimizer step's all-reduce."""
         self.stop_signal = signum
 
-    def __call__(self, batches: Iterator) -> float | None:
-        """One optimizer step; returns the (unscaled) loss, or None at the end of the epoch."""
+    def __call__(self, batches: Iterator) -> torch.Tensor | None:
+        """One optimizer step; returns the (unscaled) loss, or None at the end of the epoch.
+
+        The loss is a 0-d tensor on the device, NaN for a skipped step; it is not read here
+        (reading it costs a host synchronisation: :class:`dist_train.meter.Meter` reads the
+        window's sum at log steps only).
+        """
         cfg = self.cfg
         k = cfg.grad_accum_steps
         micro = []
@@ -105,78 +113,102 @@ class TrainStep:
         for lr_opt, base in self.optimizers:
             self.schedule.apply(lr_opt, base, self.progress.step)
         total = torch.zeros((), device=self.device)
-        for i, (images, labels) in enumerate(micro):
-            # The loader's batch is a channels_last-strided view; the input takes the model's
-            # memory format (converted as uint8: a quarter of the bytes of a float copy), so
-            # DDP's gradient buckets match the parameters' strides.
-            fmt = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-            labels = labels.to(self.device, non_blocking=True)
-            x = normalize(images, cfg.data.mean, cfg.data.std)  # keeps the memory format
-            # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
-            sync = i == k - 1 or not isinstance(self.model, DDP)
-            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
-            with ctx:
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.amp_dtype or torch.float32,
-                    enabled=self.amp_dtype is not None,
-                ):
-                    embeddings = self.model(x)
-                # The classifier and its softmax run in fp32 whatever the autocast dtype.
-                loss = self.loss(embeddings.float(), labels) / k
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
+        # Batches are drop_last: every rank has the same micro-batch size, so the gathers of
+        # the loss exchange no sizes and reduce-scatter their gradients.
+        with equal_local_batches():
+            for i, (images, labels) in enumerate(micro):
+                # The loader's batch is a channels_last-strided view; the input takes the
+                # model's memory format (converted as uint8: a quarter of the bytes of a float
+                # copy), so DDP's gradient buckets match the parameters' strides.
+                fmt = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+                labels = labels.to(self.device, non_blocking=True)
+                x = normalize(images, cfg.data.mean, cfg.data.std)  # keeps the memory format
+                # DDP syncs gradients only on the last micro-step (no_sync accumulates locally).
+                sync = i == k - 1 or not isinstance(self.model, DDP)
+                ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+                with ctx:
+                    with torch.autocast(
+                        self.device.type,
+                        dtype=self.amp_dtype or torch.float32,
+                        enabled=self.amp_dtype is not None,
+                    ):
+                        embeddings = self.model(x)
+                    # The classifier and its softmax run in fp32 whatever the autocast dtype.
+                    loss = self.loss(embeddings.float(), labels) / k
+                    self.scaler.scale(loss).backward()
+                total += loss.detach()
         self.progress.batches_in_epoch += k
         ok = self.optimizer_step()
         self.progress.step += 1
-        loss_value = float(total.item())  # CPU-GPU sync point: once per step, for logging
-        if not ok:
-            return loss_value if math.isfinite(loss_value) else float("nan")
-        return loss_value
+        return total if ok else torch.where(torch.isfinite(total), total, math.nan)
 
     def optimizer_step(self) -> bool:
-        """Unscales, checks finiteness on every rank, clips, steps; False if the step is skipped."""
+        """Unscales, checks finiteness on every rank, clips, steps; False if the step is skipped.
+
+        The skip, the stop request and every non-finite check (the backbone's gradient norm,
+        the gradients of every optimizer, and the GradScaler's own inf check of each of them)
+        travel in one device tensor, all-reduced once and read once: the step's only host
+        synchronisation when nothing is logged.
+        """
         cfg = self.cfg
         opts = [o for o, _ in self.optimizers]
         for opt in opts:
             self.scaler.unscale_(opt)
         params = [p for p in self.backbone.parameters() if p.grad is not None]
         max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        self.last_grad_norm = grad_norm
-        bad = torch.tensor(
-            [0.0 if torch.isfinite(grad_norm) else 1.0, 0.0 if self.stop_signal is None else 1.0],
-            device=self.device,
-        )
-        bad[0] += float(not self.loss.grads_finite())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else None
+        self.last_grad_norm = grad_norm if grad_norm is not None else torch.zeros(())
+        # [skip, stop, loss scale]: one read gives the decision and the scale a skip logs
+        flags = torch.zeros(3, device=self.device)
+        nonfinite = [
+            non_finite_flag([p.grad for g in o.param_groups for p in g["params"]]) for o in opts
+        ]
+        if grad_norm is not None:
+            nonfinite.append((~torch.isfinite(grad_norm)).float())
+        if self.scaler.is_enabled():
+            for opt in opts:
+                # The scaler's own inf check (recorded by unscale_), whichever device it ran on.
+                nonfinite += [f.float() for f in self.scaler._found_inf_per_device(opt).values()]
+        for flag in nonfinite:
+            if flag is not None:
+                flags[0] = torch.maximum(flags[0], flag.to(self.device).reshape(()))
+        if self.stop_signal is not None:
+            flags[1] = 1.0
+        if self.scaler.is_enabled():
+            flags[2] = self.scaler._get_scale_async().to(self.device).reshape(())
         # One tiny all-reduce per step: every rank must agree to skip and to stop.
-        all_reduce(bad, op="max")
-        self.stop_agreed = bool(bad[1].item())
-        if bad[0].item() > 0:
-            self._skip(opts)
+        all_reduce(flags, op="max")
+        skip, stop, scale = flags.tolist()  # CPU-GPU sync point: the step's one host read
+        self.stop_agreed = stop > 0
+        if skip > 0:
+            self._skip(opts, scale)
             return False
         self.skipped_in_row = 0
+        # Every optimizer's gradients are unscaled and known finite on every rank: step them
+        # directly (GradScaler.step would read each optimizer's inf flag back again).
         for opt in opts:
-            self.scaler.step(opt)
+            opt.step()
         self.scaler.update()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         return True
 
-    def _skip(self, opts: list[torch.optim.Optimizer]) -> None:
-        """Drops this step's gradients, backs the scaler off, counts; raises past the limit."""
+    def _skip(self, opts: list[torch.optim.Optimizer], scale: float) -> None:
+        """Drops this step's gradients, backs the scaler off from ``scale`` (its value this
+        step), counts; raises past the limit."""
         cfg = self.cfg
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         # A GradScaler overflow while the scale is still large is the scaler searching for
         # its range (normal in the first fp16 steps); only skips at a scale below 1, or
         # without a scaler, count towards max_skipped_steps.
-        searching = self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+        searching = self.scaler.is_enabled() and scale >= 1.0
         if self.scaler.is_enabled():
             # Back off explicitly: the overflow may have been seen on another rank only,
             # and every rank's scale must stay the same.
-            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            scale *= self.scaler.get_backoff_factor()
+            self.scaler.update(scale)
         self.skipped_total += 1
         if not searching:
             self.skipped_in_row += 1
@@ -185,13 +217,34 @@ class TrainStep:
             self.progress.step + 1,
             self.skipped_in_row,
             self.skipped_total,
-            f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "",
+            f", loss scale now {scale:g}" if self.scaler.is_enabled() else "",
         )
         if self.skipped_in_row >= cfg.max_skipped_steps:
             raise RuntimeError(
                 f"{self.skipped_in_row} consecutive non-finite steps (max_skipped_steps="
                 f"{cfg.max_skipped_steps}); lower the learning rate or use bf16"
             )
+
+
+def non_finite_flag(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """A 0-d float tensor, 1 if any of ``tensors`` holds a non-finite value, else 0; computed
+    on the device (no host read). ``None`` entries are left out; ``None`` if none remain."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return None
+    # max-norms: inf for an inf entry, NaN for a NaN, never an overflow of finite values
+    flags = [
+        (~torch.isfinite(torch.stack(torch._foreach_norm(group, ord=math.inf)))).any()
+        for group in _by_device_and_dtype(present)
+    ]
+    return torch.stack([f.to(flags[0].device) for f in flags]).any().float()
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 def install_stop_handlers(request_stop: Callable[[int], None]) -> None:

@@ -196,7 +196,7 @@ class Trainer:
                 batches = None
                 continue
             if on_step is not None:
-                on_step(loss)
+                on_step(float(loss))  # a host read, only for a caller that asks for each loss
             # log line and TensorBoard scalars every log_every_steps
             self.meter.log_step(loss, self.train_step, self.total_steps)
             # evaluation every eval.every_steps

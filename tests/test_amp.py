@@ -169,3 +169,77 @@ def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtyp
     loss.backward()
     assert pfc.sampled_weight.grad.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+_COMBINED = {
+    "head.name": "amsoftmax_proto",  # Partial FC + a metric head whose w, b the backbone's
+    "head.params": "{s: 30.0, m: 0.1, m_per_class: 2}",  # optimizer trains
+    "data.sampler": "m_per_class",
+    "data.m_per_class": 2,
+}
+
+
+def _metric_head_overflow_step(trainer, poison: bool) -> dict:
+    """One step with (if ``poison``) an infinite gradient on the metric head's scale only."""
+    if trainer.scaler.is_enabled():
+        state = trainer.scaler.state_dict()
+        trainer.scaler.load_state_dict({**state, "scale": 1.0})  # no overflow of its own
+    w = trainer.loss.metric.head.metric.w
+    handle = w.register_hook(lambda g: g * float("inf")) if poison else None
+    before = {
+        "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()},
+        "classifier": trainer.loss.partial_fc.weight.detach().clone(),
+        "w": w.detach().clone(),
+    }
+    trainer.train_step(iter(trainer.data.loader))
+    if handle is not None:
+        handle.remove()
+    changed = {
+        "backbone": any(
+            not torch.equal(v, before["backbone"][k])
+            for k, v in trainer.backbone.state_dict().items()
+        ),
+        "classifier": not torch.equal(trainer.loss.partial_fc.weight, before["classifier"]),
+        "w": not torch.equal(w.detach(), before["w"]),
+    }
+    return {
+        "changed": changed,
+        "skipped": trainer.train_step.skipped_total,
+        "w_finite": bool(torch.isfinite(w).all()),
+        "backbone": {k: v.clone() for k, v in trainer.backbone.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("amp", ["fp16", "none"])
+def test_non_finite_metric_head_gradient_skips_every_optimizer(tiny_data, tmp_path, amp):
+    # The skip decision covers every optimizer's gradients and, under fp16, each one's
+    # GradScaler inf check: a metric-head parameter (trained by the backbone's optimizer, not
+    # part of the backbone's gradient norm) with an infinite gradient skips the whole step.
+    trainer = _trainer(tiny_data, tmp_path / amp, **{**_COMBINED, "amp": amp})
+    clean = _metric_head_overflow_step(trainer, poison=False)
+    assert clean["skipped"] == 0 and all(clean["changed"].values()), clean["changed"]
+    res = _metric_head_overflow_step(trainer, poison=True)
+    assert res["skipped"] == 1
+    assert not any(res["changed"].values()), res["changed"]
+    assert res["w_finite"]
+
+
+def _overflow_on_rank_one(rank: int, world: int, data: str, run: str) -> dict:
+    from pathlib import Path
+
+    from dist_train.trainer import Trainer
+
+    cfg = load_config(None, tiny_overrides(Path(data), Path(run), **{**_COMBINED, "amp": "fp16"}))
+    info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    return _metric_head_overflow_step(Trainer(cfg, info), poison=rank == 1)
+
+
+@pytest.mark.slow
+def test_fp16_overflow_of_a_metric_head_on_one_rank_skips_on_every_rank(tiny_data, tmp_path):
+    from tests.dist_utils import run_distributed
+
+    ranks = run_distributed(_overflow_on_rank_one, 2, str(tiny_data), str(tmp_path / "run"))
+    for res in ranks:
+        assert res["skipped"] == 1 and not any(res["changed"].values()), res["changed"]
+    for k, v in ranks[0]["backbone"].items():
+        assert torch.equal(v, ranks[1]["backbone"][k]), k  # the replicas stay identical

@@ -103,7 +103,7 @@ def test_sampling_count_positives_and_target_columns(rate, c):
         _, labels = batch(n=40, c=c, seed=seed)
         index, target = pfc.sample(labels)
         positives = torch.unique(labels)
-        assert index.numel() == max(positives.numel(), int(rate * c))
+        assert index.numel() == min(c, max(int(rate * c), labels.numel())) == pfc.sample_size(40)
         assert torch.equal(index, torch.unique(index)), "sorted and without repeats"
         assert torch.isin(positives, index).all()
         assert torch.equal(index[target], labels)

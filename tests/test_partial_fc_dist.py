@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 import heads
+from dist_train.collectives import equal_local_batches
 from dist_train.distributed import all_gather_object, get_rank, get_world_size
 from dist_train.losses import build_head
 from dist_train.partial_fc import PartialFC, export_class_centers, init_rows
 from tests.dist_utils import run_distributed
 
 C, D, N = 11, 6, 10
+C_SAMPLED = 47  # classes of the sampled cases (a shard larger than the global batch)
 SEED, STD = 1, 0.5
 # Parameters that make each margin non-trivial at this size; a registered margin head not
 # listed here runs with its defaults, so a new head is covered without editing this file.
@@ -46,13 +48,13 @@ MARGINS = [(name, MARGIN_PARAMS.get(name, {})) for name in heads.HEADS.names(kin
 OPTIM = {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4}
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(step: int, c: int = C) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=gen)
+    y = torch.randint(0, c, (N,), generator=gen)
     if step == 0:
         # Samples almost opposite their class centre: θ_y + m > π, the margin's extension.
-        w = init_rows(0, C, C, D, std=STD, seed=SEED, dtype=torch.float64)
+        w = init_rows(0, c, c, D, std=STD, seed=SEED, dtype=torch.float64)
         x[0] = -w[y[0]]
         x[1] = -w[y[1]] + 0.05 * x[1]
     return x, y
@@ -73,10 +75,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def build_pfc(name="arcface", kw=None, rate=1.0, seed=SEED) -> PartialFC:
-    head = build_head(name, kw if kw is not None else {"s": 16.0, "m": 0.3}, C)
+def build_pfc(name="arcface", kw=None, rate=1.0, seed=SEED, c=C) -> PartialFC:
+    head = build_head(name, kw if kw is not None else {"s": 16.0, "m": 0.3}, c)
     return PartialFC(
-        head, D, C, sample_rate=rate, weight_dtype=torch.float64, init_std=STD, seed=seed
+        head, D, c, sample_rate=rate, weight_dtype=torch.float64, init_std=STD, seed=seed
     )
 
 
@@ -93,15 +95,22 @@ def train(pfc: PartialFC, steps: range) -> list[float]:
     return losses
 
 
-def check_parity(rank: int, world: int, name: str, kw: dict, rate: float) -> dict[str, float]:
-    pfc = build_pfc(name, kw, rate=rate, seed=SEED)
-    x, y = global_batch(0)
+def check_parity(
+    rank: int, world: int, name: str, kw: dict, rate: float, c: int = C, equal: bool = False
+) -> dict[str, float]:
+    pfc = build_pfc(name, kw, rate=rate, seed=SEED, c=c)
+    x, y = global_batch(0, c)
+    if equal:  # the training path: equal local batches, no size exchange, reduce-scatter
+        x, y = x[: N // world * world], y[: N // world * world]
     x_local = local_part(x, rank, world).clone().requires_grad_(True)
-    loss = pfc(x_local, local_part(y, rank, world))
+    with equal_local_batches(equal):
+        loss = pfc(x_local, local_part(y, rank, world))
     loss.backward()
     # The classes every rank sampled: the reference softmax runs over exactly those columns.
     classes = torch.cat(all_gather_object(pfc.sampled_index + pfc.class_start))
-    w_full = init_rows(0, C, C, D, std=STD, seed=SEED, dtype=torch.float64)
+    if rate < 1:
+        assert pfc.sampled_index.numel() < pfc.num_local, "the sampled case must sample"
+    w_full = init_rows(0, c, c, D, std=STD, seed=SEED, dtype=torch.float64)
     w_ref = w_full[classes].clone().requires_grad_(True)
     x_ref = x.clone().requires_grad_(True)
     y_ref = torch.searchsorted(classes, y)
@@ -150,23 +159,33 @@ def worker(rank: int, world: int, state: dict) -> dict:
             f",{k}={v}" for k, v in kw.items() if k in ("interclass_threshold", "intra_alpha")
         )
         out["parity"][label] = check_parity(rank, world, name, kw, rate=1.0)
-    out["parity"]["arcface@rate0.5"] = check_parity(rank, world, "arcface", {}, rate=0.5)
+    # S = max(r·C_local, N) rows of a shard: sampling needs C_local > N = 10 (C_SAMPLED = 47)
+    out["parity"]["arcface@rate0.5"] = check_parity(
+        rank, world, "arcface", {}, rate=0.5, c=C_SAMPLED
+    )
+
+    out["parity"]["arcface, equal local batches"] = check_parity(
+        rank, world, "arcface", {}, rate=1.0, equal=True
+    )
+    out["parity"]["arcface@rate0.5, equal local batches"] = check_parity(
+        rank, world, "arcface", {}, rate=0.5, c=C_SAMPLED, equal=True
+    )
 
     out["parity"]["fewer classes than ranks"] = check_empty_shard(rank, world)
 
-    pfc = build_pfc(rate=0.5)
-    x, y = global_batch(3)
+    pfc = build_pfc(rate=0.5, c=C_SAMPLED)
+    x, y = global_batch(3, C_SAMPLED)
     local_y = y - pfc.class_start
     positives = torch.unique(local_y[(local_y >= 0) & (local_y < pfc.num_local)])
     index, target = pfc.sample(y)
     out["sampling"] = {
-        "count": index.numel() == max(positives.numel(), int(0.5 * pfc.num_local)),
+        "count": index.numel() == max(int(0.5 * pfc.num_local), y.numel()) < pfc.num_local,
         "positives": bool(torch.isin(positives, index).all()),
         "target": bool(torch.equal(index[target[target >= 0]] + pfc.class_start, y[target >= 0])),
     }
 
     bad = y.clone()
-    bad[7] = C
+    bad[7] = C_SAMPLED
     try:
         pfc(local_part(x, rank, world), local_part(bad, rank, world))
         out["bad_label"] = "no error"
@@ -242,7 +261,7 @@ def test_parity_three_ranks_every_margin(world3):
 def test_sampling_and_label_checks_on_every_rank(world, request):
     for res in request.getfixturevalue(world):
         assert all(res["sampling"].values()), res["sampling"]
-        assert f"label {C} at position 7" in res["bad_label"]
+        assert f"label {C_SAMPLED} at position 7" in res["bad_label"]
 
 
 def _assert_state_close(got: dict, want: dict) -> None:

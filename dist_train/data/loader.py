@@ -155,6 +155,7 @@ class _BatchFetch(torch.utils.data.Dataset):
         if slot >= 0:
             try:
                 labels = self.dataset.fill(items, ring.slots[slot])
+                check_label_range(labels, self.dataset, items)
             except BaseException:
                 ring.flags[slot] = 0
                 raise
@@ -162,7 +163,26 @@ class _BatchFetch(torch.utils.data.Dataset):
                 return _as_batch(ring.open(slot, len(labels)), labels)
             return _RingBatch(ring.id, slot, labels)
         out = np.empty((len(items),) + self.shape[1:], np.uint8)
-        return _as_batch(out, self.dataset.fill(items, out))
+        labels = self.dataset.fill(items, out)
+        check_label_range(labels, self.dataset, items)
+        return _as_batch(out, labels)
+
+
+def check_label_range(labels: np.ndarray, dataset: LabelledImages, items: list) -> None:
+    """Raises :class:`DataError` naming the image unless every label is in [0, C).
+
+    Done here, on the host, as the batch is built: the training step on the device reads
+    nothing back to check them (see ``docs/cluster.md``, "Host synchronisation").
+    """
+    num_classes = dataset.num_classes
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        item = items[i][0] if isinstance(items[i], (tuple, list, np.ndarray)) else items[i]
+        where = getattr(dataset, "rec_path", None) or type(dataset).__name__
+        raise DataError(
+            f"{where}: image {int(item)} has label {int(labels[i])}, outside [0, {num_classes})"
+        )
 
 
 def _ring_supported() -> bool:

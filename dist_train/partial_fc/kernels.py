@@ -74,31 +74,46 @@ class ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, target: torch.Tensor, head: Any) -> torch.Tensor:  # type: ignore[override]
         n, s = z.shape
-        rows = torch.nonzero(target >= 0).squeeze(1)
-        cols = target[rows]
+        # Every row takes part with a fixed shape (no data-dependent row selection, hence no
+        # host read): rows whose class is on another shard point at column 0 and are masked.
+        valid = target >= 0
+        col = target.clamp_min(0).unsqueeze(1)
         ctx.head = head
+        if s == 0:  # no class on this shard: only the all-reduces take part
+            logits = z.clone()
+            row_max = logits.new_full((n,), -math.inf)
+            all_reduce(row_max, "max")
+            target_shifted = logits.new_zeros(n)
+            all_reduce(target_shifted, "sum")
+            sum_exp = logits.new_zeros(n)
+            all_reduce(sum_exp, "sum")
+            ctx.save_for_backward(logits, valid, col)
+            ctx.graph = None
+            ctx.consumed = False
+            return (sum_exp.log() - target_shifted).mean()
         if head is not None:
             with torch.enable_grad():
-                cos_t = z[rows, cols].detach().requires_grad_(True)
+                # A neutral cosine on masked rows keeps their (discarded) derivative finite.
+                cos_t = torch.where(valid, _take(z, col), 0.0).detach().requires_grad_(True)
                 value_t = head.target_logit(cos_t) * head.s
             logits = z * head.s
             if head.interclass_threshold > 0:
-                logits.masked_fill_(_filtered(z, rows, cols, head.interclass_threshold), 0.0)
-            logits[rows, cols] = value_t.detach()
+                logits.masked_fill_(_filtered(z, valid, col, head.interclass_threshold), 0.0)
+            _put(logits, col, valid, value_t.detach())
             ctx.graph = (cos_t, value_t)
         else:
             logits = z.clone()
-        row_max = logits.amax(dim=1) if s > 0 else logits.new_full((n,), -math.inf)
+            ctx.graph = None
+        row_max = logits.amax(dim=1)
         all_reduce(row_max, "max")
-        target_shifted = logits.new_zeros(n)
-        target_shifted[rows] = logits[rows, cols] - row_max[rows]
+        target_shifted = torch.where(valid, _take(logits, col) - row_max, 0.0)
         all_reduce(target_shifted, "sum")
         probs = logits.sub_(row_max.unsqueeze(1)).exp_()  # in place: logits become exp(z − max)
         sum_exp = probs.sum(dim=1)
         all_reduce(sum_exp, "sum")
         loss = (sum_exp.log() - target_shifted).mean()
         probs.div_(sum_exp.unsqueeze(1))
-        to_save = (probs, rows, cols) + ((z,) if head is not None else ())
+        to_save = (probs, valid, col) + ((z,) if head is not None else ())
         ctx.save_for_backward(*to_save)
         ctx.consumed = False
         return loss
@@ -108,10 +123,12 @@ class ShardedCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("PartialFC's cross-entropy cannot be back-propagated twice")
         ctx.consumed = True
-        probs, rows, cols, *rest = ctx.saved_tensors
+        probs, valid, col, *rest = ctx.saved_tensors
         # The softmax turns into ∂loss/∂logits in place: one [N, S] buffer for the whole chain.
         grad = probs
-        grad[rows, cols] -= 1.0
+        if grad.shape[1] == 0:
+            return grad, None, None
+        grad.scatter_add_(1, col, valid.to(grad.dtype).neg_().unsqueeze(1))
         grad.mul_(grad_loss / probs.shape[0])
         head = ctx.head
         if head is None:
@@ -120,18 +137,28 @@ class ShardedCrossEntropy(torch.autograd.Function):
         # A scalar output (no explicit grad_outputs): autograd's shape check for explicit
         # gradients imports sympy on first use, seconds per process.
         with torch.enable_grad():
-            weighted = (value_t * grad[rows, cols]).sum()
+            weighted = (value_t * torch.where(valid, _take(grad, col), 0.0)).sum()
         (grad_cos_t,) = torch.autograd.grad(weighted, cos_t)
         grad.mul_(head.s)
         if head.interclass_threshold > 0:
-            grad.masked_fill_(_filtered(rest[0], rows, cols, head.interclass_threshold), 0.0)
-        grad[rows, cols] = grad_cos_t
+            grad.masked_fill_(_filtered(rest[0], valid, col, head.interclass_threshold), 0.0)
+        _put(grad, col, valid, grad_cos_t)
         ctx.graph = None
         return grad, None, None
 
 
-def _filtered(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threshold: float):
+def _take(t: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``t[i, col[i]]`` for every row i."""
+    return t.gather(1, col).squeeze(1)
+
+
+def _put(t: torch.Tensor, col: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> None:
+    """``t[i, col[i]] = values[i]`` on the rows where ``valid``; other rows keep their entry."""
+    t.scatter_(1, col, torch.where(valid, values, _take(t, col)).unsqueeze(1))
+
+
+def _filtered(cos: torch.Tensor, valid: torch.Tensor, col: torch.Tensor, threshold: float):
     """Mask of non-target cosines above the inter-class filtering threshold."""
     dirty = cos > threshold
-    dirty[rows, cols] = False
+    _put(dirty, col, valid, torch.zeros_like(valid))
     return dirty

@@ -11,7 +11,7 @@ the backbone or its optimizer.
 
 One step on rank r::
 
-    global_labels     = all-gather(local_labels)                     # [N], checked in [0, C)
+    global_labels     = all-gather(local_labels)                     # [N], in [0, C) (host check)
     global_embeddings = all_gather_with_grad(local_embeddings)       # [N, D]
     index             = sampled classes of the shard (all positives)  # [S], sorted
     cosine            = x̂ · ŵ[index]ᵀ  (fp32, autocast off)           # [N, S]
@@ -48,6 +48,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,7 +101,8 @@ class PartialFC(nn.Module):
         embedding_size: D.
         num_classes: C, the total over all ranks.
         sample_rate: fraction r in (0, 1] of this rank's classes used per step; exactly
-            max(#positives on the shard, int(r·C_local)) classes are used.
+            ``min(C_local, max(int(r·C_local), N))`` classes are used for a global batch of N
+            (:meth:`sample_size`; every positive is among them).
         update: ``"sparse"`` or ``"dense"`` (see the module docstring).
         weight_dtype: storage of the shard: float32, bfloat16 or float16 (float64 for tests).
             The maths and the optimizer state are fp32 (fp64 for float64) in every case.
@@ -213,13 +215,20 @@ class PartialFC(nn.Module):
         return loss
 
     def _check_labels(self, global_labels: torch.Tensor) -> None:
-        if global_labels.numel() == 0:
+        """Raises ``ValueError`` naming the first label outside [0, C), for labels on the host.
+
+        Labels on an accelerator are not checked here: that would read the device back every
+        step. The training loader checks them on the host before they travel
+        (:func:`dist_train.data.loader.check_label_range`).
+        """
+        if global_labels.numel() == 0 or global_labels.device.type != "cpu":
             return
-        bad = (global_labels < 0) | (global_labels >= self.num_classes)
-        if bool(bad.any()):  # CPU-GPU sync point: a bad label must stop the run here
-            pos = int(torch.nonzero(bad)[0, 0])
+        labels = global_labels.numpy()
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            pos = int(bad[0])
             raise ValueError(
-                f"PartialFC: label {int(global_labels[pos])} at position {pos} of the global "
+                f"PartialFC: label {int(labels[pos])} at position {pos} of the global "
                 f"batch is outside [0, {self.num_classes})"
             )
 
@@ -232,6 +241,15 @@ class PartialFC(nn.Module):
             self._generators[device] = gen
         return gen
 
+    def sample_size(self, global_batch: int) -> int:
+        """S, the rows of the shard a step with ``global_batch`` samples uses.
+
+        ``min(C_local, max(int(r·C_local), global_batch))``: room for every positive whatever
+        the labels (a shard holds at most ``global_batch`` of them), fixed per batch size so
+        that the step has no data-dependent shape and reads nothing back to the host.
+        """
+        return min(self.num_local, max(self.num_sample, int(global_batch)))
+
     def sample(self, global_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chooses this step's rows of the shard.
 
@@ -239,25 +257,26 @@ class PartialFC(nn.Module):
             global_labels: ``[N]`` int64 class ids of the global batch.
 
         Returns:
-            ``index``: ``[S]`` sorted int64 shard rows, S = max(#positives, int(r·C_local)),
-            every positive included, the negatives a uniform random subset of the others;
+            ``index``: ``[S]`` sorted int64 shard rows, S = :meth:`sample_size` of N, every
+            positive included, the other rows a uniform random subset of the negatives;
             ``target``: ``[N]`` int64 column of each sample's class in ``index``, or -1 when its
             class is on another shard.
         """
         device = global_labels.device
         local = global_labels - self.class_start
         on_shard = (local >= 0) & (local < self.num_local)
-        if self.num_sample >= self.num_local:
+        num = self.sample_size(global_labels.shape[0])
+        if num >= self.num_local:
             index = torch.arange(self.num_local, device=device)
             return index, torch.where(on_shard, local, torch.full_like(local, -1))
-        positives = torch.unique(local[on_shard])
-        num = max(int(positives.numel()), self.num_sample)
-        # Uniform scores with positives forced to the top: the top-`num` are the positives plus
-        # a uniformly random subset of the negatives.
+        # Uniform scores in [0, 1) with positives forced to 2 (a max-scatter: other shards'
+        # samples point at row 0 with a 0 that changes nothing): the top-S are the positives
+        # plus a uniformly random subset of the negatives, found without a host read.
         score = torch.rand(self.num_local, device=device, generator=self._generator(device))
-        score[positives] = 2.0
+        row = local.clamp(0, self.num_local - 1)
+        score.scatter_reduce_(0, row, on_shard.to(score.dtype).mul_(2.0), reduce="amax")
         index = torch.topk(score, num, sorted=False).indices.sort().values
-        column = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
+        column = torch.searchsorted(index, row)
         return index, torch.where(on_shard, column, torch.full_like(local, -1))
 
     def _sampled_leaf(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -165,8 +165,15 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             return loss
         if len(parts) == 1:
             index, grad = parts[0]
+        elif all(i.numel() == self._pfc.num_local for i, _ in parts):
+            # Accumulated micro-steps that each used every row (index = arange): a plain sum.
+            index = parts[0][0]
+            grad = parts[0][1].to(self.state_dtype, copy=True)
+            for _, g in parts[1:]:
+                grad.add_(g.to(self.state_dtype))
         else:
-            # Accumulated micro-steps: sum their gradients over the union of sampled rows.
+            # Accumulated micro-steps: sum their gradients over the union of sampled rows (a
+            # data-dependent size: the one host read of the step besides the skip flag).
             all_index = torch.cat([i for i, _ in parts])
             index, inverse = torch.unique(all_index, sorted=True, return_inverse=True)
             grad = torch.zeros(
