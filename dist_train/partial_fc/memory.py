@@ -45,7 +45,8 @@ def estimate_memory_bytes(
         per_row += d * state if momentum > 0 else 0
     else:
         per_row += 2 * d * state + 4
-    sampled = max(int(sample_rate * c_local), 1)
+    # S of PartialFC.sample_size: the rate's rows, at least one per sample of the batch
+    sampled = min(c_local, max(int(sample_rate * c_local), 1, global_batch))
     copy = 0 if (sampled >= c_local and dtype in (torch.float32, torch.float64)) else d * state
     transient_row = copy + d * state + 2 * global_batch * state
     persistent = c_local * per_row
