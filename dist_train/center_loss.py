@@ -53,12 +53,15 @@ from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, che
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
 from dist_train.optim import OptimSpec, make_optimizer
 from dist_train.sharded_state import (
+    Source,
+    StoredState,
     check_covered,
-    check_header,
+    check_sources,
     gather_states,
     make_state,
-    merge_states,
-    owned_slices,
+    open_source,
+    owned_chunks,
+    select_owned,
 )
 
 DEFAULT_OPTIM = OptimSpec("sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
@@ -246,36 +249,46 @@ class ShardedCenterLoss(nn.Module):
         """The state of every rank, merged, on every rank (CPU tensors; collective)."""
         return gather_states(self.shard_state())
 
-    def load_shard_pieces(
-        self, pieces: dict[str, Any] | Sequence[dict[str, Any]], strict: bool = True
-    ) -> None:
+    def load_shard_pieces(self, pieces: Source | Sequence[Source], strict: bool = True) -> None:
         """Loads this rank's rows from the states of any world size (or a merged one).
 
-        Also reads the gathered state of :data:`LEGACY_FORMAT`. The optimizer part is applied
-        now if :meth:`configure_optimizer` was called, otherwise when it is.
+        Reads only the pieces that overlap this rank's classes; a stored state
+        (:class:`~dist_train.sharded_state.StoredState`) is read a chunk at a time. Also reads
+        the gathered state of :data:`LEGACY_FORMAT`. The optimizer part is applied now if
+        :meth:`configure_optimizer` was called, otherwise when it is.
 
         Args:
-            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them.
+            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them,
+                in memory or stored.
             strict: raise when the pieces lack some of this rank's classes, or hold optimizer
                 state while ``update='alpha'``.
 
         Raises:
             ValueError: when the format, C or D differ, naming the key.
         """
-        states = [pieces] if isinstance(pieces, dict) else list(pieces)
-        if states and states[0].get("format") == LEGACY_FORMAT:
-            # every rank wrote the same gathered state: the first one is all of it
-            states = [_from_legacy(states[0], self.num_classes, self.embedding_size)]
-        state = merge_states(states)
-        check_header(state, FORMAT, self.num_classes, self.embedding_size, "center loss")
-        parts = owned_slices(state, self.start, self.stop)
+        sources = [pieces] if isinstance(pieces, (dict, StoredState)) else list(pieces)
+        first = sources[0] if sources else None
+        if first is not None and not (isinstance(first, StoredState) and first.recorded):
+            # a checkpoint that records ranges never holds the legacy layout
+            state = open_source(first)
+            if state.get("format") == LEGACY_FORMAT:
+                # every rank wrote the same gathered state: the first one is all of it
+                sources = [_from_legacy(state, self.num_classes, self.embedding_size)]
+        parts = select_owned(sources, self.start, self.stop)
+        header = check_sources(
+            parts, sources, FORMAT, self.num_classes, self.embedding_size, "center loss"
+        ).get("optimizer")
         if strict:
             check_covered(parts, self.start, self.stop, who="center loss", rank=self.rank)
+        if header and self.update != "gradient" and strict:
+            raise ValueError("center loss state: key 'optimizer' present but update='alpha'")
         rows: dict[str, torch.Tensor] = {}
         device = self.centers_shard.device
-        for dst, src, piece in parts:
+        for dst, src, piece in owned_chunks(parts):
             with torch.no_grad():
                 self.centers_shard[dst].copy_(piece["centers"][src])
+            if not header or self.update != "gradient":
+                continue
             for key, value in piece["rows"].items():
                 if key not in rows:
                     # A copy: the optimizer updates its state in place and must not write into
@@ -283,14 +296,7 @@ class ShardedCenterLoss(nn.Module):
                     shape = (self.stop - self.start, *value.shape[1:])
                     rows[key] = torch.zeros(shape, dtype=value.dtype, device=device)
                 rows[key][dst].copy_(value[src])
-        header = state.get("optimizer")
-        if header:
-            if self.update != "gradient":
-                if strict:
-                    raise ValueError(
-                        "center loss state: key 'optimizer' present but update='alpha'"
-                    )
-                return
+        if header and self.update == "gradient":
             saved = {**header, "rows": rows}
             if self.optimizer is None:
                 self._pending_optimizer_state = saved

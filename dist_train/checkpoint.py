@@ -6,6 +6,11 @@ into a checkpoint, and when it is written and restored, belongs to
 :mod:`dist_train.checkpointer`, and so does deciding whether a start may use a run directory;
 the Partial FC part is world-size-free (per-class rows tagged with class ranges), so a
 checkpoint written by N processes loads into M processes.
+
+Loss shard files: the main file names them (``loss_shards``) and records the class ranges of
+each one's class-sharded parts (``loss_shard_ranges``, :func:`shard_ranges`), so that a rank
+opens only the files that overlap its classes (:class:`ShardFile`), memory-mapped; checkpoints
+without the ranges are read by opening every file for them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dist_train.sharded_state import StoredState, piece_ranges
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +148,76 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_shards(path: str | Path, state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The loss-state pieces that the main checkpoint ``path`` names, in rank order."""
-    path = Path(path)
-    pieces = []
-    for name in state.get("loss_shards", []):
-        shard = path.with_name(name)
+def shard_ranges(local: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """The class ranges of each class-sharded part of a rank's loss state (for the main file).
+
+    ``{"partial_fc": [[start, stop]], "center": [[start, stop]]}``: one range per piece.
+    """
+    return {
+        part: [[a, b] for a, b in piece_ranges(value)]
+        for part, value in local.items()
+        if isinstance(value, dict) and "pieces" in value
+    }
+
+
+class ShardFile:
+    """A loss shard file that a main checkpoint names, opened memory-mapped only on demand.
+
+    Args:
+        path: the file.
+        ranges: its parts' class ranges as the main file records them (:func:`shard_ranges`),
+            or ``None`` for a checkpoint without them.
+
+    Attributes:
+        opened: whether the file has been opened.
+    """
+
+    def __init__(self, path: Path, ranges: dict[str, Any] | None) -> None:
+        self.path = path
+        self.ranges = ranges
+        self.opened = False
+
+    def open(self) -> dict[str, Any]:
+        """The file's content, tensors memory-mapped (their pages are read when touched)."""
         try:
-            pieces.append(torch.load(shard, map_location="cpu", weights_only=False))
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"checkpoint shard {shard} is corrupt or unreadable: {exc}") from exc
-    return pieces
+            content = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling/zip error means a corrupt file
+            raise RuntimeError(
+                f"checkpoint shard {self.path} is corrupt or unreadable: {exc}"
+            ) from exc
+        self.opened = True
+        return content
+
+    def part(self, name: str) -> StoredState:
+        """The class-sharded state ``name`` (``"partial_fc"``, ``"center"``) in the file."""
+
+        def open_part() -> dict[str, Any]:
+            content = self.open()
+            if name not in content:
+                raise RuntimeError(f"checkpoint shard {self.path} has no {name!r} state")
+            return content[name]
+
+        recorded = None if self.ranges is None else self.ranges.get(name)
+        return StoredState(open_part, recorded, name=f"checkpoint shard {self.path} [{name}]")
+
+    def __repr__(self) -> str:
+        return f"ShardFile({self.path})"
+
+
+def load_shards(path: str | Path, state: dict[str, Any]) -> list[ShardFile]:
+    """The loss shard files that the main checkpoint ``path`` names, in rank order, unopened."""
+    path = Path(path)
+    names = state.get("loss_shards", [])
+    ranges = state.get("loss_shard_ranges")
+    if ranges is not None and len(ranges) != len(names):
+        raise RuntimeError(
+            f"checkpoint {path}: key 'loss_shard_ranges' has {len(ranges)} entries for "
+            f"{len(names)} loss shards"
+        )
+    return [
+        ShardFile(path.with_name(name), None if ranges is None else ranges[i])
+        for i, name in enumerate(names)
+    ]
 
 
 def find_resume(run_dir: str | Path, resume: str) -> tuple[Path, dict[str, Any]] | None:

@@ -287,7 +287,8 @@ class Checkpointer:
 
         Every rank writes its piece of the sharded loss state (Partial FC rows and optimizer
         rows, tagged with their class ranges) to ``step_XXXXXXXX.shardRRR-of-WWW.pt``; rank 0
-        writes the main file last, after a barrier, so a main file exists only when all its
+        writes the main file last, after a barrier, naming the shards and their class ranges
+        (a resume opens only the shards of its classes), so a main file exists only when all its
         shards do. Any world size can load the set. A second save at the same step (an epoch
         end that is also a save step) writes nothing.
         """
@@ -298,10 +299,13 @@ class Checkpointer:
         world = self.dist.world_size
         local = self.train_step.loss.local_state()
         ckpt.atomic_save(local, ckpt.shard_path(path, self.dist.rank, world))
+        # the class ranges of every shard, so a resume opens only the files that overlap a rank
+        shard_ranges = all_gather_object(ckpt.shard_ranges(local))
         state = self.state()
         barrier()  # every shard is on disk before the main file names them
         if self.dist.is_main:
             state["loss_shards"] = [ckpt.shard_path(path, r, world).name for r in range(world)]
+            state["loss_shard_ranges"] = shard_ranges
             ckpt.atomic_save(state, path)
             ckpt.rotate(self.run_dir, self.cfg.checkpoint.keep_last, written=path)
             log.info("checkpoint %s", path)

@@ -13,12 +13,14 @@ Every part returns a global-batch loss identical on all ranks (see :mod:`dist_tr
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 import heads
+from dist_train.checkpoint import ShardFile
 from dist_train.config import CENTER_LOSS_PARAMS, TrainConfig
 
 
@@ -138,14 +140,27 @@ class TrainLoss(nn.Module):
             state["center"] = self.center.shard_state()
         return state
 
-    def load_pieces(self, pieces: list[dict[str, Any]]) -> None:
-        """Loads the pieces written by every rank of a run of any world size."""
+    def load_pieces(self, pieces: Sequence[ShardFile | dict[str, Any]]) -> None:
+        """Loads the pieces written by every rank of a run of any world size.
+
+        Args:
+            pieces: per writing rank, its :meth:`local_state` or its checkpoint shard file.
+                Of the files, only those whose classes overlap this rank's are opened (and
+                read a chunk at a time); the replicated metric-head state comes from the first
+                file opened.
+        """
+
+        def part(piece: ShardFile | dict[str, Any], name: str) -> Any:
+            return piece.part(name) if isinstance(piece, ShardFile) else piece[name]
+
         if self.partial_fc is not None:
-            self.partial_fc.load_shard_pieces([p["partial_fc"] for p in pieces])
-        if self.metric is not None:
-            self.metric.load_state_dict(pieces[0]["metric"])
+            self.partial_fc.load_shard_pieces([part(p, "partial_fc") for p in pieces])
         if self.center is not None:
-            self.center.load_shard_pieces([p["center"] for p in pieces])
+            self.center.load_shard_pieces([part(p, "center") for p in pieces])
+        if self.metric is not None:
+            first = next((p for p in pieces if getattr(p, "opened", False)), pieces[0])
+            content = first.open() if isinstance(first, ShardFile) else first
+            self.metric.load_state_dict(content["metric"])
 
 
 def build_loss(cfg: TrainConfig, num_classes: int, device: torch.device) -> TrainLoss:

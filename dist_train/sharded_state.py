@@ -3,10 +3,12 @@
 Owns the layout of a state whose rows are defined per class, not per rank, and the operations
 on it: build this rank's state (:func:`make_state`), merge the states written by every rank of
 a run of any world size (:func:`merge_states`), pick the slices of the classes this rank owns
-(:func:`owned_slices`), gather every rank's state (:func:`gather_states`) and read a full
-``[C, ...]`` matrix back (:func:`full_rows`). Does not own what the rows mean, the optimizer
-or how loaded rows are applied (the owners do: :mod:`dist_train.partial_fc`,
-:mod:`dist_train.center_loss`).
+(:func:`select_owned`) and read them a chunk at a time (:func:`owned_chunks`), also out of
+states that stay in their files (:class:`StoredState`), gather every rank's state
+(:func:`gather_states`) and read a full ``[C, ...]`` matrix back (:func:`full_rows`, for
+offline use). Does not own what the rows mean, the optimizer or how loaded rows are applied
+(the owners do: :mod:`dist_train.partial_fc`, :mod:`dist_train.center_loss`), nor the files
+(:mod:`dist_train.checkpoint`).
 
 A state::
 
@@ -21,11 +23,17 @@ A state::
 
 A rank's state holds one piece; a merged state holds the pieces of every rank, sorted by class.
 Tensors alias the live ones, like ``nn.Module.state_dict``.
+
+Loading at scale: a rank reads only the pieces whose class ranges overlap its own, and only the
+overlapping rows. A :class:`StoredState` knows its pieces' ranges without opening its file
+(the main checkpoint records them) and is opened memory-mapped once per chunk of
+:data:`CHUNK_BYTES`, then dropped, so a load holds at most one chunk of file pages beside the
+rank's own shard: no full ``[C, D]`` matrix exists anywhere on the way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +41,9 @@ import torch
 from dist_train.distributed import all_gather_object
 
 VERSION = 1
+
+CHUNK_BYTES = 16 * 2**20
+"""Bytes of rows (all of a piece's row tensors together) read from a stored state at a time."""
 
 
 def make_state(
@@ -119,34 +130,168 @@ def check_header(
             raise ValueError(f"{who} state: key {key!r} is {state.get(key)!r}, expected {want!r}")
 
 
-def owned_slices(
-    state: dict[str, Any], start: int, stop: int
-) -> list[tuple[slice, slice, dict[str, Any]]]:
-    """The parts of ``state`` that hold classes of ``[start, stop)``.
+class StoredState:
+    """A class-sharded state kept in a file, opened (memory-mapped) only to read from it.
+
+    Args:
+        open_state: returns the state, its tensors memory-mapped from the file; called once per
+            chunk of rows read, the state being dropped after each chunk.
+        ranges: the class ranges ``(start, stop)`` of its pieces as recorded beside the file,
+            or ``None`` (old checkpoints): then they are read from the file when first needed.
+        name: names the file (and the part in it) in messages.
+    """
+
+    def __init__(
+        self,
+        open_state: Callable[[], dict[str, Any]],
+        ranges: Sequence[Sequence[int]] | None,
+        name: str,
+    ) -> None:
+        self._open_state = open_state
+        self.recorded = ranges is not None
+        self._ranges = None if ranges is None else [(int(a), int(b)) for a, b in ranges]
+        self.name = name
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The class ranges of the pieces, in piece order (opens the file if none were recorded)."""
+        if self._ranges is None:
+            self._ranges = piece_ranges(self.open())
+        return self._ranges
+
+    def open(self) -> dict[str, Any]:
+        """The state, memory-mapped; raises naming the file when it contradicts its ranges."""
+        state = self._open_state()
+        if self._ranges is not None and piece_ranges(state) != self._ranges:
+            raise ValueError(
+                f"{self.name}: its pieces hold classes {piece_ranges(state)}, the checkpoint "
+                f"records {self._ranges}"
+            )
+        return state
+
+    def __repr__(self) -> str:
+        return f"StoredState({self.name})"
+
+
+Source = dict[str, Any] | StoredState
+"""A state in memory (one rank's or merged) or one kept in its file."""
+
+
+def piece_ranges(state: dict[str, Any]) -> list[tuple[int, int]]:
+    """The class ranges ``(start, stop)`` of the pieces of ``state``, in piece order."""
+    return [(int(p["start"]), int(p["stop"])) for p in state["pieces"]]
+
+
+def open_source(source: Source) -> dict[str, Any]:
+    """The state of ``source`` (a stored one is opened, memory-mapped)."""
+    return source.open() if isinstance(source, StoredState) else source
+
+
+def select_owned(
+    sources: Sequence[Source], start: int, stop: int
+) -> list[tuple[slice, slice, Source, int]]:
+    """The parts of ``sources`` that hold classes of ``[start, stop)``, in class order.
+
+    A :class:`StoredState` whose recorded ranges miss ``[start, stop)`` is never opened.
 
     Returns:
-        ``(dst, src, piece)`` per overlapping piece: rows ``dst`` of the local shard (0 is
-        class ``start``) are rows ``src`` of the piece's tensors.
+        ``(dst, src, source, i)`` per overlapping piece: rows ``dst`` of the local shard (0 is
+        class ``start``) are rows ``src`` of piece ``i`` of ``source``.
+
+    Raises:
+        ValueError: two pieces hold the same class.
     """
+    found = []
+    for source in sources:
+        ranges = source.ranges() if isinstance(source, StoredState) else piece_ranges(source)
+        found.extend((a, b, source, i) for i, (a, b) in enumerate(ranges))
+    found.sort(key=lambda f: f[0])
+    for prev, nxt in zip(found, found[1:]):
+        if nxt[0] < prev[1]:
+            raise ValueError(
+                f"class-sharded state pieces overlap: [{prev[0]}, {prev[1]}) and "
+                f"[{nxt[0]}, {nxt[1]})"
+            )
     out = []
-    for piece in state["pieces"]:
-        a, b = max(start, piece["start"]), min(stop, piece["stop"])
+    for p_start, p_stop, source, i in found:
+        a, b = max(start, p_start), min(stop, p_stop)
         if a < b:
-            dst = slice(a - start, b - start)
-            out.append((dst, slice(a - piece["start"], b - piece["start"]), piece))
+            out.append((slice(a - start, b - start), slice(a - p_start, b - p_start), source, i))
     return out
 
 
+def check_sources(
+    parts: Sequence[tuple[slice, slice, Source, int]],
+    sources: Sequence[Source],
+    fmt: str,
+    num_classes: int,
+    embedding_size: int,
+    who: str,
+) -> dict[str, Any]:
+    """Checks the header of every source in ``parts`` (the first source when none); returns
+    the first one's header (the state without its pieces)."""
+    distinct: list[Source] = []
+    for _, _, source, _ in parts:
+        if not any(source is d for d in distinct):
+            distinct.append(source)
+    header: dict[str, Any] | None = None
+    for source in distinct or list(sources[:1]):
+        state = open_source(source)
+        check_header(state, fmt, num_classes, embedding_size, who)
+        if header is None:
+            header = {k: v for k, v in state.items() if k != "pieces"}
+    if header is None:
+        raise ValueError(f"{who}: no class-sharded states to load")
+    return header
+
+
+def owned_chunks(
+    parts: Sequence[tuple[slice, slice, Source, int]], chunk_bytes: int | None = None
+) -> Iterator[tuple[slice, slice, dict[str, Any]]]:
+    """``(dst, src, piece)`` for the rows of ``parts`` (of :func:`select_owned`).
+
+    A part of a state in memory comes whole. A part of a :class:`StoredState` comes in chunks
+    of about ``chunk_bytes`` (default :data:`CHUNK_BYTES`) of rows, its file opened
+    memory-mapped for each chunk and dropped after it: copy out of ``piece`` before asking for
+    the next chunk and keep no reference to its tensors, so only one chunk of the file's pages
+    is ever resident.
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    for dst, src, source, i in parts:
+        if not isinstance(source, StoredState):
+            yield dst, src, source["pieces"][i]
+            continue
+        n, at, step = src.stop - src.start, 0, 0
+        while at < n:
+            piece = source.open()["pieces"][i]
+            if not step:
+                step = max(1, chunk_bytes // max(1, _row_bytes(piece)))
+            b = min(n, at + step)
+            yield (
+                slice(dst.start + at, dst.start + b),
+                slice(src.start + at, src.start + b),
+                piece,
+            )
+            del piece  # unmaps the chunk's pages before the next one is read
+            at = b
+
+
+def _row_bytes(piece: dict[str, Any]) -> int:
+    """Bytes of one class's row across the piece's row tensors (optimizer rows included)."""
+    tensors = [v for v in piece.values() if torch.is_tensor(v) and v.dim() >= 1]
+    tensors += [v for v in piece.get("rows", {}).values() if v.dim() >= 1]
+    return sum(v[:1].numel() * v.element_size() for v in tensors)
+
+
 def check_covered(
-    parts: Sequence[tuple[slice, slice, dict[str, Any]]],
+    parts: Sequence[tuple[slice, Any, Any] | tuple[slice, Any, Any, Any]],
     start: int,
     stop: int,
     *,
     who: str,
     rank: int,
 ) -> None:
-    """Raises ``ValueError`` when ``parts`` (of :func:`owned_slices`) miss classes of the range."""
-    covered = sum(dst.stop - dst.start for dst, _, _ in parts)
+    """Raises ``ValueError`` when ``parts`` (of :func:`select_owned`) miss classes of the range."""
+    covered = sum(p[0].stop - p[0].start for p in parts)
     if covered != stop - start:
         raise ValueError(
             f"{who} state covers {covered} of the {stop - start} classes "

@@ -60,7 +60,7 @@ from dist_train.partial_fc import kernels
 from dist_train.partial_fc.dtypes import as_dtype, master_dtype
 from dist_train.partial_fc.optimizer import PartialFCOptimizer
 from dist_train.partial_fc.state import build_shard_state, read_shard_pieces
-from dist_train.sharded_state import gather_states
+from dist_train.sharded_state import StoredState, gather_states
 from heads.margins import MarginHead
 
 DEFAULT_OPTIM = OptimSpec("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -328,22 +328,29 @@ class PartialFC(nn.Module):
         return gather_states(self.shard_state())
 
     def load_shard_pieces(
-        self, pieces: dict[str, Any] | Sequence[dict[str, Any]], strict: bool = True
+        self,
+        pieces: dict[str, Any] | StoredState | Sequence[dict[str, Any] | StoredState],
+        strict: bool = True,
     ) -> None:
         """Loads rows of this rank's class range from the states of any world size.
 
+        Reads only the pieces that overlap this rank's classes; a stored state
+        (:class:`~dist_train.sharded_state.StoredState`) is read a chunk at a time.
+
         Args:
-            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them.
+            pieces: one :meth:`shard_state` (merged, or covering this range) or a list of them,
+                in memory or stored.
             strict: raise when the pieces lack some of this rank's classes.
         """
         self._pending_rows = []
-        opt_name, optimizer_rows = read_shard_pieces(self, pieces, strict=strict)
-        for a, b, rows in optimizer_rows:
+
+        def apply_rows(a: int, b: int, rows: dict[str, torch.Tensor]) -> None:
             if self.optimizer is not None:
                 self.optimizer.load_rows(a, b, rows)
-            else:
-                self._pending_rows.append((a, b, rows))
-        self._pending_optimizer = opt_name
+            else:  # kept until configure_optimizer; a copy, the rows are only lent
+                self._pending_rows.append((a, b, {k: v.clone() for k, v in rows.items()}))
+
+        self._pending_optimizer = read_shard_pieces(self, pieces, apply_rows, strict=strict)
 
     def sampler_state(self) -> dict[str, Any]:
         """The negative-sampling stream of this rank (its generators' states)."""

@@ -3,7 +3,8 @@
 Owns the Partial FC use of the class-sharded format of :mod:`dist_train.sharded_state`
 (format tag ``"partial_fc"``): what a rank's piece holds (its rows ``weight``, its optimizer
 rows, its negative-sampling stream), copying the rows of this rank's classes out of pieces
-written by any world size, and the full ``[C, D]`` class-centre matrix
+written by any world size (in memory, or stored in checkpoint files, which are read only where
+they overlap this rank's classes, a chunk at a time), and the full ``[C, D]`` class-centre matrix
 (:func:`export_class_centers`). Does not own the layout or the merge of pieces
 (:mod:`dist_train.sharded_state`), nor how the module applies optimizer rows that arrive before
 its optimizer (:class:`dist_train.partial_fc.PartialFC`).
@@ -11,7 +12,7 @@ its optimizer (:class:`dist_train.partial_fc.PartialFC`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,11 +20,14 @@ import torch
 from dist_train.collectives import all_gather_no_grad
 from dist_train.partial_fc.dtypes import master_dtype
 from dist_train.sharded_state import (
+    Source,
+    StoredState,
     check_covered,
-    check_header,
+    check_sources,
     make_state,
     merge_states,
-    owned_slices,
+    owned_chunks,
+    select_owned,
 )
 
 if TYPE_CHECKING:
@@ -55,42 +59,48 @@ def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
 
 def read_shard_pieces(
     pfc: PartialFC,
-    pieces: dict[str, Any] | Sequence[dict[str, Any]],
+    pieces: Source | Sequence[Source],
+    apply_rows: Callable[[int, int, dict[str, torch.Tensor]], None],
     *,
     strict: bool = True,
-) -> tuple[str | None, list[tuple[int, int, dict[str, torch.Tensor]]]]:
+) -> str | None:
     """Copies the rows of ``pfc``'s classes (and its sampling stream) out of ``pieces``.
+
+    Only the pieces that overlap ``pfc``'s class range are read (a stored one a chunk at a
+    time); nothing of the size of the full matrix is built.
 
     Args:
         pfc: the module to load into.
-        pieces: one state (merged, or covering this range) or a list of them, of any world size.
+        pieces: one state (merged, or covering this range) or a list of them, of any world
+            size, in memory or :class:`~dist_train.sharded_state.StoredState`.
+        apply_rows: called with ``(first local row, stop local row, optimizer rows by name)``
+            per chunk; the rows are valid only during the call (copy them).
         strict: raise when the pieces lack some of this rank's classes.
 
     Returns:
-        The optimizer name of the state (``None`` without one) and the optimizer rows to apply,
-        as ``(first local row, stop local row, rows by name)``.
+        The optimizer name of the state (``None`` without one).
     """
-    state = pieces if isinstance(pieces, dict) else merge_states(list(pieces))
-    check_header(state, FORMAT, pfc.num_classes, pfc.embedding_size, "PartialFC")
-    opt_name = state["optimizer"]["name"] if state.get("optimizer") else None
+    sources = [pieces] if isinstance(pieces, (dict, StoredState)) else list(pieces)
+    parts = select_owned(sources, pfc.class_start, pfc.class_stop)
+    header = check_sources(parts, sources, FORMAT, pfc.num_classes, pfc.embedding_size, "PartialFC")
+    opt_name = header["optimizer"]["name"] if header.get("optimizer") else None
     if pfc.optimizer is not None and opt_name is not None and opt_name != pfc.optimizer.name:
         raise ValueError(
             f"PartialFC state holds {opt_name!r} optimizer rows, the configured optimizer "
             f"is {pfc.optimizer.name!r}"
         )
-    parts = owned_slices(state, pfc.class_start, pfc.class_stop)
-    optimizer_rows = []
-    for dst, src, piece in parts:
+    if strict:
+        check_covered(parts, pfc.class_start, pfc.class_stop, who="PartialFC", rank=pfc.rank)
+    own = (pfc.class_start, pfc.class_stop)
+    for dst, src, piece in owned_chunks(parts):
         with torch.no_grad():
             pfc.weight[dst].copy_(piece["weight"][src])
         rows = {k: v[src] for k, v in piece.get("rows", {}).items()}
         if rows:
-            optimizer_rows.append((dst.start, dst.stop, rows))
-        if (piece["start"], piece["stop"]) == (pfc.class_start, pfc.class_stop):
+            apply_rows(dst.start, dst.stop, rows)
+        if (piece["start"], piece["stop"]) == own and dst.start == 0:
             pfc.load_sampler_state(piece.get("sampler"))
-    if strict:
-        check_covered(parts, pfc.class_start, pfc.class_stop, who="PartialFC", rank=pfc.rank)
-    return opt_name, optimizer_rows
+    return opt_name
 
 
 def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
