@@ -193,7 +193,7 @@ def test_the_collective_timeout_is_a_validated_config_value(monkeypatch):
 
     monkeypatch.setattr(train, "init_distributed", fake_init)
     assert train.main(["--config", str(DEMO), "--set", "dist_timeout_s=42"]) == 2
-    assert seen == {"timeout_s": 42.0}
+    assert seen["timeout_s"] == 42.0 and seen["device"] == "auto"
 
 
 # ------------------------------------------------------------------------------------------
