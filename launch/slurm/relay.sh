@@ -4,8 +4,8 @@
 # srun forwards SIGUSR1 to its tasks unchanged but answers SIGTERM by killing them, so the batch
 # shell signals srun with USR1. torchrun, however, only handles TERM/INT/HUP/QUIT (USR1 would
 # kill it before its workers checkpoint). This relay runs the given command and turns the first
-# USR1 (or TERM) it receives into one SIGTERM for it; torchrun then passes SIGTERM to its
-# workers, which finish the current step, checkpoint and exit. Exits with the command's status.
+# USR1 (or TERM) it receives into one SIGTERM for it; torchrun_forward.py then passes SIGTERM to
+# its workers, which finish the current step, checkpoint and exit. Exits with the command's status.
 set -uo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
