@@ -57,7 +57,8 @@ class SlurmCluster:
 
     root: Path
     """Temporary directory holding the configuration, key, state, spool and logs."""
-    node: str = "testnode"
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    """The node's name: this machine's host name, so a node name resolves like a real one."""
     kill_wait_s: int = 60
     """Seconds between Slurm's SIGTERM and SIGKILL of a cancelled/requeued job (``KillWait``)."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -97,7 +98,7 @@ class SlurmCluster:
         m = re.search(r"CPUs=(\d+)", line)
         mem = re.search(r"RealMemory=(\d+)", line)
         if not m or not mem:
-            raise SlurmUnavailable(f"'slurmd -C' did not describe this machine: {hw.stderr.strip()}")
+            raise SlurmUnavailable(f"'slurmd -C' did not describe this machine: {hw.stderr!r}")
         # The node as slurmd sees it (sockets, cores, threads), under this cluster's node name.
         hw_desc = re.sub(r"^NodeName=\S+\s*", "", line.strip())
         hw_desc = re.sub(r"\s*UpTime=\S+", "", hw_desc)

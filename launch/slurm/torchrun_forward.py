@@ -9,20 +9,27 @@ moment (torchrun included), and the workers must be allowed to finish the step a
 Owns: running ``torch.distributed.run`` (same arguments) in this process with SIGTERM and SIGUSR1
 taken out of torchrun's hands: the first of them is passed once to each of this process's
 children (the workers torchrun started; they checkpoint and exit 0, see
-``dist_train.train_step.install_stop_handlers``), and torchrun goes on supervising them, so it
-exits with their status. SIGINT / SIGHUP / SIGQUIT keep torchrun's own handling. Linux only
-(children are found in /proc).
+``dist_train.train_step.install_stop_handlers``) as soon as the child has a handler for it (a
+signal during start-up waits for the trainer instead of killing it), and torchrun goes on
+supervising them, so it exits with their status. SIGINT / SIGHUP / SIGQUIT keep torchrun's
+own handling. Linux only (children and their handlers are read from /proc).
 
     python launch/slurm/torchrun_forward.py --standalone --nproc_per_node=2 launch/train.py ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import runpy
 import signal
 import sys
+import threading
+import time
 
 _forwarded: set[int] = set()
+_pending: list[int] = []
+"""The stop signal received (at most one entry); the forwarding thread delivers it."""
 
 
 def children(pid: int) -> list[int]:
@@ -43,38 +50,57 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def _forward(signum: int, _frame) -> None:
-    """Passes the first SIGTERM/SIGUSR1 to the workers, once each; later ones are dropped (a
-    second signal must not interrupt a checkpoint being written)."""
-    if _forwarded:
-        return
-    for pid in children(os.getpid()):
-        _forwarded.add(pid)
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (SigCgt in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _deliver() -> None:
+    """Passes the stop signal to each worker once, as soon as the worker handles it: a signal
+    that arrives before the workers exist, or before they have installed their handlers (it would
+    kill them), waits for that instead of being lost."""
+    signum = _pending[0]
     name = signal.Signals(signum).name
-    print(
-        f"[torchrun_forward] {name}: passed to the training processes {sorted(_forwarded)}; "
-        "waiting for them to checkpoint and exit",
-        file=sys.stderr,
-        flush=True,
-    )
+    while True:
+        sent = []
+        for pid in children(os.getpid()):
+            if pid not in _forwarded and catches(pid, signum):
+                _forwarded.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+                sent.append(pid)
+        if sent:
+            print(
+                f"[torchrun_forward] {name} passed to the training processes {sent}; "
+                "torchrun waits for them to checkpoint and exit",
+                file=sys.stderr,
+                flush=True,
+            )
+        time.sleep(0.2)
+
+
+def _on_signal(signum: int, _frame) -> None:
+    """The first SIGTERM/SIGUSR1 starts the forwarding; later ones are dropped (a second signal
+    must not interrupt a checkpoint being written)."""
+    if not _pending:
+        _pending.append(signum)
+        threading.Thread(target=_deliver, name="torchrun_forward", daemon=True).start()
 
 
 def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _forward)
+        signal.signal(sig, _on_signal)
     # torchrun must not install its own SIGTERM handler over ours (torch >= 2.8 reads this flag).
-    sys.argv = [
-        "torchrun",
-        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
-        *sys.argv[1:],
-    ]
-    from torch.distributed.run import main as torchrun_main
-
-    torchrun_main()
+    sys.argv = ["torchrun", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *sys.argv[1:]]
+    # What "python -m torch.distributed.run" runs, in this process (the program, not an API).
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
