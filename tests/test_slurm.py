@@ -1,14 +1,13 @@
-"""Tests of the SLURM launch scripts in ``launch/slurm/`` on one machine, with Slurm faked.
+"""Tests of the SLURM launch scripts in ``launch/slurm/``, under a real one-node Slurm.
 
-What is real: the sbatch scripts and their shell library run under bash exactly as sbatch would
-run them, torchrun is the real ``torch.distributed.run``, and the processes join a real gloo
-group through :func:`dist_train.distributed.init_distributed`. What is faked: ``srun`` (a shell
-shim that starts its tasks locally with ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` set,
-passes USR1/USR2 on and turns TERM into KILL as the real one does), ``scontrol`` (records its
-calls), the allocation (``SLURM_JOB_NODELIST=localhost``, one node, 2 processes), and the
-training entry point: a probe script that bootstraps, all-reduces, records what it saw and,
-when asked, waits for a preemption signal. The real trainer runs through the one-node script in
-the ``slow`` test at the end.
+The session fixture ``slurm_cluster`` (tests/conftest.py, tests/slurm_cluster.py) starts munged,
+slurmctld and slurmd on this machine; jobs are submitted with ``sbatch`` and signalled with
+``scontrol requeue``, ``scancel`` and ``--signal=B:USR1@N`` as on a cluster. Each launch mode runs
+with 2 CPU processes and a probe entry point that bootstraps, all-reduces, records what it saw
+and waits for a stop signal; the real trainer runs through ``train_1node.sbatch`` on tiny
+synthetic data. What one machine cannot show is several nodes (the multi-node script runs on one).
+The fast tests check the shell library alone, with a recording ``scontrol`` stand-in where a job
+record or a requeue call is needed, and the node-list parser against Slurm's expansion.
 """
 
 from __future__ import annotations
@@ -428,6 +427,49 @@ def test_the_job_record_decides_about_the_requeue(tmp_path, job, requeue_rc, cal
     assert ("' failed" in out) == (requeue_rc != 0)
 
 
+LATE_HANDLER = """\
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+time.sleep(3)  # start-up: no handler yet (a signal now would kill this process)
+got = []
+signal.signal(signal.SIGTERM, lambda n, _f: got.append(n))
+(out / f"ready{os.environ['LOCAL_RANK']}").touch()
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+(out / f"got{os.environ['LOCAL_RANK']}").write_text(str(got))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_forward_passes_an_early_signal_once_the_workers_handle_it(tmp_path):
+    """SIGTERM to torchrun_forward.py before its workers exist (Slurm may send the early warning
+    at once) reaches each worker once the worker handles it; torchrun exits with their 0."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_HANDLER)
+    proc = subprocess.Popen(
+        [sys.executable, str(SLURM_DIR / "torchrun_forward.py"), "--standalone"]
+        + ["--nproc_per_node=2", str(script), str(tmp_path)],
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        _kill_leftovers(str(script))
+    assert proc.returncode == 0, out
+    assert [(tmp_path / f"got{r}").read_text() for r in range(2)] == [
+        f"[{int(signal.SIGTERM)}]"
+    ] * 2
+    assert out.count("SIGTERM passed to the training processes") >= 1
+
+
 def test_loader_workers_ignore_slurms_stop_signals():
     """Slurm signals every process of a job; a loader worker must survive SIGTERM/SIGUSR1 (the
     trainer process decides about the stop), or the step fails instead of checkpointing."""
@@ -472,8 +514,11 @@ def test_exit_status_passes_through_without_a_signal(tmp_path):
 
 
 # --- the three launch modes on the real cluster, with a probe instead of the trainer ---------
-def _probe_job(cluster, tmp_path: Path, script: str, *sbatch_opts: str, **env_extra: str):
-    """Submits ``script`` with the probe as entry point; returns (job id, run dir, output)."""
+def _probe_job(
+    cluster, tmp_path: Path, script: str, *sbatch_opts: str, wait: str = "1", **env_extra: str
+):
+    """Submits ``script`` with the probe as entry point (``wait``: whether the probe waits for
+    a stop signal); returns (job id, run dir, output file, config)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(repo=str(REPO)))
     cfg = tmp_path / "probe.yaml"
@@ -490,7 +535,7 @@ def _probe_job(cluster, tmp_path: Path, script: str, *sbatch_opts: str, **env_ex
     env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from the task's CPUs
     res = subprocess.run(
         ["sbatch", "--parsable", "-J", "probe", "--gpus-per-node=0", f"--output={out}"]
-        + [*sbatch_opts, str(SLURM_DIR / script), str(cfg), "probe.wait=1", "probe.tag=a b"],
+        + [*sbatch_opts, str(SLURM_DIR / script), str(cfg), f"probe.wait={wait}", "probe.tag=a b"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -600,6 +645,32 @@ def test_real_slurm_multinode_torchrun_mode_and_preemption(slurm_cluster, tmp_pa
         "--max-restarts=1",
     ):
         assert part in running
+
+
+MODE_OPTS = {
+    "train_srun.sbatch": (("--ntasks-per-node=2", "--cpus-per-task=1"), {}),
+    "train_1node.sbatch": (("--cpus-per-task=2",), {"CPU_PROCS": "2"}),
+    "train_multinode.sbatch": (
+        ("--nodes=1", "--cpus-per-task=2"),
+        {"CPU_PROCS": "2", "MAX_RESTARTS": "1"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(MODE_OPTS))
+def test_real_slurm_modes_run_to_completion_without_requeue(slurm_cluster, tmp_path, script):
+    opts, env = MODE_OPTS[script]
+    job, run, out, cfg = _probe_job(slurm_cluster, tmp_path, script, *opts, wait="0", **env)
+    try:
+        info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+        _kill_leftovers(str(run))
+    text = out.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), text
+    assert "training exited with status 0" in text and "requeue" not in text
+    _check_common(_ranks(run), cfg, run)
 
 
 def _pids_with(marker: str) -> list[int]:
