@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -739,7 +740,8 @@ def real_data(tmp_path_factory) -> Path:
 
 
 class RealJob:
-    """One job of train_1node.sbatch on the real cluster: submission, waiting, cleanup."""
+    """One training job on the real cluster (train_1node.sbatch unless ``SCRIPT`` is among the
+    sbatch options as ``script=NAME``): submission, waiting, cleanup."""
 
     def __init__(
         self,
@@ -752,6 +754,10 @@ class RealJob:
         *sbatch_opts: str,
     ):
         self.cluster = cluster
+        script = next(
+            (o.split("=", 1)[1] for o in sbatch_opts if o.startswith("script=")),
+            "train_1node.sbatch",
+        )
         self.run = tmp_path / "runs" / "tiny"
         self.out = tmp_path / "job.out"
         cfg = tmp_path / "tiny.yaml"
@@ -768,8 +774,8 @@ class RealJob:
         env.pop("OMP_NUM_THREADS", None)  # the script derives it: 2 CPUs / 2 processes
         res = subprocess.run(
             ["sbatch", "--parsable", "-J", "tiny", "--gpus-per-node=0", "--cpus-per-task=2"]
-            + [f"--output={self.out}", *sbatch_opts]
-            + [str(SLURM_DIR / "train_1node.sbatch"), str(cfg)],
+            + [f"--output={self.out}", *(o for o in sbatch_opts if not o.startswith("script="))]
+            + [str(SLURM_DIR / script), str(cfg)],
             env=env,
             cwd=REPO,
             capture_output=True,
@@ -860,19 +866,25 @@ def test_real_slurm_one_node_cpu_job_trains_and_finishes(real_job):
 
 
 @pytest.mark.slow
-def test_real_slurm_scontrol_requeue_checkpoints_at_the_signal_and_resumes(real_job):
+@pytest.mark.parametrize(
+    "opts",
+    [(), ("script=train_srun.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1")],
+    ids=["torchrun", "srun"],
+)
+def test_real_slurm_scontrol_requeue_checkpoints_at_the_signal_and_resumes(real_job, opts):
     """``scontrol requeue`` signals every process of the job: the workers checkpoint at that
     step, the script says Slurm requeued the job (no requeue of its own, no warning), and the
     requeued job resumes from that checkpoint and finishes."""
     # Larger steps and a loader process per rank, as in the demo config: Slurm signals those too.
-    job = real_job(10, batch=64, workers=1)
+    job = real_job(10, *opts, batch=64, workers=1)
     job.wait_for("step 1/", 60, where="log")
     job.cluster.run("scontrol", "requeue", job.id)
     text = job.wait_for(f"Slurm has requeued job {job.id} itself (restart 1", 60)
     ckpt = job.signal_checkpoint(text)
     step = _step_of(ckpt)
     assert 1 <= step < 10
-    assert f"stopped by signal {int(signal.SIGTERM)} at step {step}" in job.log()
+    # Slurm's SIGTERM, or the SIGUSR1 the batch shell sends srun, whichever came first
+    assert re.search(rf"stopped by signal (10|15) at step {step}\b", job.log()), job.log()
     assert "failed" not in text and "warning" not in text, text
     # torchrun let the workers finish (plain torchrun raises SignalException and exits with 1)
     assert "training processes exited with status 0 after SIGTERM" in text
