@@ -4,7 +4,8 @@ Owns: writing a minimal ``slurm.conf`` (one node with this machine's CPUs and me
 ``slurmd -C`` reports them, one partition, ``JobRequeue=1``, ``proctrack/linuxproc``,
 ``task/none``, every file under one temporary directory), a fresh munge key, starting the three
 daemons, waiting (bounded) until the node is idle, running the client commands against this
-cluster (``SLURM_CONF``), and stopping everything it started. Nothing outside its temporary
+cluster (``SLURM_CONF``), and stopping everything it started (``SLURM_TEST_KEEP_LOGS=DIR`` keeps
+the daemons' logs there). Nothing outside its temporary
 directory is touched; the ports are free ones, so two clusters on one machine do not meet.
 
 Debian's packages (``slurmctld slurmd slurm-client munge``) provide the binaries; ``.ci/run``
@@ -61,6 +62,9 @@ class SlurmCluster:
     """The node's name: this machine's host name, so a node name resolves like a real one."""
     kill_wait_s: int = 60
     """Seconds between Slurm's SIGTERM and SIGKILL of a cancelled/requeued job (``KillWait``)."""
+    cred_expire_s: int = 10
+    """Job credential lifetime (``AuthInfo=cred_expire``; Slurm's default is 120 s): a requeued
+    job starts again only after it (an earlier start fails with "Job credential revoked")."""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -112,7 +116,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/munge.socket
+AuthInfo=socket={r}/munge/munge.socket,cred_expire={self.cred_expire_s}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
@@ -130,6 +134,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 MailProg=/bin/true
 JobRequeue=1
@@ -250,6 +255,9 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
+        keep = os.environ.get("SLURM_TEST_KEEP_LOGS")
+        if keep:  # the daemons' logs, for a failure's diagnosis
+            shutil.copytree(self.root / "log", Path(keep) / self.root.name, dirs_exist_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -710,8 +710,8 @@ def _kill_leftovers(marker: str) -> None:
 # --- a real one-node Slurm ---------------------------------------------------------------------
 # munged, slurmctld and slurmd run on this machine (the session fixture ``slurm_cluster``); the
 # one-node script runs launch/train.py with 2 CPU processes (CPU_PROCS=2) on tiny synthetic data.
-# A requeued job is eligible only ~2 minutes later (Slurm's delay before a requeued job starts
-# again); the tests move its start time to now with ``scontrol update``, nothing else.
+# A requeued job starts again once its job credential has expired (``cred_expire``: 10 s in the
+# test cluster, 120 s by default).
 TINY_REAL = """\
 seed: 0
 max_steps: {max_steps}
@@ -799,9 +799,10 @@ class RealJob:
             text = self.text() if where == "out" else self.log()
             if what in text:
                 return text
-            state = self.cluster.job(self.id).get("JobState")
+            info = self.cluster.job(self.id)
+            state = info.get("JobState")
             assert state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (
-                f"job {self.id} {state} before '{what}':\n{self.text()[-3000:]}"
+                f"job {self.id} {state} before '{what}': {info}\n{self.text()[-3000:]}"
             )
             assert time.monotonic() < deadline, f"no '{what}' after {timeout_s} s:\n{self.text()}"
             time.sleep(0.3)
@@ -812,10 +813,10 @@ class RealJob:
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.text()[-3000:]}") from None
 
-    def release(self) -> None:
-        """Starts the requeued (pending) job now instead of after Slurm's requeue delay."""
-        self.state({"PENDING"}, 60)
-        self.cluster.run("scontrol", "update", f"JobId={self.id}", "StartTime=now")
+    def requeued(self) -> None:
+        """Waits until the job is back in the queue (it starts again by itself)."""
+        self.state({"PENDING", "RUNNING"}, 60)
+        assert self.cluster.job(self.id)["Restarts"] == "1"
 
     def close(self) -> None:
         """Cancels the job if it still runs and waits until it and its processes are gone."""
@@ -889,7 +890,7 @@ def test_real_slurm_scontrol_requeue_checkpoints_at_the_signal_and_resumes(real_
     # torchrun let the workers finish (plain torchrun raises SignalException and exits with 1)
     assert "training processes exited with status 0 after SIGTERM" in text
     assert "SignalException" not in text
-    job.release()
+    job.requeued()
     info = job.state({"COMPLETED", "FAILED", "CANCELLED"}, 90)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.text()
     assert f"resumed from {ckpt} at step {step}" in job.log()
@@ -906,7 +907,7 @@ def test_real_slurm_time_limit_signal_checkpoints_and_the_job_requeues_itself(re
     assert "got SIGUSR1" in text
     ckpt = job.signal_checkpoint(text)
     assert f"stopped by signal {int(signal.SIGTERM)} at step {_step_of(ckpt)}" in job.log()
-    job.release()
+    job.requeued()
     job.wait_for(f"resumed from {ckpt} at step {_step_of(ckpt)}", 60, where="log")
 
 
