@@ -76,3 +76,19 @@ def tiny_overrides(data: Path, run: Path, **extra) -> list[str]:
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm (munged, slurmctld, slurmd) for the session, stopped at its end
+    (tests/slurm_cluster.py). Skips, naming the reason, when the daemons cannot run here."""
+    from tests.slurm_cluster import SlurmUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no local Slurm: {e} (.ci/run installs slurmctld slurmd slurm-client munge)")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

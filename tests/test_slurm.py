@@ -1,30 +1,31 @@
-"""Tests of the SLURM launch scripts in ``launch/slurm/`` on one machine, with Slurm faked.
+"""Tests of the SLURM launch scripts in ``launch/slurm/``, under a real one-node Slurm.
 
-What is real: the sbatch scripts and their shell library run under bash exactly as sbatch would
-run them, torchrun is the real ``torch.distributed.run``, and the processes join a real gloo
-group through :func:`dist_train.distributed.init_distributed`. What is faked: ``srun`` (a shell
-shim that starts its tasks locally with ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` set,
-passes USR1/USR2 on and turns TERM into KILL as the real one does), ``scontrol`` (records its
-calls), the allocation (``SLURM_JOB_NODELIST=localhost``, one node, 2 processes), and the
-training entry point: a probe script that bootstraps, all-reduces, records what it saw and,
-when asked, waits for a preemption signal. The real trainer runs through the one-node script in
-the ``slow`` test at the end.
+The session fixture ``slurm_cluster`` (tests/conftest.py, tests/slurm_cluster.py) starts munged,
+slurmctld and slurmd on this machine; jobs are submitted with ``sbatch`` and signalled with
+``scontrol requeue``, ``scancel`` and ``--signal=B:USR1@N`` as on a cluster. Each launch mode runs
+with 2 CPU processes and a probe entry point that bootstraps, all-reduces, records what it saw
+and waits for a stop signal; the real trainer runs through ``train_1node.sbatch`` on tiny
+synthetic data. What one machine cannot show is several nodes (the multi-node script runs on one).
+The fast tests check the shell library alone, with a recording ``scontrol`` stand-in where a job
+record or a requeue call is needed, and the node-list parser against Slurm's expansion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from dist_train.distributed import expand_nodelist, first_host, free_port
+from dist_train.distributed import expand_nodelist, first_host
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "launch" / "slurm"
@@ -32,44 +33,19 @@ LIB = SLURM_DIR / "lib.sh"
 SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch")) + sorted(SLURM_DIR.glob("*.sh"))
 BATCH_SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch"))
 
-FAKE_SRUN = r"""#!/bin/bash
-# Fake srun: starts --ntasks copies of the command on this machine. Like the real srun it passes
-# USR1/USR2 to its tasks and answers TERM by killing them.
-ntasks=1
-while [[ $# -gt 0 && $1 == -* ]]; do
-  case $1 in
-    --ntasks=*) ntasks=${1#*=} ;;
-    -n) ntasks=$2; shift ;;
-  esac
-  shift
-done
-echo "srun ntasks=$ntasks $*" >> "$FAKE_SLURM_LOG"
-pids=()
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-trap 'kill -USR2 "${pids[@]}" 2>/dev/null' USR2
-trap 'kill -KILL "${pids[@]}" 2>/dev/null' TERM
-for ((i = 0; i < ntasks; i++)); do
-  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$ntasks SLURM_STEP_ID=0 "$@" &
-  pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do
-  while :; do
-    wait "$p"; r=$?
-    if ((r > 128)) && kill -0 "$p" 2>/dev/null; then continue; fi
-    break
-  done
-  ((r > rc)) && rc=$r
-done
-exit $rc
-"""
-
 FAKE_SCONTROL = r"""#!/bin/bash
-# Fake scontrol: records the call; "show hostnames A,B" prints one name a line.
+# Fake scontrol: "-o show job ID" prints $FAKE_JOB (the job's record; nothing when unset);
+# other calls are recorded, "show hostnames A,B" prints one name a line, "requeue" exits with
+# $FAKE_REQUEUE_RC.
+if [[ $1 == -o && $2 == show && $3 == job ]]; then
+  [[ -z ${FAKE_JOB:-} ]] || echo "JobId=$4 $FAKE_JOB"
+  exit 0
+fi
 echo "scontrol $*" >> "$FAKE_SLURM_LOG"
 if [[ $1 == show && $2 == hostnames ]]; then
   tr ',' '\n' <<< "$3"
 fi
+[[ $1 != requeue ]] || exit "${FAKE_REQUEUE_RC:-0}"
 """
 
 PROBE = """\
@@ -428,6 +404,103 @@ def test_signal_during_setup_requeues_without_starting_the_training(tmp_path):
     assert (tmp_path / "slurm.log").read_text() == "scontrol requeue 4242\n"
 
 
+@pytest.mark.parametrize(
+    "job,requeue_rc,calls,message,rc",
+    [
+        # scontrol requeue / preemption: Slurm already requeued the job (Restarts went up)
+        ("JobState=COMPLETING Restarts=1", 0, "", "Slurm has requeued job 4242 itself", 0),
+        # scancel, the hard time limit: Slurm ends the job and does not requeue it
+        ("JobState=COMPLETING Restarts=0", 0, "", "Slurm is ending job 4242 (JobState=COMP", 0),
+        # the early warning: the job still runs and requeues itself
+        ("JobState=RUNNING Restarts=0", 0, "scontrol requeue 4242\n", "job 4242 requeued", 0),
+        # a requeue the cluster refuses: a warning naming the state
+        ("JobState=RUNNING Restarts=0", 1, "scontrol requeue 4242\n", "(JobState=RUNNING)", 0),
+    ],
+    ids=["requeued-by-slurm", "ended-by-slurm", "early-warning", "requeue-refused"],
+)
+def test_the_job_record_decides_about_the_requeue(tmp_path, job, requeue_rc, calls, message, rc):
+    env = _requeue_env(tmp_path, FAKE_JOB=job, FAKE_REQUEUE_RC=str(requeue_rc))
+    got_rc, out = _start_and_signal(tmp_path, env, RUN_CHILD, signal.SIGTERM)
+    assert got_rc == rc, out
+    assert message in out, out
+    log = tmp_path / "slurm.log"
+    assert (log.read_text() if log.exists() else "") == calls
+    assert ("' failed" in out) == (requeue_rc != 0)
+
+
+LATE_HANDLER = """\
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+time.sleep(3)  # start-up: no handler yet (a signal now would kill this process)
+got = []
+signal.signal(signal.SIGTERM, lambda n, _f: got.append(n))
+(out / f"ready{os.environ['LOCAL_RANK']}").touch()
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+(out / f"got{os.environ['LOCAL_RANK']}").write_text(str(got))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_forward_passes_an_early_signal_once_the_workers_handle_it(tmp_path):
+    """SIGTERM to torchrun_forward.py before its workers exist (Slurm may send the early warning
+    at once) reaches each worker once the worker handles it; torchrun exits with their 0."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_HANDLER)
+    proc = subprocess.Popen(
+        [sys.executable, str(SLURM_DIR / "torchrun_forward.py"), "--standalone"]
+        + ["--nproc_per_node=2", str(script), str(tmp_path)],
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        _kill_leftovers(str(script))
+    assert proc.returncode == 0, out
+    assert [(tmp_path / f"got{r}").read_text() for r in range(2)] == [
+        f"[{int(signal.SIGTERM)}]"
+    ] * 2
+    assert out.count("SIGTERM passed to the training processes") >= 1
+
+
+def test_loader_workers_ignore_slurms_stop_signals():
+    """Slurm signals every process of a job; a loader worker must survive SIGTERM/SIGUSR1 (the
+    trainer process decides about the stop), or the step fails instead of checkpointing."""
+    from torch.utils.data import DataLoader
+
+    from dist_train.data.loader import worker_init
+
+    class Pids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return os.getpid()
+
+    loader = DataLoader(
+        Pids(),
+        num_workers=1,
+        worker_init_fn=worker_init,
+        multiprocessing_context="fork",
+        persistent_workers=True,
+    )
+    it = iter(loader)
+    pid = int(next(it))
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        os.kill(pid, sig)
+        time.sleep(0.5)
+        assert int(next(it)) == pid
+    del it, loader
+
+
 def test_exit_status_passes_through_without_a_signal(tmp_path):
     env = _requeue_env(tmp_path)
     res = subprocess.run(
@@ -441,53 +514,185 @@ def test_exit_status_passes_through_without_a_signal(tmp_path):
     assert not (tmp_path / "slurm.log").exists()
 
 
-# --- the batch scripts with a faked allocation ---------------------------------------------------
-@pytest.fixture
-def fake_slurm(tmp_path):
-    """Environment of a one-node, two-process allocation on localhost, and its files."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+# --- the three launch modes on the real cluster, with a probe instead of the trainer ---------
+def _probe_job(
+    cluster, tmp_path: Path, script: str, *sbatch_opts: str, wait: str = "1", **env_extra: str
+):
+    """Submits ``script`` with the probe as entry point (``wait``: whether the probe waits for
+    a stop signal); returns (job id, run dir, output file, config)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(repo=str(REPO)))
     cfg = tmp_path / "probe.yaml"
     cfg.write_text("seed: 0\n")
-    job_id = str(900000 + os.getpid() % 90000)
+    out = tmp_path / "job.out"
     env = _clean_env() | {
-        "SLURM_JOB_ID": job_id,
-        "SLURM_JOB_NAME": "probe",
-        "SLURM_JOB_NODELIST": "localhost",
-        "SLURM_NNODES": "1",
-        "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_CPUS_PER_TASK": "4",
+        "SLURM_CONF": str(cluster.conf),
         "RUNS_DIR": str(tmp_path / "runs"),
-        "GPUS": "2",
-        "MASTER_PORT": str(free_port()),
         "PYTHON": sys.executable,
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-        "SRUN": str(bin_dir / "srun"),
-        "SCONTROL": str(bin_dir / "scontrol"),
+        "PYTHONPATH": str(REPO),
         "TRAIN_SCRIPT": str(probe),
-        "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
-        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "20",
+        **env_extra,
     }
-    env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from SLURM_CPUS_PER_TASK
-    yield {
-        "env": env,
-        "cfg": cfg,
-        "run": tmp_path / "runs" / "probe",
-        "job": job_id,
-        "log": tmp_path / "slurm.log",
-    }
-    _kill_leftovers(f"{tmp_path}/")
+    env.pop("OMP_NUM_THREADS", None)  # the scripts derive it from the task's CPUs
+    res = subprocess.run(
+        ["sbatch", "--parsable", "-J", "probe", "--gpus-per-node=0", f"--output={out}"]
+        + [*sbatch_opts, str(SLURM_DIR / script), str(cfg), f"probe.wait={wait}", "probe.tag=a b"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().split(";")[0], tmp_path / "runs" / "probe", out, cfg
+
+
+def _preempt_probe(cluster, job: str, run: Path, out: Path) -> tuple[list[dict], list[str], str]:
+    """Waits for both ranks, sends USR1 to the batch shell alone (what --signal=B:USR1@N does
+    near the time limit), waits until the job has requeued itself."""
+    try:
+        deadline = time.monotonic() + 60
+        while not all((run / f"ready{r}").exists() for r in range(2)):
+            state = cluster.job(job).get("JobState")
+            text = out.read_text() if out.exists() else ""
+            assert state in ("PENDING", "RUNNING"), f"job {job} {state}:\n{text}"
+            assert time.monotonic() < deadline, f"ranks not ready:\n{text}"
+            time.sleep(0.2)
+        cluster.run("scancel", "--signal=USR1", "--batch", job)
+        info = cluster.wait_state(job, {"PENDING"}, 60)  # requeued by the script
+        text = out.read_text()
+        assert info["Restarts"] == "1", text
+        assert f"job {job} requeued; it resumes" in text
+        got = [(run / f"signal{r}").read_text() for r in range(2)]
+        return _ranks(run), got, text
+    finally:
+        cluster.run("scancel", job, check=False)
+        _kill_leftovers(str(run))
+
+
+def _ranks(run: Path, n: int = 2) -> list[dict]:
+    return [json.loads((run / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+def _check_common(ranks: list[dict], cfg: Path, run: Path) -> None:
+    for r, rec in enumerate(ranks):
+        assert (rec["rank"], rec["world_size"], rec["total"]) == (r, 2, 3.0)
+        assert rec["local_rank"] == r
+        assert rec["config"] == str(cfg)
+        assert rec["sets"]["output_dir"] == str(run)
+        assert rec["sets"]["checkpoint.resume"] == "auto"
+        assert rec["sets"]["probe.tag"] == "a b"  # an override with a space survives quoting
+        assert rec["env"]["OMP_NUM_THREADS"] == "1"  # 2 CPUs shared by 2 processes
+
+
+@pytest.mark.slow
+def test_real_slurm_srun_per_task_mode_and_preemption(slurm_cluster, tmp_path):
+    job, run, out, cfg = _probe_job(
+        slurm_cluster, tmp_path, "train_srun.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1"
+    )
+    ranks, got, text = _preempt_probe(slurm_cluster, job, run, out)
+    _check_common(ranks, cfg, run)
+    for r, rec in enumerate(ranks):
+        # The bootstrap read srun's variables; the batch script set the master.
+        assert rec["env"]["SLURM_PROCID"] == str(r) and rec["env"]["SLURM_NTASKS"] == "2"
+        assert rec["env"]["MASTER_ADDR"] == slurm_cluster.node  # scontrol expanded the list
+        assert rec["env"]["MASTER_PORT"] == str(20000 + int(job) % 20000)
+        assert rec["env"]["TORCHELASTIC_RUN_ID"] is None
+    assert got == [str(int(signal.SIGUSR1))] * 2  # srun passed USR1 to every task
+
+
+@pytest.mark.slow
+def test_real_slurm_one_node_torchrun_mode_and_preemption(slurm_cluster, tmp_path):
+    job, run, out, cfg = _probe_job(
+        slurm_cluster, tmp_path, "train_1node.sbatch", "--cpus-per-task=2", CPU_PROCS="2"
+    )
+    ranks, got, text = _preempt_probe(slurm_cluster, job, run, out)
+    _check_common(ranks, cfg, run)
+    assert "torchrun_forward.py --standalone --nproc_per_node=2" in text
+    for rec in ranks:
+        assert rec["env"]["TORCHELASTIC_RUN_ID"] is not None  # torchrun started the workers
+    assert got == [str(int(signal.SIGTERM))] * 2  # torchrun_forward passed the shell's TERM on
+
+
+@pytest.mark.slow
+def test_real_slurm_multinode_torchrun_mode_and_preemption(slurm_cluster, tmp_path):
+    job, run, out, cfg = _probe_job(
+        slurm_cluster,
+        tmp_path,
+        "train_multinode.sbatch",
+        "--nodes=1",
+        "--cpus-per-task=2",
+        CPU_PROCS="2",
+        MAX_RESTARTS="1",
+    )
+    ranks, got, text = _preempt_probe(slurm_cluster, job, run, out)
+    _check_common(ranks, cfg, run)
+    for rec in ranks:
+        assert rec["env"]["TORCHELASTIC_RUN_ID"] == job  # --rdzv_id=$SLURM_JOB_ID
+        assert rec["env"]["GROUP_RANK"] == "0"
+    # srun got USR1 and Slurm signals every process of the step with it (relay.sh, torchrun,
+    # the workers); relay.sh also turns it into TERM for torchrun_forward, which passes that on:
+    # whichever comes first stops each worker.
+    assert set(got) <= {str(int(signal.SIGUSR1)), str(int(signal.SIGTERM))}, got
+    running = next(x for x in text.splitlines() if "running: " in x)
+    port = 20000 + int(job) % 20000
+    for part in (
+        "relay.sh",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={slurm_cluster.node}:{port}",
+        f"--rdzv_id={job}",
+        "--max-restarts=1",
+    ):
+        assert part in running
+
+
+MODE_OPTS = {
+    "train_srun.sbatch": (("--ntasks-per-node=2", "--cpus-per-task=1"), {}),
+    "train_1node.sbatch": (("--cpus-per-task=2",), {"CPU_PROCS": "2"}),
+    "train_multinode.sbatch": (
+        ("--nodes=1", "--cpus-per-task=2"),
+        {"CPU_PROCS": "2", "MAX_RESTARTS": "1"},
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(MODE_OPTS))
+def test_real_slurm_modes_run_to_completion_without_requeue(slurm_cluster, tmp_path, script):
+    opts, env = MODE_OPTS[script]
+    job, run, out, cfg = _probe_job(slurm_cluster, tmp_path, script, *opts, wait="0", **env)
+    try:
+        info = slurm_cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+        _kill_leftovers(str(run))
+    text = out.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), text
+    assert "training exited with status 0" in text and "requeue" not in text
+    _check_common(_ranks(run), cfg, run)
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Processes (other than this one) with ``marker`` in their command line."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(proc.name))
+    return pids
 
 
 def _kill_leftovers(marker: str) -> None:
-    """Kills processes this test started that are still alive after a failure (torchrun starts
-    its workers in sessions of their own, so killing the batch shell's group would miss them).
-    They are recognised by this test's temporary directory in their command line."""
+    """Kills processes of a failed test that are still alive (torchrun starts its workers in
+    sessions of their own). They are recognised by the test's run directory in their command
+    line."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -502,177 +707,223 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
-def _ranks(run: Path, n: int = 2) -> list[dict]:
-    return [json.loads((run / f"rank{r}.json").read_text()) for r in range(n)]
+# --- a real one-node Slurm ---------------------------------------------------------------------
+# munged, slurmctld and slurmd run on this machine (the session fixture ``slurm_cluster``); the
+# one-node script runs launch/train.py with 2 CPU processes (CPU_PROCS=2) on tiny synthetic data.
+# A requeued job starts again once its job credential has expired (``cred_expire``: 10 s in the
+# test cluster, 120 s by default).
+TINY_REAL = """\
+seed: 0
+max_steps: {max_steps}
+log_every_steps: 1
+data: {{root: {data}, batch_size: {batch}, num_workers: {workers}, image_size: 32}}
+backbone: {{name: mobilefacenet, embedding_size: 32, params: {{input_size: [32, 32]}}}}
+head: {{name: arcface}}
+eval: {{targets: [], at_start: false, every_epoch: false}}
+checkpoint: {{every_steps: 100000, at_epoch_end: false, keep_last: 2}}
+"""
 
 
-def _start(script: str, fake: dict, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["bash", str(SLURM_DIR / script), str(fake["cfg"]), *overrides],
-        env=fake["env"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _check_common(fake: dict, ranks: list[dict]) -> None:
-    for r, rec in enumerate(ranks):
-        assert (rec["rank"], rec["world_size"], rec["total"]) == (r, 2, 3.0)
-        assert rec["local_rank"] == r
-        assert rec["config"] == str(fake["cfg"])
-        assert rec["sets"]["output_dir"] == str(fake["run"])
-        assert rec["sets"]["checkpoint.resume"] == "auto"
-        assert rec["sets"]["probe.tag"] == "a b"  # an override with a space survives quoting
-
-
-def _preempt(fake: dict, script: str) -> tuple[list[dict], list[str], str]:
-    """Starts ``script``, waits for both ranks, sends USR1 to the batch shell, waits for the end."""
-    proc = _start(script, fake, "probe.wait=1", "probe.tag=a b")
-    _wait_for([fake["run"] / f"ready{r}" for r in range(2)], proc, 90)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    got = [(fake["run"] / f"signal{r}").read_text() for r in range(2)]
-    return _ranks(fake["run"]), got, out
-
-
-@pytest.mark.slow
-def test_srun_per_task_mode_and_preemption(fake_slurm):
-    ranks, got, out = _preempt(fake_slurm, "train_srun.sbatch")
-    _check_common(fake_slurm, ranks)
-    for r, rec in enumerate(ranks):
-        # The bootstrap read srun's variables; the batch script set the master.
-        assert rec["env"]["SLURM_PROCID"] == str(r) and rec["env"]["SLURM_NTASKS"] == "2"
-        assert rec["env"]["MASTER_ADDR"] == "localhost"
-        assert rec["env"]["MASTER_PORT"] == fake_slurm["env"]["MASTER_PORT"]
-        assert rec["env"]["OMP_NUM_THREADS"] == "4"  # the task's CPUs, one process per task
-    assert got == [str(int(signal.SIGUSR1))] * 2  # srun passed USR1 to every task
-    calls = fake_slurm["log"].read_text().splitlines()
-    assert calls[0] == "scontrol show hostnames localhost"  # scontrol found the master
-    assert calls[1].startswith("srun ntasks=2 ")
-    assert calls[-1] == f"scontrol requeue {fake_slurm['job']}"
-
-
-@pytest.mark.slow
-def test_one_node_torchrun_mode_and_preemption(fake_slurm):
-    ranks, got, out = _preempt(fake_slurm, "train_1node.sbatch")
-    _check_common(fake_slurm, ranks)
-    for rec in ranks:
-        assert rec["env"]["SLURM_PROCID"] is None  # torchrun, not srun, started the workers
-        assert rec["env"]["OMP_NUM_THREADS"] == "2"  # 4 CPUs shared by 2 processes
-    assert got == [str(int(signal.SIGTERM))] * 2  # torchrun passed the shell's TERM on
-    calls = fake_slurm["log"].read_text().splitlines()
-    assert calls == [f"scontrol requeue {fake_slurm['job']}"]  # no srun in this mode
-
-
-@pytest.mark.slow
-def test_multinode_torchrun_mode_and_preemption(fake_slurm):
-    ranks, got, out = _preempt(fake_slurm, "train_multinode.sbatch")
-    _check_common(fake_slurm, ranks)
-    for rec in ranks:
-        assert rec["env"]["TORCHELASTIC_RUN_ID"] == fake_slurm["job"]  # --rdzv_id=$SLURM_JOB_ID
-        assert rec["env"]["GROUP_RANK"] == "0"
-        assert rec["env"]["OMP_NUM_THREADS"] == "2"
-    # srun got USR1, relay.sh turned it into TERM for torchrun, torchrun into TERM for workers.
-    assert got == [str(int(signal.SIGTERM))] * 2
-    calls = fake_slurm["log"].read_text().splitlines()
-    srun = next(c for c in calls if c.startswith("srun "))
-    port = fake_slurm["env"]["MASTER_PORT"]
-    assert srun.startswith("srun ntasks=1 ")
-    for part in (
-        "relay.sh",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=localhost:{port}",
-        f"--rdzv_id={fake_slurm['job']}",
-        "--max-restarts=3",
-    ):
-        assert part in srun
-    assert calls[-1] == f"scontrol requeue {fake_slurm['job']}"
-
-
-@pytest.mark.slow
-def test_multinode_runs_to_completion_without_requeue(fake_slurm):
-    fake_slurm["env"]["MAX_RESTARTS"] = "1"
-    proc = _start("train_multinode.sbatch", fake_slurm, "probe.tag=a b")
-    out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0, out
-    _check_common(fake_slurm, _ranks(fake_slurm["run"]))
-    calls = fake_slurm["log"].read_text().splitlines()
-    assert not any("requeue" in c for c in calls)
-    assert "--max-restarts=1" in calls[-1]
-    assert "training exited with status 0" in out
-
-
-# --- the real trainer ----------------------------------------------------------------------------
-@pytest.mark.slow
-def test_real_trainer_through_one_node_script_preempted_and_resumed(fake_slurm, tmp_path):
-    """The one-node script runs launch/train.py on synthetic data; USR1 to the batch shell makes
-    it checkpoint and requeue; starting the script again resumes and completes the run."""
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slurm_data") / "data"
     made = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "make_synthetic.py"),
-            "--out",
-            str(data),
-            "--identities",
-            "16",
-            "--images-per-identity",
-            "8",
-            "--val-identities",
-            "4",
-            "--val-pairs",
-            "20",
-            "--quiet",
-        ],
-        cwd=REPO,
+        [sys.executable, str(REPO / "launch" / "make_synthetic.py"), "--out", str(out)]
+        + "--identities 16 --images-per-identity 8 --val-identities 4 --val-pairs 8".split()
+        + "--image-size 32 --workers 1 --quiet".split(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
     assert made.returncode == 0, made.stderr
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        textwrap.dedent(f"""\
-        seed: 0
-        max_steps: 400
-        log_every_steps: 1
-        data: {{root: {data}, batch_size: 8, num_workers: 0, image_size: 112}}
-        backbone: {{name: mobilefacenet, embedding_size: 64}}
-        head: {{name: arcface}}
-        eval: {{targets: []}}
-        checkpoint: {{every_steps: 1000, at_epoch_end: false, keep_last: 2}}
-    """)
-    )
-    fake_slurm["cfg"] = cfg
-    env = fake_slurm["env"]
-    del env["TRAIN_SCRIPT"]
-    # A step can take many seconds on a loaded CPU machine: leave time to finish it and save.
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "180"
-    proc = _start("train_1node.sbatch", fake_slurm)
-    log = fake_slurm["run"] / "train.log"
-    deadline = time.time() + 240
-    while not (log.exists() and "step 3/" in log.read_text()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no training step logged"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
-    ckpts = sorted((fake_slurm["run"] / "checkpoints").glob("step_????????.pt"))
-    assert ckpts, out
-    assert fake_slurm["log"].read_text().splitlines()[-1] == f"scontrol requeue {fake_slurm['job']}"
-    stopped_at = int(ckpts[-1].stem.split("_")[1])
-    assert 3 <= stopped_at < 400
-    # The "requeued" job: same job, same name, same run directory; finishes from the checkpoint.
-    env["SLURM_RESTART_COUNT"] = "1"
-    proc = _start("train_1node.sbatch", fake_slurm, f"max_steps={stopped_at + 2}")
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out
-    text = log.read_text()
-    assert f"resumed from {ckpts[-1]}" in text
-    assert (fake_slurm["run"] / "model.pt").exists()
+    return out
+
+
+class RealJob:
+    """One training job on the real cluster (train_1node.sbatch unless ``SCRIPT`` is among the
+    sbatch options as ``script=NAME``): submission, waiting, cleanup."""
+
+    def __init__(
+        self,
+        cluster,
+        tmp_path: Path,
+        data: Path,
+        max_steps: int,
+        batch: int,
+        workers: int,
+        *sbatch_opts: str,
+    ):
+        self.cluster = cluster
+        script = next(
+            (o.split("=", 1)[1] for o in sbatch_opts if o.startswith("script=")),
+            "train_1node.sbatch",
+        )
+        self.run = tmp_path / "runs" / "tiny"
+        self.out = tmp_path / "job.out"
+        cfg = tmp_path / "tiny.yaml"
+        cfg.write_text(
+            TINY_REAL.format(max_steps=max_steps, data=data, batch=batch, workers=workers)
+        )
+        env = _clean_env() | {
+            "SLURM_CONF": str(cluster.conf),
+            "CPU_PROCS": "2",
+            "RUNS_DIR": str(tmp_path / "runs"),
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO),
+        }
+        env.pop("OMP_NUM_THREADS", None)  # the script derives it: 2 CPUs / 2 processes
+        res = subprocess.run(
+            ["sbatch", "--parsable", "-J", "tiny", "--gpus-per-node=0", "--cpus-per-task=2"]
+            + [f"--output={self.out}", *(o for o in sbatch_opts if not o.startswith("script="))]
+            + [str(SLURM_DIR / script), str(cfg)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stderr
+        self.id = res.stdout.strip().split(";")[0]
+
+    def text(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+    def log(self) -> str:
+        log = self.run / "train.log"
+        return log.read_text() if log.exists() else ""
+
+    def wait_for(self, what: str, timeout_s: float, where: str = "out") -> str:
+        """Waits until the job output (or train.log) contains ``what``; returns that text."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = self.text() if where == "out" else self.log()
+            if what in text:
+                return text
+            info = self.cluster.job(self.id)
+            state = info.get("JobState")
+            assert state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (
+                f"job {self.id} {state} before '{what}': {info}\n{self.text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, f"no '{what}' after {timeout_s} s:\n{self.text()}"
+            time.sleep(0.3)
+
+    def state(self, states: set[str], timeout_s: float) -> dict[str, str]:
+        try:
+            return self.cluster.wait_state(self.id, states, timeout_s)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.text()[-3000:]}") from None
+
+    def requeued(self) -> None:
+        """Waits until the job is back in the queue (it starts again by itself)."""
+        self.state({"PENDING", "RUNNING"}, 60)
+        assert self.cluster.job(self.id)["Restarts"] == "1"
+
+    def close(self) -> None:
+        """Cancels the job if it still runs and waits until it and its processes are gone."""
+        if self.cluster.job(self.id).get("JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+            self.cluster.run("scancel", "--signal=KILL", "--full", self.id, check=False)
+            self.cluster.run("scancel", self.id, check=False)
+        with contextlib.suppress(AssertionError):
+            self.cluster.wait_state(self.id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 30)
+        _kill_leftovers(f"{self.run}")
+
+    def signal_checkpoint(self, text: str) -> Path:
+        """The checkpoint the batch script reports as written at the signal."""
+        line = next(x for x in text.splitlines() if "checkpoint written at the signal: " in x)
+        ckpt = Path(line.split("checkpoint written at the signal: ", 1)[1].strip())
+        assert ckpt.exists() and ckpt.parent == self.run / "checkpoints", line
+        return ckpt
+
+
+@pytest.fixture
+def real_job(slurm_cluster, real_data, tmp_path):
+    jobs = []
+
+    def submit(max_steps: int, *sbatch_opts: str, batch: int = 8, workers: int = 0) -> RealJob:
+        jobs.append(
+            RealJob(slurm_cluster, tmp_path, real_data, max_steps, batch, workers, *sbatch_opts)
+        )
+        return jobs[-1]
+
+    yield submit
+    for job in jobs:
+        job.close()
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.stem.split("_")[1])
+
+
+@pytest.mark.slow
+def test_real_slurm_one_node_cpu_job_trains_and_finishes(real_job):
+    job = real_job(4)
+    info = job.state({"COMPLETED", "FAILED", "CANCELLED"}, 90)
+    text = job.text()
+    assert info["JobState"] == "COMPLETED", text
+    assert "CPU_PROCS=2: 2 CPU processes per node, GPUs hidden" in text
+    assert "training exited with status 0" in text
+    assert "world size 2" in job.log()
+    assert (job.run / "model.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "opts",
+    [(), ("script=train_srun.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1")],
+    ids=["torchrun", "srun"],
+)
+def test_real_slurm_scontrol_requeue_checkpoints_at_the_signal_and_resumes(real_job, opts):
+    """``scontrol requeue`` signals every process of the job: the workers checkpoint at that
+    step, the script says Slurm requeued the job (no requeue of its own, no warning), and the
+    requeued job resumes from that checkpoint and finishes."""
+    # Larger steps and a loader process per rank, as in the demo config: Slurm signals those too.
+    job = real_job(10, *opts, batch=64, workers=1)
+    job.wait_for("step 1/", 60, where="log")
+    job.cluster.run("scontrol", "requeue", job.id)
+    text = job.wait_for(f"Slurm has requeued job {job.id} itself (restart 1", 60)
+    ckpt = job.signal_checkpoint(text)
+    step = _step_of(ckpt)
+    assert 1 <= step < 10
+    # Slurm's SIGTERM, or the SIGUSR1 the batch shell sends srun, whichever came first
+    assert re.search(rf"stopped by signal (10|15) at step {step}\b", job.log()), job.log()
+    assert "failed" not in text and "warning" not in text, text
+    # torchrun let the workers finish (plain torchrun raises SignalException and exits with 1)
+    assert "training processes exited with status 0 after SIGTERM" in text
+    assert "SignalException" not in text
+    job.requeued()
+    info = job.state({"COMPLETED", "FAILED", "CANCELLED"}, 90)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job.text()
+    assert f"resumed from {ckpt} at step {step}" in job.log()
+    assert (job.run / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_real_slurm_time_limit_signal_checkpoints_and_the_job_requeues_itself(real_job):
+    """``--signal=B:USR1@50`` with a 1-minute limit: the batch shell gets USR1 while the job
+    runs, passes it on, the workers checkpoint, the script requeues the job, and the requeued
+    job resumes from that checkpoint."""
+    job = real_job(100000, "--time=1", "--signal=B:USR1@50")
+    text = job.wait_for(f"job {job.id} requeued; it resumes", 85)
+    assert "got SIGUSR1" in text
+    ckpt = job.signal_checkpoint(text)
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {_step_of(ckpt)}" in job.log()
+    job.requeued()
+    job.wait_for(f"resumed from {ckpt} at step {_step_of(ckpt)}", 60, where="log")
+
+
+@pytest.mark.slow
+def test_real_slurm_scancel_checkpoints_and_stops_without_requeue(real_job):
+    job = real_job(100000, workers=1)
+    job.wait_for("step 3/", 60, where="log")
+    job.cluster.run("scancel", job.id)
+    info = job.state({"CANCELLED"}, 60)
+    text = job.wait_for("without requeueing it", 30)
+    assert info["Restarts"] == "0"
+    ckpt = job.signal_checkpoint(text)
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {_step_of(ckpt)}" in job.log()
+    assert f"Slurm is ending job {job.id}" in text and "requeued" not in text, text
+    assert "training processes exited with status 0 after SIGTERM" in text
+    deadline = time.monotonic() + 20  # nothing of the job is left running
+    while _pids_with(str(job.run)):
+        assert time.monotonic() < deadline, _pids_with(str(job.run))
+        time.sleep(0.3)

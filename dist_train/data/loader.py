@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import multiprocessing
+import signal
 import sys
 import weakref
 from dataclasses import dataclass
@@ -192,7 +193,16 @@ def _ring_supported() -> bool:
 
 def worker_init(worker: int) -> None:
     """``worker_init_fn`` of the training loader's workers (and of any DataLoader over a
-    :class:`LabelledImages`): one OpenCV thread per worker, the slot ring's pages touched."""
+    :class:`LabelledImages`): one OpenCV thread per worker, the slot ring's pages touched, and
+    the stop signals ignored.
+
+    Slurm (``scancel``, ``scontrol requeue``, preemption) sends SIGTERM to every process of a
+    job, loader workers included. torch's worker handler dies on a SIGTERM that does not come
+    from its parent, and the trainer then fails with "DataLoader worker ... killed by signal"
+    in the middle of the step instead of checkpointing. The trainer process decides about the
+    stop; a worker ends when its loader shuts it down or its parent is gone."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     # one OpenCV thread per worker: the workers are the parallelism
     cv2.setNumThreads(1)
     info = get_worker_info()

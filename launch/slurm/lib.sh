@@ -8,7 +8,8 @@
 #
 # Every external command is a variable so tests (or unusual clusters) can substitute it:
 #   PYTHON    python interpreter                      (default: python)
-#   TORCHRUN  torchrun launcher                       (default: torchrun, else $PYTHON -m torch.distributed.run)
+#   TORCHRUN  torchrun launcher                       (default: $PYTHON launch/slurm/torchrun_forward.py,
+#             torchrun that passes SIGTERM/SIGUSR1 to its workers instead of shutting them down)
 #   SRUN      Slurm's srun                            (default: srun)
 #   SCONTROL  Slurm's scontrol                        (default: scontrol)
 # These are split on spaces, so "python -m torch.distributed.run" works; paths with spaces do not.
@@ -26,6 +27,9 @@
 #                 start fresh, only in a directory without a run; or a checkpoint file)
 #   GPUS          processes per node (default: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE, else
 #                 the number of GPUs nvidia-smi lists, else 1)
+#   CPU_PROCS     N CPU processes per node and no GPUs: hides every GPU (CUDA_VISIBLE_DEVICES=),
+#                 so the processes train on CPU with gloo; submit with --gpus-per-node=0
+#                 --cpus-per-task=C (cannot be combined with GPUS)
 #   MAX_REQUEUES  stop requeueing after this many restarts of the job (default: 50)
 
 slurm_log() {
@@ -85,6 +89,7 @@ slurm_gpus_per_node() {
     [[ $g != 0 ]] || g=""
   fi
   g=${g:-1}
+  [[ $g != 0 ]] || slurm_die "the job has no GPUs (0 per node); set CPU_PROCS=N to train with N CPU processes"
   [[ $g =~ ^[1-9][0-9]*$ ]] || slurm_die "cannot tell the GPUs per node from '$g'; set GPUS=N"
   printf '%s\n' "$g"
 }
@@ -105,8 +110,15 @@ slurm_setup() {
   PYTHON=${PYTHON:-python}
   TRAIN_SCRIPT=${TRAIN_SCRIPT:-$REPO_DIR/launch/train.py}
   [[ -f $TRAIN_SCRIPT ]] || slurm_die "entry script not found: $TRAIN_SCRIPT (set REPO_DIR?)"
-  if [[ -z ${TORCHRUN:-} ]]; then
-    if command -v torchrun >/dev/null 2>&1; then TORCHRUN=torchrun; else TORCHRUN="$PYTHON -m torch.distributed.run"; fi
+  # torchrun in a process that passes SIGTERM/SIGUSR1 on to the workers (see torchrun_forward.py).
+  TORCHRUN=${TORCHRUN:-$PYTHON $_SLURM_REPO_ROOT/launch/slurm/torchrun_forward.py}
+  if [[ -n ${CPU_PROCS:-} ]]; then
+    [[ $CPU_PROCS =~ ^[1-9][0-9]*$ ]] || slurm_die "CPU_PROCS='$CPU_PROCS' is not a process count"
+    [[ -z ${GPUS:-} || ${GPUS} == "$CPU_PROCS" ]] ||
+      slurm_die "CPU_PROCS=$CPU_PROCS and GPUS=$GPUS both set; CPU_PROCS means CPU processes, no GPUs"
+    GPUS=$CPU_PROCS
+    export CUDA_VISIBLE_DEVICES=""
+    slurm_log "CPU_PROCS=$CPU_PROCS: $CPU_PROCS CPU processes per node, GPUs hidden"
   fi
   SRUN=${SRUN:-srun}
   SCONTROL=${SCONTROL:-scontrol}
@@ -193,8 +205,30 @@ slurm_run_forwarding() {
   SLURM_STOP_SIGNAL=$_SLURM_STOP_SIG
 }
 
-# Runs the training command with forwarding, then requeues the job if a signal stopped it.
-# Arguments: the signal to forward, then the command. Exits the script.
+# One field of "scontrol show job" for this job ("" when scontrol cannot tell).
+slurm_job_field() {
+  local out kv
+  # shellcheck disable=SC2086
+  out=$($SCONTROL -o show job "$SLURM_JOB_ID" 2>/dev/null) || return 0
+  for kv in $out; do
+    if [[ $kv == "$1="* ]]; then
+      printf '%s\n' "${kv#*=}"
+      return 0
+    fi
+  done
+}
+
+# Runs the training command with forwarding; after a stop signal says what happened and requeues
+# the job when Slurm is not already ending or requeueing it. Arguments: the signal to forward,
+# then the command. Exits the script.
+#
+# The job's state (scontrol show job) tells the cases apart:
+#   Restarts above this run's SLURM_RESTART_COUNT: Slurm requeued the job itself (scontrol
+#     requeue, preemption with PreemptMode=REQUEUE); nothing to do, it starts again by itself.
+#   JobState=RUNNING: the early warning (--signal=B:USR1@N) or a signal sent with scancel
+#     --signal: the job requeues itself with "scontrol requeue".
+#   anything else (COMPLETING, CANCELLED, TIMEOUT): Slurm is ending the job (scancel, the hard
+#     time limit, a node failure) and does not requeue it; resubmitting resumes it.
 slurm_run_and_requeue() {
   local start_mark
   start_mark=$(mktemp "${TMPDIR:-/tmp}/slurm_start.XXXXXX")
@@ -213,28 +247,48 @@ slurm_run_and_requeue() {
     exit "$rc"
   fi
   slurm_log "training processes exited with status $rc after SIG$SLURM_STOP_SIGNAL"
-  local finished=0
+  local finished=0 ckpt=""
   # The trainer writes model.pt only when the run is complete.
   [[ $OUTPUT_DIR/model.pt -nt $start_mark ]] && finished=1
+  if [[ -d $OUTPUT_DIR/checkpoints ]]; then
+    ckpt=$(find "$OUTPUT_DIR/checkpoints" -maxdepth 1 -name 'step_*.pt' ! -name '*shard*' -newer "$start_mark" | sort | tail -n 1)
+  fi
   rm -f "$start_mark"
   if ((finished)); then
     slurm_log "the run had finished; not requeued"
+    exit "$rc"
+  fi
+  if [[ -n $ckpt ]]; then
+    slurm_log "checkpoint written at the signal: $ckpt"
+  else
+    slurm_log "warning: no checkpoint was written after the signal; a restart resumes from the newest older one in $OUTPUT_DIR (if any)"
+  fi
+  if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    slurm_log "not inside a Slurm job; not requeued (rerun the same command to resume)"
+    exit "$rc"
+  fi
+  local state restarts
+  state=$(slurm_job_field JobState)
+  restarts=$(slurm_job_field Restarts)
+  if [[ $restarts =~ ^[0-9]+$ ]] && ((restarts > ${SLURM_RESTART_COUNT:-0})); then
+    slurm_log "Slurm has requeued job $SLURM_JOB_ID itself (restart $restarts, scontrol requeue or preemption); it resumes from the newest checkpoint in $OUTPUT_DIR"
+    exit 0
+  fi
+  if [[ -n $state && $state != RUNNING ]]; then
+    slurm_log "Slurm is ending job $SLURM_JOB_ID (JobState=$state: scancel, the time limit or a node failure) without requeueing it; resubmit it to resume from $OUTPUT_DIR"
     exit "$rc"
   fi
   if ((${SLURM_RESTART_COUNT:-0} >= ${MAX_REQUEUES:-50})); then
     slurm_log "job already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=${MAX_REQUEUES:-50}); not requeued"
     exit "$rc"
   fi
-  if [[ -z ${SLURM_JOB_ID:-} ]]; then
-    slurm_log "not inside a Slurm job; not requeued (rerun the same command to resume)"
-    exit "$rc"
-  fi
+  # Slurm answers the requeue with SIGTERM to this shell: let it finish its message.
+  trap '' TERM USR1
   # shellcheck disable=SC2086
   if $SCONTROL requeue "$SLURM_JOB_ID"; then
     slurm_log "job $SLURM_JOB_ID requeued; it resumes from the newest checkpoint in $OUTPUT_DIR"
     exit 0
   fi
-  # With PreemptMode=REQUEUE Slurm requeues the job itself and this call may be refused.
-  slurm_log "warning: '$SCONTROL requeue $SLURM_JOB_ID' failed; resubmit to resume from $OUTPUT_DIR"
+  slurm_log "warning: '$SCONTROL requeue $SLURM_JOB_ID' failed (JobState=${state:-unknown}); resubmit to resume from $OUTPUT_DIR"
   exit "$rc"
 }
