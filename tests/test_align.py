@@ -273,3 +273,31 @@ def test_rec_pack_align_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["num_images"] == 5 and summary["align"]["missed"] == 1
+
+
+@needs_real
+def test_couple_photo_default_rule_yields_the_person_of_p01():
+    """Two faces of nearly equal size: ``center`` picks the one nearer the middle, which the real
+    MobileFaceNet recognises as identity p01 of ``photos/`` (and the other face as nobody there)."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime (extra 'export') not installed")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(REAL / "models" / "mobilefacenet_512.onnx"), so)
+
+    def embed(face112: np.ndarray) -> np.ndarray:
+        x = (face112[:, :, ::-1].astype(np.float32) / 255 - 0.5) / 0.5
+        v = sess.run(None, {"input": x.transpose(2, 0, 1)[None]})[0][0]
+        return v / np.linalg.norm(v)
+
+    det = align.YuNetDetector(YUNET)
+    img = cv2.imread(str(REAL / "photos_multi" / "couple.jpg"))
+    faces = det.detect(img)
+    assert len(faces) == 2
+    chosen = align.choose_face(faces, img.shape, "center")
+    p01 = []
+    for p in sorted((REAL / "photos" / "p01").glob("*.jpg"))[:4]:
+        im = cv2.imread(str(p))
+        fs = det.detect(im)
+        p01.append(embed(align.align_face(im, fs[align.choose_face(fs, im.shape)].landmarks)))
+    sims = [np.mean([embed(align.align_face(img, f.landmarks)) @ g for g in p01]) for f in faces]
+    assert sims[chosen] > 0.5 > sims[1 - chosen], sims
