@@ -76,6 +76,8 @@ def _bar(total: int, quiet: bool) -> tqdm:
 def _run(args) -> int:
     if args.cmd == "pack":
         opts = None
+        if args.detector and not args.align:
+            raise ValueError("pack --detector is used only with --align")
         if args.align:
             if not args.detector:
                 raise ValueError("pack --align needs --detector MODEL.onnx")

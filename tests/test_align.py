@@ -301,3 +301,10 @@ def test_couple_photo_default_rule_yields_the_person_of_p01():
         p01.append(embed(align.align_face(im, fs[align.choose_face(fs, im.shape)].landmarks)))
     sims = [np.mean([embed(align.align_face(img, f.landmarks)) @ g for g in p01]) for f in faces]
     assert sims[chosen] > 0.5 > sims[1 - chosen], sims
+
+
+def test_rec_pack_detector_without_align_is_an_error(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "rec.py"), "pack", str(tmp_path)]
+    cmd += ["--out", str(tmp_path / "pack"), "--detector", "x.onnx"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "only with --align" in res.stderr
