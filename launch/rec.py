@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _run(args)
-    except (RecordIOError, DataError, ValueError) as exc:  # AlignError is a ValueError
+    except (RecordIOError, DataError, ValueError) as exc:  # AlignError is a DataError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from .datasets import IMAGE_EXTENSIONS
+from .errors import DataError
 
 ARCFACE_TEMPLATE_112 = np.array(
     [
@@ -43,8 +44,8 @@ CHOICE_RULES = ("center", "largest", "score")
 MISS_ACTIONS = ("skip", "center")
 
 
-class AlignError(ValueError):
-    """A bad landmarks file, detector model or option (message names the file and line)."""
+class AlignError(DataError):
+    """A bad landmarks file, detector model, folder or option (names the file and line)."""
 
 
 def arcface_template(size: int = 112) -> np.ndarray:
