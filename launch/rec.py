@@ -3,6 +3,7 @@
 Examples::
 
     python launch/rec.py pack faces/ --out data/mypack --workers 4 [--resize 112 --quality 95]
+    python launch/rec.py pack photos/ --out data/mypack --align --detector yunet.onnx
     python launch/rec.py inspect data/mypack/train.rec --json --limit 5
     python launch/rec.py verify data/mypack/train.rec
     python launch/rec.py stats data/mypack
@@ -19,7 +20,7 @@ import json  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from dist_train.data import packing  # noqa: E402
+from dist_train.data import align, packing  # noqa: E402
 from dist_train.data.datasets import DataError  # noqa: E402
 from dist_train.data.recordio import RecordIOError  # noqa: E402
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--resize", type=int, default=0, help="re-encode at this square size")
     a.add_argument("--quality", type=int, default=0, help="re-encode as JPEG of this quality")
     a.add_argument("--quiet", action="store_true")
+    a.add_argument("--align", action="store_true", help="align faces first (docs/real_data.md)")
+    a.add_argument("--detector", default=None, help="with --align: YuNet .onnx")
+    a.add_argument("--size", type=int, default=112, help="with --align: aligned side")
+    a.add_argument("--choose", choices=align.CHOICE_RULES, default="center")
+    a.add_argument("--on-miss", choices=align.MISS_ACTIONS, default="skip")
     for name, text in [
         ("inspect", "one line per record"),
         ("verify", "report every problem"),
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _run(args)
-    except (RecordIOError, DataError, ValueError) as exc:
+    except (RecordIOError, DataError, ValueError) as exc:  # AlignError is a DataError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -69,6 +75,15 @@ def _bar(total: int, quiet: bool) -> tqdm:
 
 def _run(args) -> int:
     if args.cmd == "pack":
+        opts = None
+        if args.detector and not args.align:
+            raise ValueError("pack --detector is used only with --align")
+        if args.align:
+            if not args.detector:
+                raise ValueError("pack --align needs --detector MODEL.onnx")
+            opts = align.AlignOptions(
+                detector=args.detector, size=args.size, choose=args.choose, on_miss=args.on_miss
+            )
         total = len(packing.list_sources(args.source)[0])
         with _bar(total, args.quiet) as bar:
             summary = packing.pack_images(
@@ -78,6 +93,7 @@ def _run(args) -> int:
                 quality=args.quality,
                 workers=args.workers,
                 progress=bar.update,
+                align=opts,
             )
         print(json.dumps(summary))
     elif args.cmd == "inspect":

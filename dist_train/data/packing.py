@@ -5,7 +5,7 @@ Owns: the InsightFace pack layout on the writing side (header record 0 with
 grouped by identity with a scalar label, one record per identity with
 ``label = [first_key, last_key + 1]``, a ``property`` file ``num_classes,H,W``), and the
 operations behind ``launch/rec.py``: pack (image folder or ``path,label`` list, several
-processes), inspect, verify, stats, unpack. Does not own: the byte format
+processes, optionally aligning faces first through :mod:`.align`), inspect, verify, stats, unpack. Does not own: the byte format
 (:mod:`.recordio`) or training-time reading (:mod:`.datasets`).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .align import AlignOptions, align_folder
 from .datasets import IMAGE_EXTENSIONS, DataError, RecordDataset, list_dataset
 from .recordio import IRHeader, RecordIOReader, RecordIOWriter, pack, unpack, verify
 
@@ -147,8 +149,14 @@ def pack_images(
     quality: int = 0,
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    align: AlignOptions | None = None,
 ) -> dict[str, Any]:
     """Packs an image folder (``identity/*.jpg``) or a ``path,label`` list file.
+
+    With ``align`` (folders only), the images are first aligned by :func:`.align.align_folder`
+    into a temporary folder inside ``out_dir`` (removed afterwards), and that folder is packed;
+    the alignment report is written to ``out_dir/align_report.json`` and images skipped for
+    want of a face are not packed (identities left without images are dropped).
 
     Identities get labels 0..C-1 in sorted folder-name (or sorted list-label) order. The
     original file bytes are stored unless ``resize`` or ``quality`` asks for re-encoding.
@@ -157,6 +165,15 @@ def pack_images(
     Returns:
         Summary: num_classes, num_images, height, width, and (for folders) the class names.
     """
+    if align is not None:
+        if not Path(source).is_dir():
+            raise DataError(f"{source}: --align needs an image folder, not a list file")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="aligned-", dir=out_dir) as tmp:
+            report = align_folder(source, tmp, align, workers=workers, progress=progress)
+            Path(tmp, "align_report.json").replace(Path(out_dir) / "align_report.json")
+            summary = pack_images(tmp, out_dir, resize=resize, quality=quality, workers=workers)
+        return {**summary, "align": report["counts"]}
     paths, labels, names = list_sources(source)
     order = sorted(range(len(paths)), key=lambda i: labels[i])  # stable: grouped by identity
     jobs = [(paths[i], resize, quality) for i in order]
