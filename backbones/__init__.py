@@ -33,5 +33,6 @@ from backbones import (  # noqa: E402,F401
     mobilefacenet,
     resnet,
     thin_resnet,
+    vit,
 )
 from backbones.weights import load_weights, read_state_dict  # noqa: E402,F401

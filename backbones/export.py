@@ -140,7 +140,7 @@ def export(
         out: the file to write.
         embedding_size: D the weights were trained with.
         input_size: (H, W) for ONNX/TorchScript tracing and for networks whose layers depend on
-            it (iresnet, mobilefacenet).
+            it (iresnet, mobilefacenet, vit).
         check: compare the written file against PyTorch (onnxruntime for ONNX, a reload for
             the others) and put the largest absolute difference in the result.
 
@@ -152,7 +152,7 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     kwargs: dict[str, object] = {}
-    if network.startswith("iresnet") or network == "mobilefacenet":
+    if "input_size" in (backbones.BACKBONES.keywords(network) or {}):
         kwargs["input_size"] = tuple(input_size)
     model = backbones.get_backbone(network, embedding_size=embedding_size, **kwargs)
     backbones.load_weights(model, weights)

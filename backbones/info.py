@@ -8,13 +8,19 @@ What is counted, per sample (batch 1):
   * ``conv``: Conv2d, ``out_elements * (in_channels / groups) * kernel_h * kernel_w``
     (+ ``out_elements`` for a bias);
   * ``linear``: Linear, ``in_features * out_features`` (+ ``out_features`` for a bias);
-  * ``norm``: BatchNorm (1d/2d), one MAC per element (the scale-and-shift at inference);
+  * ``attention``: the products a module computes with functional ops rather than
+    submodules, declared by the module's ``functional_macs(inputs, output) -> (kind, macs)``:
+    a ViT's attention gives ``q k^T`` plus ``attn v``, ``2 * N^2 * D`` per sample for N tokens
+    of width D (arcface_torch's ``extra_gflops``);
+  * ``norm``: BatchNorm (1d/2d) and LayerNorm, one MAC per element (the scale-and-shift);
   * ``activation``: PReLU one MAC per element (slope x input), SiLU/Sigmoid one per element;
-    ReLU is a comparison and counts 0;
+    ReLU and ReLU6 are comparisons and count 0;
   * ``pool``: max/average pooling, one per input element.
-``macs`` (the headline figure) is ``conv + linear``, the convention papers use (e.g.
-MobileFaceNet's 221M, InsightFace's "GFlops" for iResNet). ``macs_all`` adds the rest.
-Not counted: residual additions, the squeeze-and-excitation product and mean, flatten, dropout.
+``macs`` (the headline figure) is ``conv + linear + attention``, the convention papers use
+(e.g. MobileFaceNet's 221M, InsightFace's "GFlops" for iResNet and its "ViT-T-1.5G"; the
+convolutional networks have no attention term). ``macs_all`` adds the rest.
+Not counted: residual additions, the squeeze-and-excitation product and mean, the attention
+softmax, flatten, dropout.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from torch import Tensor, nn
 
 import backbones
 
+KINDS = ("conv", "linear", "attention", "norm", "activation", "pool")
+"""The kinds of :func:`count_macs`, in the order it reports them."""
+
 
 @dataclass
 class ModelInfo:
@@ -39,8 +48,8 @@ class ModelInfo:
         embedding_size: D.
         params: all parameters (trainable or not).
         trainable_params: parameters with ``requires_grad``.
-        macs: conv + linear multiply-accumulates.
-        by_kind: MACs per kind ("conv", "linear", "norm", "activation", "pool").
+        macs: conv + linear + attention multiply-accumulates.
+        by_kind: MACs per kind ("conv", "linear", "attention", "norm", "activation", "pool").
     """
 
     name: str
@@ -53,7 +62,7 @@ class ModelInfo:
 
     @property
     def macs_all(self) -> int:
-        """Every counted kind, not only conv + linear."""
+        """Every counted kind, not only conv + linear + attention."""
         return sum(self.by_kind.values())
 
 
@@ -73,15 +82,18 @@ def _linear_macs(m: nn.Linear, out: Tensor) -> int:
 
 
 def _kind_and_macs(m: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> tuple[str, int] | None:
+    declared = getattr(m, "functional_macs", None)
+    if declared is not None:
+        return declared(inputs, out)
     if isinstance(m, nn.Conv2d):
         return "conv", _conv_macs(m, out)
     if isinstance(m, nn.Linear):
         return "linear", _linear_macs(m, out)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
         return "norm", _numel(out)
     if isinstance(m, (nn.PReLU, nn.SiLU, nn.Sigmoid)):
         return "activation", _numel(out)
-    if isinstance(m, nn.ReLU):
+    if isinstance(m, (nn.ReLU, nn.ReLU6)):
         return "activation", 0
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
         return "pool", _numel(inputs[0])
@@ -113,7 +125,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int]) -> dict[str, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {kind: counts.get(kind, 0) for kind in ("conv", "linear", "norm", "activation", "pool")}
+    return {kind: counts.get(kind, 0) for kind in KINDS}
 
 
 def model_info(
@@ -124,10 +136,11 @@ def model_info(
 ) -> ModelInfo:
     """Builds ``name`` on the meta device and counts its parameters and MACs.
 
-    Networks whose layers depend on the input size (iresnet, mobilefacenet) are built for
-    ``input_size``; the others ignore it at build time.
+    Networks whose layers depend on the input size (those whose builder takes ``input_size``:
+    iresnet, mobilefacenet, vit) are built for ``input_size``; the others ignore it at build
+    time.
     """
-    if name.startswith("iresnet") or name == "mobilefacenet":
+    if "input_size" in (backbones.BACKBONES.keywords(name) or {}):
         kwargs.setdefault("input_size", tuple(input_size))
     with torch.device("meta"):
         model = backbones.get_backbone(name, embedding_size=embedding_size, **kwargs)
@@ -138,7 +151,7 @@ def model_info(
         embedding_size=embedding_size,
         params=sum(p.numel() for p in model.parameters()),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        macs=by_kind["conv"] + by_kind["linear"],
+        macs=by_kind["conv"] + by_kind["linear"] + by_kind["attention"],
         by_kind=by_kind,
     )
 
@@ -154,7 +167,7 @@ def human(n: float) -> str:
 def markdown_table(infos: list[ModelInfo]) -> str:
     """A markdown table of name, input, D, parameters and MACs."""
     lines = [
-        "| network | input | D | parameters | MACs (conv+linear) | MACs (all counted) |",
+        "| network | input | D | parameters | MACs (conv+linear+attention) | MACs (all counted) |",
         "|---|---|---|---:|---:|---:|",
     ]
     for i in infos:

@@ -15,11 +15,17 @@ import backbones
 from backbones.resnet import load_torchvision_state_dict
 
 # Small inputs keep CPU tests fast. iResNet and MobileFaceNet size their last layer from
-# input_size (a multiple of 16); the others pool adaptively after a stride of 32.
-FIXED_INPUT = ("iresnet", "mobilefacenet")
+# input_size (a multiple of 16); a ViT its patch count (36 = 4 x 4 patches of 9); the others
+# pool adaptively after a stride of 32.
+FIXED_INPUT = ("iresnet", "mobilefacenet", "vit")
+# Seconds to build on CPU even at a small input (tens of millions of parameters in the blocks):
+# their registry-wide forward/backward runs with the slow tests; vit_t stands for the family.
+HEAVY = ("vit_s", "vit_b", "vit_l")
 
 
 def small_size(name: str) -> int:
+    if name.startswith("vit"):
+        return 36
     return 16 if name.startswith(FIXED_INPUT) else 32
 
 
@@ -28,6 +34,11 @@ def build_small(name: str, **kwargs) -> nn.Module:
     if name.startswith(FIXED_INPUT):
         kwargs["input_size"] = small_size(name)
     return backbones.get_backbone(name, embedding_size=8, **kwargs)
+
+
+def registry_cases() -> list:
+    """Every registered name, the heavy ones marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in backbones.names()]
 
 
 def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -45,8 +56,10 @@ def meta_build(name: str, **kwargs) -> nn.Module:
 
 
 def family_representatives() -> list[str]:
-    """The first registered network of each family (the class its builder makes) in natural
-    order, where numbers compare as numbers: the smallest size (iresnet18, efficientnet_b0).
+    """The smallest registered network of each family (the class its builder makes): the
+    fewest parameters at its defaults, counted on the meta device (iresnet18,
+    efficientnet_b0, vit_t); ties go to the first in natural order, where numbers compare as
+    numbers.
 
     The heavier behaviour tests run on one network per family: every family shares its
     checkpointing, head and stages() code between its sizes. A new family is included
@@ -57,7 +70,7 @@ def family_representatives() -> list[str]:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
     first: dict[object, str] = {}
-    for name in sorted(backbones.names(), key=natural):
+    for name in sorted(backbones.names(), key=lambda n: (count(meta_build(n)), natural(n))):
         first.setdefault(backbones.BACKBONES.product(name) or name, name)  # unannotated: alone
     return sorted(first.values())
 
@@ -74,7 +87,7 @@ def test_registry_lists_every_family():
     assert expected <= set(backbones.names())
 
 
-@pytest.mark.parametrize("name", backbones.names())
+@pytest.mark.parametrize("name", registry_cases())
 def test_forward_backward_every_parameter_gets_gradient(name):
     model = build_small(name).train()
     out = model(images(size=small_size(name)))
@@ -101,9 +114,10 @@ def test_stages_cover_trunk_without_overlap(name):
         ids = {id(p) for p in stage.parameters()}
         assert ids and not ids & seen
         seen |= ids
-    # Only the embedding head lies outside the stages.
+    # Only the embedding head lies outside the stages (a ViT's: final LayerNorm + feature).
     outside = [k for k, p in model.named_parameters() if id(p) not in seen]
-    assert outside and all(k.startswith(("bn2.", "fc.", "features.", "linear.")) for k in outside)
+    head = ("bn2.", "fc.", "features.", "linear.", "norm.", "feature.")
+    assert outside and all(k.startswith(head) for k in outside)
     # Building the stage views leaves the state-dict layout untouched.
     assert set(model.state_dict()) == keys
 
@@ -492,3 +506,178 @@ class TestLoadWeights:
         torch.save(self._fresh(), tmp_path / "module.pt")  # a whole pickled model
         with pytest.raises(ValueError, match="module.pt: cannot load"):
             backbones.read_state_dict(tmp_path / "module.pt")
+
+
+# ------------------------------------------------------------------------------------------
+# ViT (arcface_torch's face ViT)
+
+VIT_SIZES = {  # embed_dim, depth: arcface_torch's vit_t, vit_s, vit_b, vit_l_dp005_mask_005
+    "vit_t": (256, 12),
+    "vit_s": (512, 12),
+    "vit_b": (512, 24),
+    "vit_l": (768, 24),
+}
+
+
+def test_vit_parameter_counts_match_arcface_torch():
+    expected = {
+        "vit_t": 19_137_792,
+        "vit_s": 76_023_296,
+        "vit_b": 113_833_472,
+        "vit_l": 255_684_352,  # computed from arcface_torch's vit_l_dp005_mask_005
+    }
+    got = {name: count(meta_build(name, embedding_size=512)) for name in expected}
+    assert got == expected
+
+
+def _vit_reference_keys(dim: int, depth: int, patches: int = 144, d: int = 512) -> dict:
+    """arcface_torch's ViT state-dict keys and shapes, written from its definition."""
+
+    def bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+        stats = {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")}
+        return {**stats, f"{prefix}.num_batches_tracked": ()}
+
+    keys = {
+        "pos_embed": (1, patches, dim),
+        "mask_token": (1, 1, dim),
+        "patch_embed.proj.weight": (dim, 3, 9, 9),
+        "patch_embed.proj.bias": (dim,),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}"
+        keys.update({f"{p}.norm1.weight": (dim,), f"{p}.norm1.bias": (dim,)})
+        keys[f"{p}.attn.qkv.weight"] = (3 * dim, dim)  # no qkv bias
+        keys.update({f"{p}.attn.proj.weight": (dim, dim), f"{p}.attn.proj.bias": (dim,)})
+        keys.update({f"{p}.norm2.weight": (dim,), f"{p}.norm2.bias": (dim,)})
+        keys.update({f"{p}.mlp.fc1.weight": (4 * dim, dim), f"{p}.mlp.fc1.bias": (4 * dim,)})
+        keys.update({f"{p}.mlp.fc2.weight": (dim, 4 * dim), f"{p}.mlp.fc2.bias": (dim,)})
+    keys.update({"norm.weight": (dim,), "norm.bias": (dim,)})
+    keys["feature.0.weight"] = (dim, patches * dim)
+    keys.update(bn("feature.1", dim))
+    keys["feature.2.weight"] = (d, dim)
+    keys.update(bn("feature.3", d))
+    return keys
+
+
+@pytest.mark.parametrize("name", sorted(VIT_SIZES))
+def test_vit_state_dict_layout_matches_arcface_torch(name):
+    got = {k: tuple(v.shape) for k, v in meta_build(name).state_dict().items()}
+    assert got == _vit_reference_keys(*VIT_SIZES[name])
+    assert meta_build(name).num_patches == 144  # 112 // 9 = 12 per side
+
+
+def _vit_functional(model, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode vit recomputed with plain ops in arcface_torch's order (attention by hand)."""
+    import torch.nn.functional as F
+
+    def ln(m, t):
+        return F.layer_norm(t, m.normalized_shape, m.weight, m.bias, m.eps)
+
+    def bn(m, t):
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    conv = model.patch_embed.proj
+    h = F.conv2d(x, conv.weight, conv.bias, stride=9).flatten(2).transpose(1, 2) + model.pos_embed
+    for blk in model.blocks:
+        b, n, c = h.shape
+        heads = blk.attn.num_heads
+        qkv = F.linear(ln(blk.norm1, h), blk.attn.qkv.weight).reshape(b, n, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        h = h + F.linear(out, blk.attn.proj.weight, blk.attn.proj.bias)
+        hidden = F.relu6(F.linear(ln(blk.norm2, h), blk.mlp.fc1.weight, blk.mlp.fc1.bias))
+        h = h + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    h = ln(model.norm, h).flatten(1)
+    lin1, bn1, lin2, bn2 = model.feature
+    return bn(bn2, F.linear(bn(bn1, F.linear(h, lin1.weight)), lin2.weight))
+
+
+def test_vit_forward_follows_arcface_order():
+    model = build_small("vit_t").double().eval()
+    for m in model.feature.modules():  # non-trivial statistics so every BN matters
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = images(size=36).double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _vit_functional(model, x), rtol=1e-10, atol=1e-10)
+
+
+def _vit_trace(model, x: torch.Tensor, seed: int) -> dict:
+    """Output, the token count the blocks see, and the tokens entering the feature head."""
+    seen: dict = {}
+
+    def blocks_in(m, args) -> None:
+        seen.setdefault("block_tokens", args[0].shape[1])
+
+    def head_in(m, args) -> None:
+        seen["head_in"] = args[0].detach().clone()
+
+    hooks = [
+        model.blocks[0].register_forward_pre_hook(blocks_in),
+        model.feature[0].register_forward_pre_hook(head_in),
+    ]
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            seen["out"] = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _masked_positions(model, head_in: torch.Tensor) -> torch.Tensor:
+    tokens = head_in.reshape(head_in.shape[0], model.num_patches, model.embed_dim)
+    return (tokens == model.mask_token.detach()).all(dim=-1)  # [B, N] True where masked
+
+
+def test_vit_masking_only_in_training_and_deterministic_under_a_seed():
+    model = build_small("vit_t", drop_path_rate=0.0)  # randomness from masking only
+    x = images(batch=3, size=36)
+    assert model.num_patches == 16 and model.num_kept == 14  # int(16 * 0.9)
+    model.train()
+    a, b, c = (_vit_trace(model, x, seed) for seed in (3, 3, 4))
+    assert a["block_tokens"] == 14
+    masked_a, masked_c = (
+        _masked_positions(model, a["head_in"]),
+        _masked_positions(model, c["head_in"]),
+    )
+    assert masked_a.sum(dim=1).tolist() == [2, 2, 2]  # per sample, the dropped patches
+    assert not torch.equal(masked_a[0], masked_a[1])  # drawn per sample
+    torch.testing.assert_close(a["out"], b["out"], rtol=0, atol=0)  # same seed, same mask
+    assert not torch.equal(masked_a, masked_c) and not torch.equal(a["out"], c["out"])
+    model.eval()
+    e1, e2 = _vit_trace(model, x, 3), _vit_trace(model, x, 4)
+    assert e1["block_tokens"] == 16 and not _masked_positions(model, e1["head_in"]).any()
+    torch.testing.assert_close(e1["out"], e2["out"], rtol=0, atol=0)
+
+
+def test_vit_mask_ratio_zero_never_masks_and_freezes_the_token():
+    model = build_small("vit_t", mask_ratio=0.0).train()
+    assert not model.mask_token.requires_grad
+    seen = _vit_trace(model, images(size=36), 0)
+    assert seen["block_tokens"] == 16 and not _masked_positions(model, seen["head_in"]).any()
+    assert build_small("vit_t").mask_token.requires_grad
+
+
+def test_vit_rejects_bad_arguments_clearly():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        backbones.get_backbone("vit_t", mask_ratio=1.0)
+    with pytest.raises(ValueError, match="mask_ratio=1e-20 keeps 144 of 144"):
+        backbones.get_backbone("vit_t", mask_ratio=1e-20)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        backbones.get_backbone("vit_t", drop_path_rate=1.0)
+    model = backbones.get_backbone("vit_t", embedding_size=8, input_size=36)
+    with pytest.raises(ValueError, match="input_size"):
+        model(images(size=45))
+
+
+def test_vit_drop_path_rises_linearly_to_the_variant_rate():
+    assert [round(b.drop_path, 6) for b in meta_build("vit_t").blocks] == [
+        round(0.1 * i / 11, 6) for i in range(12)
+    ]
+    assert meta_build("vit_l").blocks[-1].drop_path == pytest.approx(0.05)
+    assert meta_build("vit_l").mask_ratio == 0.05 and meta_build("vit_b").mask_ratio == 0.1

@@ -159,3 +159,54 @@ def test_model_info_cli_one_network(capsys):
         info_main(["not_a_net"])
     with pytest.raises(SystemExit):
         info_main(["iresnet18", "--param", "no_such_kw=1"])
+
+
+def vit_trained_like(size: int, embedding_size: int = 16) -> nn.Module:
+    """An eval-mode vit_t with estimated BatchNorm statistics and unit output spread (see
+    ``trained_like``; a ViT has no residual BatchNorm to damp)."""
+    torch.manual_seed(0)
+    model = backbones.get_backbone("vit_t", embedding_size=embedding_size, input_size=size)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+        model.eval()
+        last = model.feature[-1]
+        spread = model(torch.randn(8, 3, size, size)).std()
+        last.weight.div_(spread)
+        last.bias.div_(spread)
+    return model
+
+
+@pytest.mark.parametrize(
+    "size,embedding_size",
+    [(36, 16), pytest.param(112, 512, marks=pytest.mark.slow)],
+)
+def test_onnx_vit_matches_pytorch_with_dynamic_batch(size, embedding_size, tmp_path):
+    model = vit_trained_like(size, embedding_size)
+    path = export_onnx(model, tmp_path / "vit_t.onnx", (size, size))
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    # eval mode: no masking, so no random op in the graph
+    assert not {n.op_type for n in graph.graph.node} & {"RandomUniformLike", "RandomUniform"}
+    with torch.no_grad():
+        assert 0.3 < model(torch.randn(3, 3, size, size)).std() < 3
+    assert onnx_max_abs_diff(model, path, batch_sizes=(1, 3)) <= 1e-4
+
+
+def test_model_info_counts_vit_as_arcface_torch():
+    # arcface_torch names them ViT-T-1.5G and ViT-B-11G: conv + linear + attention MACs.
+    vit_t, vit_b = model_info("vit_t"), model_info("vit_b")
+    assert vit_t.params == 19_137_792 and round(vit_t.macs / 1e9, 1) == 1.5
+    assert vit_b.params == 113_833_472 and round(vit_b.macs / 1e9) == 11
+    # q k^T and attn v: 2 * N^2 * D per block (arcface_torch's extra_gflops), N = 144 patches.
+    assert vit_t.by_kind["attention"] == 12 * 2 * 144**2 * 256
+    assert vit_t.macs == vit_t.by_kind["conv"] + vit_t.by_kind["linear"] + 12 * 2 * 144**2 * 256
+    # 9x9x3 patch convolution with bias, 144 outputs of 256 channels
+    assert vit_t.by_kind["conv"] == 144 * 256 * (243 + 1)
+    # LayerNorms count as norm: 2 per block and the final one, 144 x 256 each
+    assert vit_t.by_kind["norm"] == 25 * 144 * 256 + 256 + 512
+    assert model_info("iresnet50").by_kind["attention"] == 0

@@ -156,6 +156,24 @@ EXPECTED: dict[str, dict] = {
         "head.params.center_loss_weight": 0.003,
     },
     "vggface2_resnet34_arcface.yaml": {**_R5, "head.name": "arcface"},
+    # arcface_torch's configs/wf42m_pfc03_40epoch_8gpu_vit_t.py
+    "webface42m_vit_t_cosface.yaml": {
+        "backbone.name": "vit_t",
+        "backbone.embedding_size": 512,
+        "backbone.params": {"drop_path_rate": 0.05, "mask_ratio": 0.0},  # vit_t_dp005_mask0
+        "head.name": "cosface",
+        "head.params": {"s": 64.0, "m": 0.4},
+        "partial_fc.sample_rate": 0.3,
+        "partial_fc.update": "dense",
+        "optim.name": "adamw",
+        "optim.lr": 1e-3,
+        "optim.weight_decay": 0.1,
+        "scheduler.name": "poly",
+        "scheduler.warmup_epochs": 4.0,
+        "global_batch": 4096,
+        "num_epochs": 40,
+        "data.num_classes": 2059906,
+    },
 }
 
 
@@ -432,6 +450,18 @@ def recipe_runs(recipe_data, tmp_path_factory):
         ),
         run("r34_center", "vggface2_resnet34_center.yaml", **_TINY),
         run("r34_arcface", "vggface2_resnet34_arcface.yaml", **_TINY),
+        # The ViT recipe with the real vit_t at 32x32 (3x3 patches of 9): as shipped (no
+        # masking, the unused mask token frozen) and with patch masking on under DDP.
+        run(
+            "vit_t_cosface",
+            "webface42m_vit_t_cosface.yaml",
+            **{"backbone.params": "{input_size: 32, drop_path_rate: 0.05, mask_ratio: 0.0}"},
+        ),
+        run(
+            "vit_t_cosface_masked",
+            "webface42m_vit_t_cosface.yaml",
+            **{"backbone.params": "{input_size: 32, mask_ratio: 0.1}"},
+        ),
     ]
     results = run_distributed(_run_recipes, 2, runs, timeout_s=400)
     return results, {key: runs_dir / key for key, _, _ in runs}
@@ -452,6 +482,8 @@ _WANT = {
     "r34_softmax": ("ResNet", "SoftmaxHead", None, None),
     "r34_center": ("TinyConvNet", "SoftmaxHead", None, None),
     "r34_arcface": ("TinyConvNet", "ArcFace", None, None),
+    "vit_t_cosface": ("VisionTransformer", "CosFace", None, None),
+    "vit_t_cosface_masked": ("VisionTransformer", "CosFace", None, None),
 }
 
 
