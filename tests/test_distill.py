@@ -151,12 +151,14 @@ def _distill_grads(rank, world, global_x, student_state, teacher_state):
     return loss.item(), grads, seen, teacher_grads
 
 
+@pytest.mark.slow
 def test_distillation_gradients_two_ranks_equal_one_rank():
     torch.manual_seed(1)
     student = TinyConvNet(16).double().state_dict()
     teacher = TinyConvNet(16).double().state_dict()
     x = torch.randn(12, 3, 16, 16, dtype=torch.float64)
-    ref_loss, ref_grads, ref_seen, _ = run_distributed(_distill_grads, 1, x, student, teacher)[0]
+    # the reference: one process (no process group) on the whole global batch
+    ref_loss, ref_grads, ref_seen, _ = _distill_grads(0, 1, x, student, teacher)
     assert ref_seen == [12]
     for loss, grads, seen, teacher_grads in run_distributed(_distill_grads, 2, x, student, teacher):
         # the global term on every rank; the teacher ran on this rank's 6 samples only
@@ -280,3 +282,15 @@ def test_without_a_teacher_the_trainer_builds_no_distiller(tiny_data, tmp_path):
 
     trainer = Trainer(load_config(None, tiny_overrides(tiny_data, tmp_path / "r")), DistInfo())
     assert trainer.distill is None and trainer.train_step.distill is None
+
+
+def test_distillation_adds_no_host_synchronisation(tiny_data, tmp_path):
+    from tests.test_host_syncs import _assert_pinned, _count_steps, _overrides
+
+    teacher_path = _teacher_file(tmp_path / "teacher.pt")
+    extra = {"amp": "fp16", "grad_accum_steps": 2}
+    plain = _count_steps(_overrides(tiny_data, tmp_path / "a", **extra), DistInfo())
+    sets = {**extra, **_distill_sets(teacher_path)}
+    distilled = _count_steps(_overrides(tiny_data, tmp_path / "b", **sets), DistInfo())
+    _assert_pinned(distilled)
+    assert (distilled["quiet"], distilled["logged"]) == (plain["quiet"], plain["logged"])
