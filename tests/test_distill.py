@@ -225,6 +225,16 @@ def _fit_distilled(rank, world, data, run_dir, teacher_path, stop_after):
     }
 
 
+def _fit_three(rank, world, data, tmp, teacher_path):
+    """The whole run, one stopped after 2 steps, and its resumption (one pair of processes)."""
+    return {
+        "full": _fit_distilled(rank, world, data, tmp / "full", teacher_path, 0),
+        # a stop requested after step 1 is agreed on in step 2's all-reduce
+        "cut": _fit_distilled(rank, world, data, tmp / "cut", teacher_path, 1),
+        "resumed": _fit_distilled(rank, world, data, tmp / "cut", teacher_path, 0),
+    }
+
+
 class _Call:
     """Stands in for the distiller in the step, calling ``fn``."""
 
@@ -240,12 +250,8 @@ def test_distillation_two_processes_end_to_end_with_exact_resume(tiny_data, tmp_
     teacher_path = _teacher_file(tmp_path / "teacher.pt")
     teacher_state = torch.load(teacher_path, weights_only=True)
 
-    def both(run, stop_after=0):
-        return run_distributed(
-            _fit_distilled, 2, tiny_data, tmp_path / run, teacher_path, stop_after, timeout_s=120
-        )
-
-    full = both("full")
+    out = run_distributed(_fit_three, 2, tiny_data, tmp_path, teacher_path, timeout_s=120)
+    full = [o["full"] for o in out]
     r0, r1 = full
     assert r0["step"] == 4 and len(r0["losses"]) == 4
     # every step's loss is the margin loss plus the distillation term, the same on both ranks
@@ -256,8 +262,9 @@ def test_distillation_two_processes_end_to_end_with_exact_resume(tiny_data, tmp_
     assert r0["terms"] == pytest.approx(r1["terms"], rel=1e-6)
     # each rank's teacher ran on its own 8 samples once per step: 16 = the global batch
     assert r0["teacher_rows"] == [8] * 4 and r1["teacher_rows"] == [8] * 4
-    # the teacher is frozen: unchanged, eval mode, no gradients
-    for r in full:
+    cut, resumed = [o["cut"] for o in out], [o["resumed"] for o in out]
+    # the teacher is frozen: unchanged, eval mode, no gradients (read from its file on resume)
+    for r in full + resumed:
         assert not r["teacher_training"] and not r["teacher_requires_grad"]
         for k, v in teacher_state.items():
             assert torch.equal(r["teacher_state"][k], v), k
@@ -267,10 +274,7 @@ def test_distillation_two_processes_end_to_end_with_exact_resume(tiny_data, tmp_
     assert r0["ckpt_optimizer_params"] == r0["student_params"]
     assert r0["ckpt_optimizer_states"] == r0["student_params"]
     # stopped after 2 steps and resumed: the same losses and weights as the run without a break
-    # a stop requested after step 1 is agreed on in step 2's all-reduce
-    cut = both("cut", stop_after=1)
     assert cut[0]["step"] == 2
-    resumed = both("cut")
     assert resumed[0]["step"] == 4 and len(resumed[0]["losses"]) == 2
     assert cut[0]["losses"] + resumed[0]["losses"] == pytest.approx(r0["losses"], rel=1e-6)
     for k, v in r0["student"].items():
