@@ -10,6 +10,10 @@ run whether its directory may be used (:func:`claim_run_dir`: continue the same 
 fresh, move an old run aside, or stop). Does not own the file side (paths, atomic writes,
 rotation, finding the newest valid file, moving files: :mod:`dist_train.checkpoint`) nor the
 sampler's re-sharding arithmetic (:meth:`dist_train.data.samplers.EpochSampler.load_state_dict`).
+
+A distillation teacher (:mod:`dist_train.distill`) is not part of the training state: it is
+frozen and has no optimizer, so checkpoints hold neither its weights nor any optimizer state of
+it; every start and resume reads it again from ``distill.teacher.weights``.
 """
 
 from __future__ import annotations

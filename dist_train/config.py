@@ -6,7 +6,8 @@ generic machinery (type conversion by the declared type, unknown-key errors, bui
 checks, override parsing) is :mod:`dist_train.config_schema`. An unknown key raises naming
 its dotted path and the closest valid key, inside ``backbone.params`` and ``head.params`` too:
 their keys are checked against the registered builder's keyword arguments (``backbones`` and
-``heads`` registries) and, for ``head.params``, :data:`CENTER_LOSS_PARAMS`.
+``heads`` registries) and, for ``head.params``, :data:`CENTER_LOSS_PARAMS`; so are those of
+``distill.teacher.params``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "EvalConfig",
     "HeadConfig",
     "OptimConfig",
     "PartialFCConfig",
     "SchedulerConfig",
+    "TeacherConfig",
     "TrainConfig",
     "closest",
     "from_dict",
@@ -314,6 +317,70 @@ class CheckpointConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen teacher network of knowledge distillation (:mod:`dist_train.distill`)."""
+
+    name: str = ""
+    """Registered backbone name of the teacher; "" turns distillation off."""
+    weights: str = ""
+    """The teacher's weights file (any format ``backbones.load_weights`` reads: a model.pt, a
+    training checkpoint, .safetensors, an imported file); read again at every start and resume,
+    never stored in checkpoints."""
+    params: dict = field(default_factory=dict)
+    """Extra keyword arguments for the teacher's builder (e.g. width_mult, input_size); its
+    embedding size is backbone.embedding_size (the student's)."""
+    amp: bool = True
+    """Run the teacher under the run's autocast (``amp``); false: full precision."""
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: a frozen teacher's embeddings as targets for the student's.
+
+    The term added to the loss is the global-batch mean over samples of
+    ``l2_weight * ||s - t||^2 / D + cosine_weight * (1 - cos(s, t))`` (s: the student's
+    embedding, t: the teacher's, D: the embedding size).
+    """
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    l2_weight: float = 1.0
+    """Weight of the mean squared difference of the embeddings (per dimension)."""
+    cosine_weight: float = 0.0
+    """Weight of one minus the cosine similarity of the embeddings."""
+
+    @property
+    def enabled(self) -> bool:
+        """A teacher is configured."""
+        return bool(self.teacher.name)
+
+    def __post_init__(self) -> None:
+        for key in ("l2_weight", "cosine_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
+        t = self.teacher
+        if not t.name:
+            if t.weights or t.params:
+                raise ConfigError(
+                    "distill.teacher.weights/params are set but distill.teacher.name is empty"
+                )
+            return
+        if not t.weights:
+            raise ConfigError(
+                f"distill.teacher.name={t.name!r} needs distill.teacher.weights (a weights file)"
+            )
+        if self.l2_weight == 0 and self.cosine_weight == 0:
+            raise ConfigError("distill.l2_weight and distill.cosine_weight are both 0: set one > 0")
+        if "embedding_size" in t.params:
+            raise ConfigError(
+                "distill.teacher.params.embedding_size: the teacher's embedding size is "
+                "backbone.embedding_size (embeddings are compared directly, without projection)"
+            )
+        import backbones  # on first use: importing this module needs no torch
+
+        t.params = check_builder_params("distill.teacher", backbones.BACKBONES, t.name, t.params)
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -356,6 +423,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         check_choice("amp", self.amp, AMP_MODES)

@@ -8,7 +8,8 @@ every rank agrees on in the same all-reduce. That one flag tensor, read once, is
 host synchronisation (docs/cluster.md, "Host synchronisation"); the loss stays on the device.
 Does not own building the modules, optimizers,
 schedule or scaler (:class:`dist_train.trainer.Trainer` builds them), the loss maths
-(:mod:`dist_train.losses`) nor what happens between steps (logging, evaluation, checkpoints).
+(:mod:`dist_train.losses`, the distillation term of :mod:`dist_train.distill`) nor what
+happens between steps (logging, evaluation, checkpoints).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_train.collectives import equal_local_batches
 from dist_train.config import TrainConfig
 from dist_train.data.transforms import normalize
+from dist_train.distill import Distiller
 from dist_train.distributed import all_reduce
 from dist_train.optim import LRSchedule
 
@@ -73,6 +75,8 @@ class TrainStep:
     """Where batches go."""
     progress: Progress
     """The run's position, advanced here."""
+    distill: Distiller | None = None
+    """The frozen teacher whose distillation term is added to each micro-batch's loss."""
     skipped_total: int = field(default=0, init=False)
     """Steps skipped for a non-finite loss or gradient (checkpointed)."""
     skipped_in_row: int = field(default=0, init=False)
@@ -135,7 +139,11 @@ class TrainStep:
                     ):
                         embeddings = self.model(x)
                     # The classifier and its softmax run in fp32 whatever the autocast dtype.
-                    loss = self.loss(embeddings.float(), labels) / k
+                    loss = self.loss(embeddings.float(), labels)
+                    if self.distill is not None:
+                        # the teacher runs on this rank's micro-batch only, under no_grad
+                        loss = loss + self.distill(x, embeddings.float())
+                    loss = loss / k
                     self.scaler.scale(loss).backward()
                 total += loss.detach()
         self.progress.batches_in_epoch += k

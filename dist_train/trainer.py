@@ -1,10 +1,11 @@
 """The training run: builds the components from a :class:`TrainConfig` and calls them in order.
 
-Owns: seeding, building (data, backbone + DDP, loss, optimizers, schedule, scaler, the
-components) and the order of a run, :meth:`Trainer.fit`. The work lives in components with one
-job each: the step with its optimizer and skip logic (:mod:`dist_train.train_step`),
-checkpoints (:mod:`dist_train.checkpointer`), evaluation and best-model keeping
-(:mod:`dist_train.train_eval`), the log line and TensorBoard scalars (:mod:`dist_train.meter`).
+Owns: seeding, building (data, backbone + DDP, loss, the distillation teacher, optimizers,
+schedule, scaler, the components) and the order of a run, :meth:`Trainer.fit`. The work lives
+in components with one job each: the step with its optimizer and skip logic
+(:mod:`dist_train.train_step`), checkpoints (:mod:`dist_train.checkpointer`), evaluation and
+best-model keeping (:mod:`dist_train.train_eval`), the log line and TensorBoard scalars
+(:mod:`dist_train.meter`).
 It does not own any maths: margins live in ``heads/``, the sharded classifier in
 :mod:`dist_train.partial_fc`, metrics in ``eval/``. How backbone gradients are scaled relative
 to DDP's averaging is explained in :mod:`dist_train.model_setup`.
@@ -26,6 +27,7 @@ from torch import nn
 from dist_train.checkpointer import Checkpointer, claim_run_dir, rng_state, set_rng_state
 from dist_train.config import TrainConfig, save_config
 from dist_train.device_setup import apply_backend_flags, backend_flags, describe_device
+from dist_train.distill import build_distiller
 from dist_train.distributed import DistInfo
 from dist_train.logging_utils import TensorBoard, setup_logging
 from dist_train.losses import build_loss
@@ -93,6 +95,8 @@ class Trainer:
             self.model = wrap_ddp(self.backbone, self.device)
             self.model.register_comm_hook(None, allreduce_sum_hook)
         self.loss = build_loss(cfg, self.num_classes, self.device)
+        # knowledge distillation: a frozen teacher, outside DDP, the optimizers and checkpoints
+        self.distill = build_distiller(cfg, self.device)
         self.optimizer = build_optimizer(cfg.optim, [self.backbone, self.loss.dense_module()])
         # Every optimizer the schedule drives: (optimizer, its base lr).
         self.optimizers: list[tuple[torch.optim.Optimizer, float]] = [
@@ -124,6 +128,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             device=self.device,
             progress=self.progress,
+            distill=self.distill,
         )
         tb = TensorBoard(self.run_dir / "tensorboard", cfg.tensorboard and dist_info.is_main)
         self.meter = Meter(tb, cfg.log_every_steps, self.global_batch)

@@ -174,6 +174,19 @@ EXPECTED: dict[str, dict] = {
         "num_epochs": 40,
         "data.num_classes": 2059906,
     },
+    "distill_iresnet50_to_mobilefacenet.yaml": {
+        "backbone.name": "mobilefacenet",
+        "backbone.embedding_size": 512,
+        "head.name": "arcface",
+        "head.params": {"s": 64.0, "m": 0.5},
+        "distill.teacher.name": "iresnet50",
+        "distill.teacher.weights": "runs/casia_iresnet50_arcface/model.pt",
+        "distill.teacher.amp": True,
+        "distill.l2_weight": 1.0,
+        "distill.cosine_weight": 1.0,
+        "amp": "bf16",
+        "global_batch": 512,
+    },
 }
 
 
@@ -307,6 +320,25 @@ def _small(data: Path, run: Path, val: Path, **extra) -> list[str]:
 
 
 _TINY = {"backbone.name": "_test_tinyconv", "backbone.params": "{}"}
+_TEACHER_PARAMS = "width_mult: 0.25, input_size: 32"
+
+
+def _save_teacher(path: Path) -> Path:
+    """A freshly built iResNet-50 (quarter width, 32x32, 512-d) saved as a teacher weights file."""
+    import backbones
+
+    torch.manual_seed(7)
+    net = backbones.get_backbone("iresnet50", embedding_size=512, width_mult=0.25, input_size=32)
+    # BatchNorm statistics of its own activations (fresh ones make a deep net in eval mode blow
+    # up its embeddings to ~1e9), as a trained teacher's would be
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    with torch.no_grad():
+        net.train()(torch.randn(32, 3, 32, 32))
+    torch.save(net.state_dict(), path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,6 +354,7 @@ def _describe(trainer) -> dict:
         "center": loss.center is not None,
         "sampler": type(trainer.data.sampler).__name__,
         "num_classes": trainer.num_classes,
+        "teacher": type(trainer.distill.teacher).__name__ if trainer.distill else None,
     }
 
 
@@ -462,6 +495,17 @@ def recipe_runs(recipe_data, tmp_path_factory):
             "webface42m_vit_t_cosface.yaml",
             **{"backbone.params": "{input_size: 32, mask_ratio: 0.1}"},
         ),
+        # Distillation: the real MobileFaceNet at 32x32, taught by a freshly built iResNet-50 at
+        # quarter width saved as the teacher's weights file.
+        run(
+            "distill_mobilefacenet",
+            "distill_iresnet50_to_mobilefacenet.yaml",
+            **{
+                "backbone.params": "{input_size: 32}",
+                "distill.teacher.params": f"{{{_TEACHER_PARAMS}}}",
+                "distill.teacher.weights": _save_teacher(runs_dir / "teacher.pt"),
+            },
+        ),
     ]
     results = run_distributed(_run_recipes, 2, runs, timeout_s=400)
     return results, {key: runs_dir / key for key, _, _ in runs}
@@ -484,6 +528,7 @@ _WANT = {
     "r34_arcface": ("TinyConvNet", "ArcFace", None, None),
     "vit_t_cosface": ("VisionTransformer", "CosFace", None, None),
     "vit_t_cosface_masked": ("VisionTransformer", "CosFace", None, None),
+    "distill_mobilefacenet": ("MobileFaceNet", "ArcFace", None, None),
 }
 
 
@@ -497,6 +542,7 @@ def test_recipe_trains_on_two_ranks(recipe_runs, key):
     if sampler is not None:
         assert r0["sampler"] == sampler
     assert r0["center"] == (key == "r34_center")
+    assert r0["teacher"] == ("IResNet" if key == "distill_mobilefacenet" else None)
     assert len(r0["losses"]) == 2 and all(math.isfinite(v) for v in r0["losses"])
     # the loss is the global-batch loss: the same value on both ranks
     assert r0["losses"] == pytest.approx(r1["losses"], rel=1e-5, abs=1e-6)
