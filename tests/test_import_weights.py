@@ -99,7 +99,8 @@ def test_real_mobilefacenet_onnx_matches_onnxruntime_on_real_faces(tmp_path):
     backbones.load_weights(model, out)  # what backbone.init_weights does
     diff = np.abs(_embed(model, x) - _ort(MFN_ONNX, x)).max()
     print(
-        f"mobilefacenet_512.onnx: {len(x)} real faces, max |diff| {diff:.2e}, import {seconds:.2f} s"
+        f"mobilefacenet_512.onnx: {len(x)} real faces, max |diff| {diff:.2e}, "
+        f"import {seconds:.2f} s"
     )
     assert diff < 1e-4
     # every folded BatchNorm was restored: 50 convolutions with a bias, no BN node in the file
