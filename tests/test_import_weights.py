@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 import backbones
 from backbones.export import export_onnx
-from backbones.importers import import_weights, write_weights
+from backbones.importers import import_onnx, import_weights, write_weights
 from launch.import_weights import main as import_main
 
 ort = pytest.importorskip("onnxruntime")
@@ -254,3 +254,46 @@ def test_torchvision_state_dict_loads_the_trunk_exactly(tmp_path):
     del state["layer1.0.conv1.weight"]
     with pytest.raises(ValueError, match="model key 'layer1.0.conv1.weight' .* is missing"):
         import_weights(state, "resnet34", kind="torchvision")
+
+
+def test_onnx_with_batchnorm_nodes_and_a_conv_bias_in_front(tmp_path):
+    """An unfolded graph (BatchNormalization nodes kept) maps BN to BN; a conv bias in front of
+    a kept BatchNorm is moved into that BatchNorm's running_mean."""
+    torch.manual_seed(2)
+    source = backbones.get_backbone("mobilefacenet", 64, width_mult=0.25, input_size=32).eval()
+    with torch.no_grad():
+        for m in source.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "bn.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            source,
+            (torch.randn(1, 3, 32, 32),),
+            str(path),
+            input_names=["images"],
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    kinds = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" in kinds
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 2
+    weight = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    channels = weight.dims[0]
+    bias = np.random.default_rng(0).normal(0, 5.0, channels).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(bias, "extra_bias"))
+    conv.input.append("extra_bias")
+    onnx.save(model, str(path))
+    target = backbones.get_backbone("mobilefacenet", 64, width_mult=0.25, input_size=32)
+    result = import_onnx(path, target, input_size=(32, 32))
+    assert result.restored_bn == []
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    ref = _ort(path, x)
+    assert np.abs(_embed(source, x) - ref).max() > 1e-3  # the bias matters
+    shifted = source.stem[0][1].running_mean - torch.from_numpy(bias)
+    assert torch.allclose(result.model.stem[0][1].running_mean, shifted)
+    assert np.abs(_embed(result.model, x) - ref).max() < 1e-4
