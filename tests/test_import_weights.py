@@ -31,7 +31,8 @@ ort = pytest.importorskip("onnxruntime")
 REAL = Path(os.environ.get("REALFACES", Path(__file__).resolve().parents[2] / "shared/realfaces"))
 MFN_ONNX = REAL / "models" / "mobilefacenet_512.onnx"
 needs_real = pytest.mark.skipif(
-    not MFN_ONNX.is_file(), reason=f"shared real data not found at {REAL.resolve()}"
+    not MFN_ONNX.is_file(),
+    reason=f"shared real data not found at {REAL.resolve()} (set REALFACES to its folder)",
 )
 
 
@@ -93,7 +94,7 @@ def test_real_mobilefacenet_onnx_matches_onnxruntime_on_real_faces(tmp_path):
     x = _faces()
     start = time.perf_counter()
     out = tmp_path / "mfn.safetensors"
-    import_main(["--source", str(MFN_ONNX), "--network", "mobilefacenet", "--out", str(out)])
+    done = import_main(["--source", str(MFN_ONNX), "--network", "mobilefacenet", "--out", str(out)])
     seconds = time.perf_counter() - start
     model = backbones.get_backbone("mobilefacenet", 512)
     backbones.load_weights(model, out)  # what backbone.init_weights does
@@ -104,11 +105,12 @@ def test_real_mobilefacenet_onnx_matches_onnxruntime_on_real_faces(tmp_path):
     )
     assert diff < 1e-4
     # every folded BatchNorm was restored: 50 convolutions with a bias, no BN node in the file
-    result = import_weights(MFN_ONNX, "mobilefacenet")
+    result = done["result"]
     assert len(result.restored_bn) == 50
     assert result.mapped == len(onnx.load(str(MFN_ONNX)).graph.initializer) - 1  # - reshape
 
 
+@pytest.mark.slow
 @needs_real
 def test_imported_mobilefacenet_gives_the_onnx_metrics_in_eval(tmp_path):
     """launch/eval.py reads the imported .pt; its metrics equal those of the ONNX model."""
