@@ -506,9 +506,13 @@ def import_weights(
     ``kind`` is one of ``SOURCES``; by default ``.onnx`` files are ONNX, and state dicts are
     arcface_torch's for ``iresnet*`` and torchvision's for ``resnet*``.
     """
-    from backbones import get_backbone
+    import inspect
 
-    kwargs = {} if network.startswith("resnet") else {"input_size": input_size}
+    from backbones import BACKBONES, get_backbone
+
+    builder = BACKBONES.get(network)
+    takes_size = "input_size" in inspect.signature(builder).parameters
+    kwargs = {"input_size": input_size} if takes_size else {}
     model = get_backbone(network, embedding_size=embedding_size, **kwargs)
     if kind is None:
         if detect_source(source) == "onnx":

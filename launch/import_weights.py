@@ -6,6 +6,8 @@
 ONNX files are mapped by graph structure (see backbones/importers.py); state dicts are taken
 as arcface_torch's layout for iresnet* and torchvision's for resnet*. OUT (.pt: plain state
 dict, .safetensors) is what ``backbone.init_weights`` and ``launch/eval.py --weights`` read.
+Exit status: 0 written, 2 the source does not fit (one line naming the first tensor that does not
+fit, or the missing file / unknown network).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             kind=args.kind,
             input_size=tuple(args.input_size),
         )
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"import_weights: {exc}") from None
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"import_weights: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     meta = {"network": args.network, "embedding_size": str(args.embedding_size)}
     out = write_weights(result.model, args.out, metadata=meta)
     print(
