@@ -213,6 +213,9 @@ def _module_calls(model: nn.Module, input_size: tuple[int, int]) -> list[_Call]:
             raise ValueError(f"module {call.name!r} is called twice; cannot map by structure")
         seen.add(id(call.module))
         unique.append(call)
+    for module, name in names.items():
+        if isinstance(module, _PARAM_MODULES) and id(module) not in seen:
+            raise ValueError(f"module {name!r} is not used by forward(); cannot map by structure")
     return unique
 
 
