@@ -185,9 +185,9 @@ class ElasticFace(RowMarginHead):
 
     the other logits s·cos θ_j. ψ is :func:`heads.margins.monotone_cos`.
 
-    The margins come from a seeded stream, not from the process's random state: the draw of a
-    forward is N normals of a generator seeded by (``seed``, the number of training forwards
-    so far), and row i of the global batch takes the i-th. Every rank draws the same vector,
+    The margins come from a seeded stream, not from the process's random state: row i of the
+    global batch in the k-th training forward takes a normal that depends on (``seed``, k, i)
+    only (:meth:`margins`). Every rank draws the same vector,
     so a sample gets the same margin whatever the world size (for the same global batch per
     forward), and the counter is the head's state (``extra_state``), so a resume continues the
     stream. In eval mode every margin is m.
@@ -224,10 +224,23 @@ class ElasticFace(RowMarginHead):
         """Training forwards so far: the position in the margin stream."""
         self._margins: torch.Tensor | None = None
 
+    BLOCK_ROWS = 1024
+    """Rows per block of the stream; each block has its own seeded generator."""
+
     def margins(self, num_rows: int, draw: int) -> torch.Tensor:
-        """The ``[num_rows]`` fp64 margins of draw number ``draw`` (a pure function)."""
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + draw) % (2**63))
-        return torch.randn(num_rows, generator=gen, dtype=torch.float64) * self.sigma + self.m
+        """The ``[num_rows]`` fp64 margins of draw number ``draw``.
+
+        A pure function of (seed, draw, row): row i comes from block i // BLOCK_ROWS, drawn by
+        a generator seeded by (seed, draw, block), so a row's margin does not depend on how
+        many rows the batch has.
+        """
+        blocks = []
+        for block in range((num_rows + self.BLOCK_ROWS - 1) // self.BLOCK_ROWS):
+            key = ((self.seed * 1_000_003 + draw) * 65_537 + block) % (2**63)
+            gen = torch.Generator().manual_seed(key)
+            blocks.append(torch.randn(self.BLOCK_ROWS, generator=gen, dtype=torch.float64))
+        rows = torch.cat(blocks)[:num_rows] if blocks else torch.zeros(0, dtype=torch.float64)
+        return rows * self.sigma + self.m
 
     def prepare_batch(self, num_rows: int) -> None:
         """This forward's margins; a training forward advances the stream."""
