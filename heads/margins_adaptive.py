@@ -340,9 +340,8 @@ class CurricularFace(nn.Module):
         with torch.no_grad():
             hard = cosine > self._threshold.to(cosine).unsqueeze(1)
             hard.scatter_(1, col, hard.gather(1, col) & ~valid.unsqueeze(1))
-        t = self.t.to(cosine)
-        logits = torch.where(hard, cosine * (t + cosine), cosine) * self.s
-        return _put_target(logits, col, valid, self.s * self.target_logit(cos_t))
+        target = self.s * self.target_logit(cos_t)
+        return _CurricularLogits.apply(cosine, hard, self.t.to(cosine), self.s, col, valid, target)
 
     def extra_loss_sum(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """α/π · Σ θ_y over the labelled rows, as :meth:`MarginHead.extra_loss_sum`."""
@@ -350,6 +349,36 @@ class CurricularFace(nn.Module):
 
     def extra_repr(self) -> str:
         return f"s={self.s}, m={self.m}, t_alpha={self.t_alpha}"
+
+
+class _CurricularLogits(torch.autograd.Function):
+    """s·cos, the ``hard`` entries s·cos·(t + cos), row i's column ``col[i]`` ``target[i]``
+    where ``valid``; t and s constants.
+
+    One output buffer; the backward keeps only the cosines and the boolean mask and touches
+    the hard entries (usually few) through the mask alone.
+    """
+
+    @staticmethod
+    def forward(ctx, cosine, hard, t, s, col, valid, target):  # type: ignore[override]
+        out = cosine * s
+        out[hard] *= t + cosine[hard]
+        keep = out.gather(1, col).squeeze(1)
+        out.scatter_(1, col, torch.where(valid, target, keep).unsqueeze(1))
+        ctx.save_for_backward(cosine, hard, t, col, valid)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        cosine, hard, t, col, valid = ctx.saved_tensors
+        g = grad * ctx.s
+        g[hard] *= t + 2.0 * cosine[hard]
+        at_target = grad.gather(1, col).squeeze(1)
+        grad_target = torch.where(valid, at_target, 0.0)
+        # the target entries came from ``target``, not from the cosine at that place
+        g.scatter_(1, col, torch.where(valid, 0.0, g.gather(1, col).squeeze(1)).unsqueeze(1))
+        return g, None, None, None, None, None, grad_target
 
 
 @register("adaface")
