@@ -355,14 +355,15 @@ class _CurricularLogits(torch.autograd.Function):
     """s·cos, the ``hard`` entries s·cos·(t + cos), row i's column ``col[i]`` ``target[i]``
     where ``valid``; t and s constants.
 
-    One output buffer; the backward keeps only the cosines and the boolean mask and touches
-    the hard entries (usually few) through the mask alone.
+    One output buffer (and a transient factor); the backward keeps only the cosines and the
+    boolean mask. Nothing is read back to the host.
     """
 
     @staticmethod
     def forward(ctx, cosine, hard, t, s, col, valid, target):  # type: ignore[override]
         out = cosine * s
-        out[hard] *= t + cosine[hard]
+        # torch.where, not out[hard]: a boolean index reads the count back to the host
+        out.mul_(torch.where(hard, t + cosine, 1.0))
         keep = out.gather(1, col).squeeze(1)
         out.scatter_(1, col, torch.where(valid, target, keep).unsqueeze(1))
         ctx.save_for_backward(cosine, hard, t, col, valid)
@@ -373,7 +374,7 @@ class _CurricularLogits(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         cosine, hard, t, col, valid = ctx.saved_tensors
         g = grad * ctx.s
-        g[hard] *= t + 2.0 * cosine[hard]
+        g.mul_(torch.where(hard, t + 2.0 * cosine, 1.0))
         at_target = grad.gather(1, col).squeeze(1)
         grad_target = torch.where(valid, at_target, 0.0)
         # the target entries came from ``target``, not from the cosine at that place
