@@ -171,8 +171,24 @@ def _assert_pinned(res: dict, head_syncs: int = 0) -> None:
             "amp": "fp16",
             "head_syncs": 3,  # angleproto's grouping: unique and two tolist (heads.metric)
         },
+        # the adaptive margin heads: their batch inputs and running state read nothing back
+        {"head.name": "adaface", "head.params": "{s: 16.0}", "partial_fc.sample_rate": 0.5},
+        {"head.name": "curricularface", "head.params": "{s: 16.0}", "partial_fc.sample_rate": 0.5},
+        {"head.name": "elasticface_arc", "head.params": "{s: 16.0}"},
+        {"head.name": "elasticface_cos", "head.params": "{s: 16.0}"},
     ],
-    ids=["sampled", "fp16", "accum-clip", "center", "center-alpha", "combined-fp16"],
+    ids=[
+        "sampled",
+        "fp16",
+        "accum-clip",
+        "center",
+        "center-alpha",
+        "combined-fp16",
+        "adaface",
+        "curricularface",
+        "elasticface_arc",
+        "elasticface_cos",
+    ],
 )
 def test_one_process_step_syncs_once(tiny_data, tmp_path, extra):
     extra = dict(extra)

@@ -9,6 +9,7 @@ import torch
 
 import heads
 from heads.margins import CombinedMargin, monotone_cos
+from heads.margins_adaptive import prepare_unsharded
 
 # Every registered margin head: a new one is tested without editing a list.
 MARGIN_NAMES = heads.HEADS.names(kind="margin")
@@ -18,6 +19,14 @@ def build(name: str, **kw):
     if "num_classes" in heads.HEADS.keywords(name):  # adacos: filled by the trainer in training
         kw.setdefault("num_classes", 11)
     return heads.get_head(name, **kw)
+
+
+def prepared(head, cosine, labels):
+    """``head`` ready for this batch: an adaptive head (``batch_inputs``) gets the inputs of
+    a single process (rows labelled -1 take column 0's cosine; norms from 10 to 30)."""
+    norms = torch.linspace(10.0, 30.0, cosine.shape[0], dtype=cosine.dtype)
+    prepare_unsharded(head, cosine.detach(), labels.clamp_min(0), norms)
+    return head
 
 
 def _cos_labels(b=6, c=7, seed=0, dtype=torch.float64):
@@ -36,7 +45,7 @@ def test_every_margin_is_registered_with_kind_scale_and_formula(name):
     assert type(head).__doc__ and heads.HEADS.get(name).__doc__
     cosine, labels = _cos_labels(dtype=torch.float32)
     cosine.requires_grad_(True)
-    out = head(cosine, labels)
+    out = prepared(head, cosine, labels)(cosine, labels)
     assert out.shape == cosine.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     out.sum().backward()
@@ -130,7 +139,7 @@ def test_arcface_gradient_goes_through_the_margin():
 def test_gradcheck_float64(name):
     cosine, labels = _cos_labels(b=4, c=5)
     cosine.requires_grad_(True)
-    head = build(name)
+    head = prepared(build(name), cosine, labels)
     assert torch.autograd.gradcheck(lambda c: head(c, labels), (cosine,))
     if name != "softmax":
         opts = build(name, intra_alpha=0.7)

@@ -40,6 +40,12 @@ MARGIN_PARAMS = {
     "arcface_deg": {"s": 64.0, "m": 45.0},
     "sphereface": {"s": 30.0, "m": 1.35},
     "combined": {"s": 32.0, "m1": 1.1, "m2": 0.3, "m3": 0.1},
+    # t_alpha = 1: this batch's statistics weigh fully (the paper's 0.01 barely moves them in
+    # one step); a wide σ makes the per-sample margins differ visibly
+    "adaface": {"s": 32.0, "m": 0.4, "h": 0.333, "t_alpha": 1.0},
+    "curricularface": {"s": 32.0, "m": 0.5, "t_alpha": 1.0},
+    "elasticface_arc": {"s": 32.0, "m": 0.5, "sigma": 0.2},
+    "elasticface_cos": {"s": 32.0, "m": 0.35, "sigma": 0.2},
 }
 MARGINS = [(name, MARGIN_PARAMS.get(name, {})) for name in heads.HEADS.names(kind="margin")] + [
     ("arcface", {"s": 64.0, "m": 0.5, "interclass_threshold": 0.3}),

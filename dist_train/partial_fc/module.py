@@ -199,6 +199,8 @@ class PartialFC(nn.Module):
                 cosine = kernels.CosineLinear.apply(F.normalize(x, dim=1), sub)
             else:
                 cosine = x @ sub.t()
+            if getattr(self.margin, "batch_inputs", ()):
+                self.margin.prepare_batch(**self._head_inputs(x, cosine, target))
             if isinstance(self.margin, MarginHead):
                 loss = kernels.ShardedCrossEntropy.apply(cosine, target, self.margin)
             else:
@@ -213,6 +215,42 @@ class PartialFC(nn.Module):
         if self.optimizer is not None:
             self.optimizer.attach(sub, index)
         return loss
+
+    # ------------------------------------------- per-batch inputs of adaptive margin heads
+    def _head_inputs(
+        self, x: torch.Tensor, cosine: torch.Tensor, target: torch.Tensor
+    ) -> dict[str, Any]:
+        """What the margin head lists in ``batch_inputs``, over the *global* batch.
+
+        The values are the same on every rank, so the head's running state is too
+        (``heads.margins_adaptive`` names the inputs):
+
+        - ``"num_rows"``: N.
+        - ``"norms"``: ``[N]`` ‖x_i‖ before normalisation, with autograd. Every rank holds the
+          whole gathered batch, so these are the global batch's norms: no collective.
+        - ``"target_cosine"``: ``[N]`` cos θ_{y_i}, detached. Row i's class lives on exactly one
+          shard: each rank puts its own rows' target cosines in a zero vector and an
+          all-reduce (sum; N values) completes it on every rank.
+        """
+        out: dict[str, Any] = {}
+        for name in self.margin.batch_inputs:
+            if name == "num_rows":
+                out[name] = x.shape[0]
+            elif name == "norms":
+                out[name] = x.norm(dim=1)
+            elif name == "target_cosine":
+                local = cosine.new_zeros(x.shape[0])
+                if cosine.shape[1]:  # a shard without classes only joins the all-reduce
+                    valid = target >= 0
+                    mine = cosine.detach().gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
+                    local = torch.where(valid, mine, local)
+                out[name] = all_reduce(local, "sum")
+            else:
+                raise ValueError(
+                    f"PartialFC: margin head {type(self.margin).__name__} asks for the batch "
+                    f"input {name!r}; known: num_rows, norms, target_cosine"
+                )
+        return out
 
     def _check_labels(self, global_labels: torch.Tensor) -> None:
         """Raises ``ValueError`` naming the first label outside [0, C), for labels on the host.

@@ -2,7 +2,8 @@
 
 Owns the Partial FC use of the class-sharded format of :mod:`dist_train.sharded_state`
 (format tag ``"partial_fc"``): what a rank's piece holds (its rows ``weight``, its optimizer
-rows, its negative-sampling stream), copying the rows of this rank's classes out of pieces
+rows, its negative-sampling stream), the margin head's running state in the header (one copy,
+not per class), copying the rows of this rank's classes out of pieces
 written by any world size (in memory, or stored in checkpoint files, which are read only where
 they overlap this rank's classes, a chunk at a time), and the full ``[C, D]`` class-centre matrix
 (:func:`export_class_centers`). Does not own the layout or the merge of pieces
@@ -36,13 +37,16 @@ if TYPE_CHECKING:
 FORMAT = "partial_fc"
 """Format tag of a Partial FC state."""
 
+HEAD_KEY = "margin_head"
+"""Header key of the margin head's ``state_dict`` (its running state; ``{}`` for most heads)."""
+
 
 def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
     """This rank's rows and optimizer rows, tagged with their class range (see the module)."""
     opt = None
     if pfc.optimizer is not None:
         opt = {"name": pfc.optimizer.name, **pfc.optimizer.hyperparameters()}
-    return make_state(
+    state = make_state(
         FORMAT,
         num_classes=pfc.num_classes,
         embedding_size=pfc.embedding_size,
@@ -55,6 +59,31 @@ def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
         # negatives as the uninterrupted run (another world size reseeds)
         extra={"sampler": pfc.sampler_state()},
     )
+    # The margin head's running state (EMA buffers, draw counter) is one value for the whole
+    # model, the same on every rank: it goes in the header, not in a class piece, so a merged
+    # state holds it once and any rank finds it in whichever piece files it opens.
+    state[HEAD_KEY] = pfc.margin.state_dict()
+    return state
+
+
+def load_head_state(pfc: PartialFC, saved: dict[str, Any] | None) -> None:
+    """Restores the margin head's running state from a state header's :data:`HEAD_KEY`.
+
+    A state without the key (written before heads had state) loads into a head without
+    state.
+
+    Raises:
+        ValueError: naming the key, when the saved entries do not match the head's.
+    """
+    want = pfc.margin.state_dict()
+    saved = {} if saved is None else saved
+    if set(saved) != set(want):
+        raise ValueError(
+            f"PartialFC state: key {HEAD_KEY!r} holds {sorted(saved)}, the margin head "
+            f"{type(pfc.margin).__name__} has {sorted(want)}"
+        )
+    if want:
+        pfc.margin.load_state_dict(saved)
 
 
 def read_shard_pieces(
@@ -91,6 +120,7 @@ def read_shard_pieces(
         )
     if strict:
         check_covered(parts, pfc.class_start, pfc.class_stop, who="PartialFC", rank=pfc.rank)
+    load_head_state(pfc, header.get(HEAD_KEY))
     own = (pfc.class_start, pfc.class_stop)
     for dst, src, piece in owned_chunks(parts):
         with torch.no_grad():
