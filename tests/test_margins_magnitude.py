@@ -1,0 +1,251 @@
+"""MagFace and Sub-center ArcFace: the paper's formulas, Partial FC's sub-centre rows, resume.
+
+The single-process tests compare :class:`PartialFC` (world size 1, float64) with a direct
+transcription of each paper's loss; the float64 multi-rank parity of both heads is in
+``tests/test_partial_fc_dist.py`` (registry-driven ``MARGINS``). Here too: sub-centre rows in
+checkpoints (stored, read a chunk at a time), resume on 1 → 2 → 3 ranks, and the offline
+sub-centre cleaning step.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import heads
+from dist_train import sharded_state
+from dist_train.distributed import get_rank, get_world_size
+from dist_train.partial_fc import PartialFC, export_class_centers, init_rows
+from dist_train.sharded_state import StoredState, piece_ranges
+from tests.dist_utils import run_distributed
+
+D, N = 6, 10
+SEED, STD = 3, 0.5
+OPTIM = {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def _batch(step: int, c: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64) * scale
+    return x, torch.randint(0, c, (N,), generator=gen)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ------------------------------------------------------------------------------------------
+# MagFace
+
+
+def test_magface_defaults_are_the_papers():
+    head = heads.get_head("magface")
+    assert head.kind == "margin"
+    assert (head.s, head.l_a, head.u_a, head.l_m, head.u_m, head.lambda_g) == (
+        64.0,
+        10.0,
+        110.0,
+        0.45,
+        0.8,
+        35.0,
+    )
+    with pytest.raises(ValueError, match="norms"):
+        head(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def _magface_paper_loss(x, w, y, s, l_a, u_a, l_m, u_m, lambda_g):
+    """Eq. (4)-(6) of Meng et al. 2021, written out per sample."""
+    losses = []
+    for i in range(x.shape[0]):
+        a = x[i].norm().clamp(l_a, u_a)
+        m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+        cos = F.normalize(w) @ (x[i] / x[i].norm())
+        theta = torch.arccos(cos[y[i]])
+        assert theta + m < math.pi  # the plain cos(θ + m) of the paper
+        logits = s * cos.clone()
+        logits[y[i]] = s * torch.cos(theta + m)
+        ce = torch.logsumexp(logits, 0) - logits[y[i]]
+        losses.append(ce + lambda_g * (1 / a + a / u_a**2))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_magface_in_partial_fc_equals_the_paper_formula(rate):
+    kw = {"s": 32.0, "l_a": 1.0, "u_a": 8.0, "l_m": 0.3, "u_m": 0.8, "lambda_g": 4.0}
+    c = 13 if rate == 1.0 else 40
+    pfc = PartialFC(
+        heads.get_head("magface", **kw),
+        D,
+        c,
+        sample_rate=rate,
+        weight_dtype=torch.float64,
+        init_std=STD,
+        seed=SEED,
+    )
+    x, y = _batch(0, c, scale=1.5)  # norms ≈ 1.5·√6: inside [l_a, u_a], the clip is inactive
+    x = x.requires_grad_(True)
+    loss = pfc(x, y)
+    loss.backward()
+    classes = pfc.sampled_index
+    w = init_rows(0, c, c, D, std=STD, seed=SEED, dtype=torch.float64)[classes]
+    w = w.clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = _magface_paper_loss(x_ref, w, torch.searchsorted(classes, y), **kw)
+    ref.backward()
+    assert _rel(loss.detach(), ref.detach()) < 1e-12
+    assert _rel(x.grad, x_ref.grad) < 1e-10
+    assert _rel(pfc.sampled_weight.grad, w.grad) < 1e-10
+    # the norm's gradient is part of it: with the norms detached the gradient differs
+    x_det = x.detach().clone().requires_grad_(True)
+    F.normalize(x_det).sum().backward()  # direction-only part is not the whole gradient
+    assert _rel(x_det.grad, x_ref.grad) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# Sub-center ArcFace
+
+
+def test_subcenter_defaults_are_the_papers():
+    head = heads.get_head("subcenter_arcface")
+    assert (head.kind, head.s, head.m2, head.sub_centers) == ("margin", 64.0, 0.5, 3)
+    with pytest.raises(ValueError, match="k"):
+        heads.get_head("subcenter_arcface", k=0)
+
+
+def _subcenter_paper_loss(x, w, y, s, m):
+    """Eq. (2) of Deng et al. 2020: cos θ_j = max_k x̂·ŵ_jk, then ArcFace's margin."""
+    cos = (F.normalize(x) @ F.normalize(w.flatten(0, 1)).t()).unflatten(1, w.shape[:2])
+    cos = cos.max(dim=2).values
+    theta = torch.arccos(cos.gather(1, y[:, None]).squeeze(1))
+    assert (theta + m < math.pi).all()
+    logits = (s * cos).scatter(1, y[:, None], (s * torch.cos(theta + m))[:, None])
+    return F.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_subcenter_in_partial_fc_equals_the_paper_formula(rate):
+    c, k = (13, 3) if rate == 1.0 else (40, 4)
+    head = heads.get_head("subcenter_arcface", s=32.0, m=0.5, k=k)
+    pfc = PartialFC(
+        head, D, c, sample_rate=rate, weight_dtype=torch.float64, init_std=STD, seed=SEED
+    )
+    assert pfc.weight.shape == (c * k, D)
+    x, y = _batch(1, c)
+    x = x.requires_grad_(True)
+    loss = pfc(x, y)
+    loss.backward()
+    rows = pfc.sampled_index
+    classes = rows[::k] // k
+    # every sampled class comes with all of its K rows, class-major
+    assert torch.equal(rows, (classes[:, None] * k + torch.arange(k)).flatten())
+    assert classes.numel() == (c if rate == 1.0 else max(int(rate * c), N))
+    w_all = init_rows(0, c * k, c * k, D, std=STD, seed=SEED, dtype=torch.float64)
+    w = w_all.view(c, k, D)[classes].clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = _subcenter_paper_loss(x_ref, w, torch.searchsorted(classes, y), 32.0, 0.5)
+    ref.backward()
+    assert _rel(loss.detach(), ref.detach()) < 1e-12
+    assert _rel(x.grad, x_ref.grad) < 1e-10
+    assert _rel(pfc.sampled_weight.grad, w.grad.flatten(0, 1)) < 1e-10
+    # with 2 samples at most 2 of a class's 3+ sub-centres are nearest to one: the others get
+    # no gradient at all
+    pfc.sampled_weight.grad = None
+    pfc(x.detach()[:2], y[:2]).backward()
+    w_s = pfc.sampled_weight.detach().view(-1, k, D)
+    cos = torch.einsum("nd,ckd->nck", F.normalize(x.detach()[:2]), F.normalize(w_s, dim=2))
+    used = F.one_hot(cos.argmax(dim=2), k).sum(dim=0) > 0  # [S, K]
+    grad_norm = pfc.sampled_weight.grad.view(-1, k, D).norm(dim=2)
+    assert (~used).any() and (grad_norm[~used] == 0).all() and (grad_norm[used] > 0).all()
+
+
+def _subcenter_pfc(seed: int = SEED, c: int = 11, optim: dict | None = None) -> PartialFC:
+    head = heads.get_head("subcenter_arcface", s=16.0, m=0.3, k=3)
+    pfc = PartialFC(head, D, c, weight_dtype=torch.float64, init_std=STD, seed=seed)
+    pfc.configure_optimizer(**(optim or OPTIM))
+    return pfc
+
+
+def _train(pfc: PartialFC, steps: range, c: int = 11) -> list[float]:
+    rank, world = get_rank(), get_world_size()
+    out = []
+    for step in steps:
+        x, y = _batch(10 + step, c)
+        loss = pfc(torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank])
+        loss.backward()
+        pfc.optimizer.step()
+        pfc.optimizer.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def test_subcenter_state_is_per_class_and_loads_a_chunk_at_a_time(tmp_path, monkeypatch):
+    adam = {"name": "adam", "lr": 0.01}
+    pfc = _subcenter_pfc(optim=adam)
+    _train(pfc, range(2))
+    state = pfc.gathered_shard_state()
+    piece = state["pieces"][0]
+    assert state["sub_centers"] == 3
+    assert piece["weight"].shape == (11, 3, D)
+    assert piece["rows"]["exp_avg"].shape == (11, 3, D) and piece["rows"]["step"].shape == (11, 3)
+    assert torch.equal(export_class_centers(pfc), pfc.weight.view(11, 3, D))
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    stored = StoredState(lambda: torch.load(path, mmap=True), piece_ranges(state), name="t")
+    monkeypatch.setattr(sharded_state, "CHUNK_BYTES", 1)  # one class per chunk
+    other = _subcenter_pfc(seed=SEED + 9, optim=adam)
+    other.load_shard_pieces(stored)
+    assert torch.equal(other.weight, pfc.weight)
+    for key, rows in pfc.optimizer.rows.items():
+        assert torch.equal(other.optimizer.rows[key], rows), key
+    assert _train(other, range(2, 4)) == _train(pfc, range(2, 4))
+    # a state of another K does not load
+    plain = PartialFC(heads.get_head("arcface"), D, 11, weight_dtype=torch.float64)
+    with pytest.raises(ValueError, match="'sub_centers' is 3"):
+        plain.load_shard_pieces(state)
+
+
+def _reshard_worker(rank: int, world: int, state_bytes: bytes, first: int) -> dict:
+    pfc = _subcenter_pfc(seed=SEED + 77)  # only the loaded state can make the runs agree
+    pfc.load_shard_pieces(torch.load(io.BytesIO(state_bytes)))
+    losses = _train(pfc, range(first, first + 2))
+    buf = io.BytesIO()
+    torch.save(pfc.gathered_shard_state(), buf)
+    return {"losses": losses, "state": buf.getvalue(), "rows": pfc.weight.shape[0]}
+
+
+def _bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_subcenter_rows_resume_on_other_world_sizes():
+    single = _subcenter_pfc()
+    losses = _train(single, range(2))
+    a = copy.deepcopy(single.gathered_shard_state())  # the state aliases the live rows
+    losses += _train(single, range(2, 4))
+    b = copy.deepcopy(single.gathered_shard_state())
+    losses += _train(single, range(4, 6))
+    c = single.gathered_shard_state()
+
+    two = run_distributed(_reshard_worker, 2, _bytes(a), 2)
+    assert [r["rows"] for r in two] == [6 * 3, 5 * 3]
+    three = run_distributed(_reshard_worker, 3, two[0]["state"], 4)
+    assert [r["rows"] for r in three] == [4 * 3, 4 * 3, 3 * 3]
+    for results, want, expected in ((two, losses[2:4], b), (three, losses[4:6], c)):
+        got = torch.load(io.BytesIO(results[0]["state"]))
+        for res in results:
+            assert res["losses"] == pytest.approx(want, rel=1e-12)
+        for path in (("weight",), ("rows", "momentum_buffer")):
+            torch.testing.assert_close(
+                sharded_state.full_rows(got, *path),
+                sharded_state.full_rows(expected, *path),
+                rtol=1e-12,
+                atol=1e-14,
+            )
