@@ -32,18 +32,18 @@ def takes_norms(head: nn.Module) -> bool:
 
 class MagFace(nn.Module):
     """MagFace (Meng et al., CVPR 2021, "MagFace: A Universal Representation for Face
-    Recognition and Quality Assessment"), its loss eq. (6)::
+    Recognition and Quality Assessment"), its loss L_Mag per sample::
 
         L_i = −log softmax( s·cos(θ_y + m(a_i)), s·cos θ_j ) + λ_g · g(a_i)
-        m(a) = (u_m − l_m)/(u_a − l_a) · (a − l_a) + l_m            (eq. 4, linear)
-        g(a) = 1/a + a/u_a²                                          (eq. 5)
+        m(a) = (u_m − l_m)/(u_a − l_a) · (a − l_a) + l_m            (the linear margin)
+        g(a) = 1/a + a/u_a²                                          (the regulariser)
 
     with a_i = ‖x_i‖ the embedding's norm clipped to [l_a, u_a] (as the authors' code does,
     for both m and g). cos(θ + m) continues monotonically beyond θ + m = π
     (:func:`heads.margins.monotone_cos`, as the project's ArcFace). The margin and g are
     differentiable in the norm (zero gradient where the clip is active).
 
-    Defaults are the paper's (§5.1): l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35,
+    Defaults are the paper's (and its code's): l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35,
     s = 64.
 
     ``forward(cosine, labels, norms=...)`` needs ``norms [B]``; ``extra_loss_sum`` returns
@@ -83,11 +83,11 @@ class MagFace(nn.Module):
         return norms.clamp(self.l_a, self.u_a)
 
     def margin(self, a: torch.Tensor) -> torch.Tensor:
-        """m(a) of eq. (4) for norms already clipped to [l_a, u_a]."""
+        """The linear margin m(a) for norms already clipped to [l_a, u_a]."""
         return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
 
     def regularizer(self, a: torch.Tensor) -> torch.Tensor:
-        """g(a) = 1/a + a/u_a² of eq. (5) for norms already clipped to [l_a, u_a]."""
+        """The regulariser g(a) = 1/a + a/u_a² for norms already clipped to [l_a, u_a]."""
         return 1.0 / a + a / (self.u_a**2)
 
     def forward(
@@ -125,7 +125,7 @@ class MagFace(nn.Module):
 
 class SubCenterArcFace(ArcFace):
     """Sub-center ArcFace (Deng et al., ECCV 2020, "Sub-center ArcFace: Boosting Face
-    Recognition by Large-scale Noisy Web Faces"), eq. (2)::
+    Recognition by Large-scale Noisy Web Faces"), its loss::
 
         cos θ_{i,j} = max_k  x̂_i · ŵ_{j,k}        (k = 1 … K sub-centres of class j)
         logit = s·cos(θ_{i,y} + m) for the target, s·cos θ_{i,j} otherwise

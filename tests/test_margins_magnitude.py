@@ -59,7 +59,7 @@ def test_magface_defaults_are_the_papers():
 
 
 def _magface_paper_loss(x, w, y, s, l_a, u_a, l_m, u_m, lambda_g):
-    """Eq. (4)-(6) of Meng et al. 2021, written out per sample."""
+    """The MagFace loss of Meng et al. 2021, written out per sample."""
     losses = []
     for i in range(x.shape[0]):
         a = x[i].norm().clamp(l_a, u_a)
@@ -118,7 +118,7 @@ def test_subcenter_defaults_are_the_papers():
 
 
 def _subcenter_paper_loss(x, w, y, s, m):
-    """Eq. (2) of Deng et al. 2020: cos θ_j = max_k x̂·ŵ_jk, then ArcFace's margin."""
+    """The loss of Deng et al. 2020: cos θ_j = max_k x̂·ŵ_jk, then ArcFace's margin."""
     cos = (F.normalize(x) @ F.normalize(w.flatten(0, 1)).t()).unflatten(1, w.shape[:2])
     cos = cos.max(dim=2).values
     theta = torch.arccos(cos.gather(1, y[:, None]).squeeze(1))

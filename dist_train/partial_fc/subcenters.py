@@ -1,6 +1,6 @@
 """The offline step of Sub-center ArcFace: dominant sub-centres and the images off them.
 
-Owns :func:`clean_sub_centers` (Deng et al. 2020, §3.2 "drop non-dominant sub-centers"): for
+Owns :func:`clean_sub_centers` (Deng et al. 2020, "drop non-dominant sub-centers"): for
 every class, the sub-centre nearest to most of the class's images is its *dominant* one; the
 class keeps that centre only (the ``[C, D]`` matrix a plain ArcFace can start from), and the
 images whose nearest sub-centre of their class is not the dominant one are the likely label
