@@ -150,7 +150,7 @@ class SubCenterArcFace(ArcFace):
             )
         if self.sub_centers == 1:
             return cosine
-        return cosine.unflatten(1, (-1, self.sub_centers)).amax(dim=2)
+        return cosine.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` from the sub-centre cosines ``[B, C·K]`` (labels index classes)."""
