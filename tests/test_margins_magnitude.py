@@ -361,3 +361,50 @@ def _clean_the_run(data, checkpoint, tmp_path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "nope.pt" in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient accumulation
+
+
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+@pytest.mark.parametrize("name", ["magface", "subcenter_arcface"])
+def test_two_micro_steps_equal_one_big_batch(name, update):
+    kw = {"magface": {"s": 32.0, "l_a": 1.0, "u_a": 8.0}, "subcenter_arcface": {"k": 3}}[name]
+
+    def make() -> PartialFC:
+        pfc = PartialFC(
+            heads.get_head(name, **kw), D, 11, update=update, weight_dtype=torch.float64, seed=SEED
+        )
+        pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=0.01)
+        return pfc
+
+    big, small = make(), make()
+    x, y = _batch(3, 11, scale=1.5)
+    big(x, y).backward()
+    big.optimizer.step()
+    for part in (slice(0, 5), slice(5, 10)):
+        (small(x[part], y[part]) / 2).backward()
+    small.optimizer.step()
+    torch.testing.assert_close(small.weight, big.weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        small.optimizer.rows["momentum_buffer"], big.optimizer.rows["momentum_buffer"]
+    )
+
+
+def test_sampled_sub_centre_micro_steps_update_the_union_of_their_rows():
+    pfc = PartialFC(
+        heads.get_head("subcenter_arcface"), D, 40, sample_rate=0.3, weight_dtype=torch.float64
+    )
+    pfc.configure_optimizer("sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
+    before = pfc.weight.detach().clone()
+    expected, touched = before.clone(), set()
+    for step in (4, 5):
+        x, y = _batch(step, 40)
+        pfc(x[:6], y[:6]).backward()
+        expected[pfc.sampled_index] -= 0.1 * pfc.sampled_weight.grad
+        touched |= set(pfc.sampled_index.tolist())
+    pfc.optimizer.step()
+    torch.testing.assert_close(pfc.weight, expected, rtol=1e-12, atol=1e-12)
+    untouched = sorted(set(range(120)) - touched)
+    assert untouched and torch.equal(pfc.weight[untouched], before[untouched])
