@@ -37,5 +37,5 @@ def names() -> list[str]:
 
 
 # Importing the modules registers their heads.
-from heads import margins, margins_adaptive, metric  # noqa: E402,F401
+from heads import margins, margins_adaptive, margins_magnitude, metric  # noqa: E402,F401
 from heads.margins import CombinedMargin  # noqa: E402,F401

@@ -10,6 +10,7 @@ import torch
 import heads
 from heads.margins import CombinedMargin, monotone_cos
 from heads.margins_adaptive import prepare_unsharded
+from heads.margins_magnitude import takes_norms
 
 # Every registered margin head: a new one is tested without editing a list.
 MARGIN_NAMES = heads.HEADS.names(kind="margin")
@@ -43,10 +44,15 @@ def test_every_margin_is_registered_with_kind_scale_and_formula(name):
     assert head.kind == "margin"
     assert head.s > 0
     assert type(head).__doc__ and heads.HEADS.get(name).__doc__
-    cosine, labels = _cos_labels(dtype=torch.float32)
+    k = getattr(head, "sub_centers", 1)  # a sub-centre head takes K columns per class
+    cosine, labels = _cos_labels(c=7 * k, dtype=torch.float32)
+    labels = labels // k
     cosine.requires_grad_(True)
-    out = prepared(head, cosine, labels)(cosine, labels)
-    assert out.shape == cosine.shape and out.dtype == torch.float32
+    # a head taking the embedding norms (heads.margins_magnitude) gets them, with a gradient
+    norms = torch.linspace(0.5, 120.0, 6).requires_grad_(True)
+    head = prepared(head, cosine, labels)
+    out = head(cosine, labels, **({"norms": norms} if takes_norms(head) else {}))
+    assert out.shape == (6, 7) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(cosine.grad).all()
@@ -137,11 +143,21 @@ def test_arcface_gradient_goes_through_the_margin():
 
 @pytest.mark.parametrize("name", MARGIN_NAMES)
 def test_gradcheck_float64(name):
-    cosine, labels = _cos_labels(b=4, c=5)
+    head = build(name)
+    k = getattr(head, "sub_centers", 1)  # a sub-centre head takes K columns per class
+    cosine, labels = _cos_labels(b=4, c=5 * k)
+    labels = labels // k
     cosine.requires_grad_(True)
-    head = prepared(build(name), cosine, labels)
-    assert torch.autograd.gradcheck(lambda c: head(c, labels), (cosine,))
-    if name != "softmax":
+    head = prepared(head, cosine, labels)
+    if takes_norms(head):  # the gradient through the embedding norms too (inside the clip)
+        norms = torch.linspace(20.0, 100.0, 4, dtype=torch.float64).requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda c, a: head(c, labels, norms=a), (cosine, norms))
+        assert torch.autograd.gradcheck(
+            lambda c, a: head.extra_loss_sum(c, labels, norms=a), (cosine, norms)
+        )
+    else:
+        assert torch.autograd.gradcheck(lambda c: head(c, labels), (cosine,))
+    if name != "softmax" and "intra_alpha" in heads.HEADS.keywords(name):
         opts = build(name, intra_alpha=0.7)
         assert torch.autograd.gradcheck(lambda c: opts.extra_loss_sum(c, labels), (cosine,))
 

@@ -20,6 +20,7 @@ from dist_train.partial_fc import (
     init_rows,
     merge_state_dicts,
 )
+from heads.margins_magnitude import takes_norms
 
 D = 8
 
@@ -35,10 +36,14 @@ def batch(n=6, c=11, seed=0, dtype=torch.float64):
 
 
 def reference_loss(head, weight, x, labels):
-    extra = getattr(head, "extra_loss_sum", lambda c, y: c.new_zeros(()))
+    """Full-softmax loss; ``weight`` holds K = ``head.sub_centers`` rows per class."""
+    extra = getattr(head, "extra_loss_sum", lambda c, y, **kw: c.new_zeros(()))
     cos = F.normalize(x) @ F.normalize(weight).t() if head.normalized else x @ weight.t()
-    loss = F.cross_entropy(head(cos, labels), labels)
-    return loss + extra(cos, labels) / x.shape[0]
+    kw = {"norms": x.norm(dim=1)} if takes_norms(head) else {}
+    loss = F.cross_entropy(head(cos, labels, **kw), labels)
+    if getattr(head, "sub_centers", 1) > 1:
+        cos = head.reduce_sub_centers(cos)
+    return loss + extra(cos, labels, **kw) / x.shape[0]
 
 
 def _assert_matches_full_softmax(pfc):

@@ -25,6 +25,7 @@ from dist_train.collectives import equal_local_batches
 from dist_train.distributed import all_gather_object, get_rank, get_world_size
 from dist_train.losses import build_head
 from dist_train.partial_fc import PartialFC, export_class_centers, init_rows
+from heads.margins_magnitude import takes_norms
 from tests.dist_utils import run_distributed
 
 C, D, N = 11, 6, 10
@@ -46,6 +47,9 @@ MARGIN_PARAMS = {
     "curricularface": {"s": 32.0, "m": 0.5, "t_alpha": 1.0},
     "elasticface_arc": {"s": 32.0, "m": 0.5, "sigma": 0.2},
     "elasticface_cos": {"s": 32.0, "m": 0.35, "sigma": 0.2},
+    # norms of these embeddings lie in about [0.5, 5]: the clip must not hide their gradient
+    "magface": {"s": 32.0, "l_a": 0.5, "u_a": 6.0, "l_m": 0.2, "u_m": 0.8, "lambda_g": 5.0},
+    "subcenter_arcface": {"s": 32.0, "m": 0.5, "k": 3},
 }
 MARGINS = [(name, MARGIN_PARAMS.get(name, {})) for name in heads.HEADS.names(kind="margin")] + [
     ("arcface", {"s": 64.0, "m": 0.5, "interclass_threshold": 0.3}),
@@ -72,9 +76,13 @@ def local_part(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def reference_loss(head, weight, x, labels):
+    """Single-process loss; ``weight`` holds K = ``head.sub_centers`` rows per class."""
     cos = F.normalize(x) @ F.normalize(weight).t() if head.normalized else x @ weight.t()
-    loss = F.cross_entropy(head(cos, labels), labels)
-    return loss + head.extra_loss_sum(cos, labels) / x.shape[0]
+    kw = {"norms": x.norm(dim=1)} if takes_norms(head) else {}
+    loss = F.cross_entropy(head(cos, labels, **kw), labels)
+    if getattr(head, "sub_centers", 1) > 1:
+        cos = head.reduce_sub_centers(cos)
+    return loss + head.extra_loss_sum(cos, labels, **kw) / x.shape[0]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,11 +121,12 @@ def check_parity(
         loss = pfc(x_local, local_part(y, rank, world))
     loss.backward()
     # The classes every rank sampled: the reference softmax runs over exactly those columns.
-    classes = torch.cat(all_gather_object(pfc.sampled_index + pfc.class_start))
+    k = pfc.sub_centers  # rows per class
+    classes = torch.cat(all_gather_object(pfc.sampled_index[::k] // k + pfc.class_start))
     if rate < 1:
-        assert pfc.sampled_index.numel() < pfc.num_local, "the sampled case must sample"
-    w_full = init_rows(0, c, c, D, std=STD, seed=SEED, dtype=torch.float64)
-    w_ref = w_full[classes].clone().requires_grad_(True)
+        assert pfc.sampled_index.numel() < pfc.num_rows, "the sampled case must sample"
+    w_full = init_rows(0, c * k, c * k, D, std=STD, seed=SEED, dtype=torch.float64)
+    w_ref = w_full.view(c, k, D)[classes].reshape(-1, D).clone().requires_grad_(True)
     x_ref = x.clone().requires_grad_(True)
     y_ref = torch.searchsorted(classes, y)
     assert torch.equal(classes[y_ref], y), "a positive class was not sampled"
@@ -127,7 +136,9 @@ def check_parity(
     return {
         "loss": rel_err(loss.detach(), ref.detach()),
         "embedding_grad": rel_err(x_local.grad, local_part(x_ref.grad, rank, world)),
-        "weight_grad": rel_err(pfc.sampled_weight.grad, w_ref.grad[mine]),
+        "weight_grad": rel_err(
+            pfc.sampled_weight.grad, w_ref.grad.view(-1, k, D)[mine].reshape(-1, D)
+        ),
         "same_loss_everywhere": float(max(all_gather_object(loss.item()))) - loss.item(),
     }
 
@@ -169,6 +180,10 @@ def worker(rank: int, world: int, state: dict) -> dict:
     out["parity"]["arcface@rate0.5"] = check_parity(
         rank, world, "arcface", {}, rate=0.5, c=C_SAMPLED
     )
+    for name in ("magface", "subcenter_arcface"):  # norms and sub-centre rows, sampled
+        out["parity"][f"{name}@rate0.5"] = check_parity(
+            rank, world, name, MARGIN_PARAMS[name], rate=0.5, c=C_SAMPLED
+        )
 
     out["parity"]["arcface, equal local batches"] = check_parity(
         rank, world, "arcface", {}, rate=1.0, equal=True

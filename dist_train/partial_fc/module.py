@@ -15,7 +15,7 @@ One step on rank r::
     global_embeddings = all_gather_with_grad(local_embeddings)       # [N, D]
     index             = sampled classes of the shard (all positives)  # [S], sorted
     cosine            = x̂ · ŵ[index]ᵀ  (fp32, autocast off)           # [N, S]
-    logits            = margin(cosine, target column or -1)
+    logits            = margin(cosine, target column or -1[, norms=‖x‖])
     loss              = mean_i −log softmax_i(target), softmax over every shard's columns
 
 Gradient convention (the project's): ``forward`` returns the *global* mean loss, the same
@@ -35,6 +35,13 @@ Update semantics (``update=``):
 - ``"dense"``: InsightFace ``partial_fc_v2`` semantics: the shard is one parameter whose
   unsampled rows have zero gradient, so every row sees weight decay and momentum every step;
   the step costs O(C_local·D).
+
+Head extensions (:mod:`heads.margins_magnitude`): a head whose ``forward`` takes the keyword
+``norms`` gets the global batch's embedding norms ``‖x_i‖`` (with their graph) and runs
+unfused; a head with ``sub_centers = K > 1`` makes the shard hold K rows per class
+(``[C_local·K, D]``, class-major), samples classes (all K rows of a sampled class) and reduces
+the ``[N, S·K]`` cosines to ``[N, S]`` with the head's ``reduce_sub_centers``. A head with
+``has_extra_loss`` (or ``intra_alpha > 0``) adds ``extra_loss_sum`` once per sample.
 
 Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
 cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
@@ -62,6 +69,7 @@ from dist_train.partial_fc.optimizer import PartialFCOptimizer
 from dist_train.partial_fc.state import build_shard_state, read_shard_pieces
 from dist_train.sharded_state import StoredState, gather_states
 from heads.margins import MarginHead
+from heads.margins_magnitude import takes_norms
 
 DEFAULT_OPTIM = OptimSpec("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
 """Hyper-parameters of :meth:`PartialFC.configure_optimizer` that a call leaves out."""
@@ -111,10 +119,12 @@ class PartialFC(nn.Module):
         stochastic_rounding: round updates into bf16 storage stochastically.
 
     Attributes:
-        weight: ``[C_local, D]`` the shard (a buffer: not a ``Parameter``, the optimizer of
-            :meth:`configure_optimizer` updates it).
+        weight: ``[C_local·K, D]`` the shard (a buffer: not a ``Parameter``, the optimizer of
+            :meth:`configure_optimizer` updates it); K = ``sub_centers`` (1 for most heads).
         class_start, class_stop: this rank's class range.
-        sampled_index: ``[S]`` int64, sorted shard rows used by the last forward.
+        sub_centers: K, rows per class (the head's ``sub_centers``, default 1).
+        num_rows: ``C_local·K``, the rows of the shard.
+        sampled_index: ``[S·K]`` int64, sorted shard rows used by the last forward.
         sampled_weight: ``[S, D]`` leaf of the last forward; its ``.grad`` after backward is
             the gradient of the global loss with respect to those rows.
     """
@@ -155,10 +165,15 @@ class PartialFC(nn.Module):
         self.class_start, self.class_stop = shard_range(num_classes, self.rank, self.world_size)
         self.num_local = self.class_stop - self.class_start
         self.num_sample = int(self.sample_rate * self.num_local)
+        self.sub_centers = int(getattr(margin, "sub_centers", 1))
+        self.num_rows = self.num_local * self.sub_centers
+        self._takes_norms = takes_norms(margin)
+        k = self.sub_centers
+        # Sub-centre rows are rows of a [C·K, D] matrix: still world-size independent.
         weight = init_rows(
-            self.class_start,
-            self.class_stop,
-            num_classes,
+            self.class_start * k,
+            self.class_stop * k,
+            num_classes * k,
             embedding_size,
             std=init_std,
             seed=seed,
@@ -190,6 +205,9 @@ class PartialFC(nn.Module):
         global_embeddings = all_gather_with_grad(local_embeddings)
         compute_dtype = master_dtype(torch.promote_types(local_embeddings.dtype, self.weight.dtype))
         index, target = self.sample(global_labels)
+        if self.sub_centers > 1:  # all K rows of each sampled class, class-major
+            k = self.sub_centers
+            index = (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).flatten()
         sub = self._sampled_leaf(index, compute_dtype)
         self.sampled_index, self.sampled_weight = index, sub
 
@@ -199,17 +217,24 @@ class PartialFC(nn.Module):
                 cosine = kernels.CosineLinear.apply(F.normalize(x, dim=1), sub)
             else:
                 cosine = x @ sub.t()
+            if self.sub_centers > 1:
+                cosine = self.margin.reduce_sub_centers(cosine)
             if getattr(self.margin, "batch_inputs", ()):
                 self.margin.prepare_batch(**self._head_inputs(x, cosine, target))
-            if isinstance(self.margin, MarginHead):
+            head_kw = {"norms": x.norm(dim=1)} if self._takes_norms else {}
+            if isinstance(self.margin, MarginHead) and not head_kw:
                 loss = kernels.ShardedCrossEntropy.apply(cosine, target, self.margin)
             else:
-                loss = kernels.ShardedCrossEntropy.apply(self.margin(cosine, target), target, None)
+                logits = self.margin(cosine, target, **head_kw)
+                loss = kernels.ShardedCrossEntropy.apply(logits, target, None)
             extra_fn = getattr(self.margin, "extra_loss_sum", None)
-            if extra_fn is not None and getattr(self.margin, "intra_alpha", 0.0) > 0:
+            if extra_fn is not None and (
+                getattr(self.margin, "has_extra_loss", False)
+                or getattr(self.margin, "intra_alpha", 0.0) > 0
+            ):
                 # The per-sample penalty of sample i lives on the one shard holding its class:
                 # the local part carries the gradient, the all-reduced total gives the value.
-                local_extra = extra_fn(cosine, target) / x.shape[0]
+                local_extra = extra_fn(cosine, target, **head_kw) / x.shape[0]
                 total_extra = all_reduce(local_extra.detach().clone(), "sum")
                 loss = loss + local_extra + (total_extra - local_extra.detach())
         if self.optimizer is not None:
@@ -318,7 +343,7 @@ class PartialFC(nn.Module):
         return index, torch.where(on_shard, column, torch.full_like(local, -1))
 
     def _sampled_leaf(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if index.numel() == self.num_local and self.weight.dtype == dtype:
+        if index.numel() == self.num_rows and self.weight.dtype == dtype:
             # Every row is used: alias the shard instead of copying it (saves C_local·D·4 B).
             sub = self.weight.detach()
         else:
@@ -421,7 +446,8 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes=[{self.class_start}, {self.class_stop}) of {self.num_classes}, "
-            f"D={self.embedding_size}, sample_rate={self.sample_rate}, update={self.update}, "
+            f"D={self.embedding_size}, sub_centers={self.sub_centers}, "
+            f"sample_rate={self.sample_rate}, update={self.update}, "
             f"weight_dtype={self.weight_dtype}"
         )
 

@@ -85,10 +85,10 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         self.rows: dict[str, torch.Tensor] = {}
         for key in row_state_names(spec):
             if key == "step":
-                self.rows[key] = torch.zeros(pfc.num_local, device=device, dtype=torch.int32)
+                self.rows[key] = torch.zeros(pfc.num_rows, device=device, dtype=torch.int32)
             else:
                 self.rows[key] = torch.zeros(
-                    pfc.num_local, pfc.embedding_size, device=device, dtype=self.state_dtype
+                    pfc.num_rows, pfc.embedding_size, device=device, dtype=self.state_dtype
                 )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -165,7 +165,7 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             return loss
         if len(parts) == 1:
             index, grad = parts[0]
-        elif all(i.numel() == self._pfc.num_local for i, _ in parts):
+        elif all(i.numel() == self._pfc.num_rows for i, _ in parts):
             # Accumulated micro-steps that each used every row (index = arange): a plain sum.
             index = parts[0][0]
             grad = parts[0][1].to(self.state_dtype, copy=True)

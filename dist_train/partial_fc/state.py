@@ -6,9 +6,11 @@ rows, its negative-sampling stream), the margin head's running state in the head
 not per class), copying the rows of this rank's classes out of pieces
 written by any world size (in memory, or stored in checkpoint files, which are read only where
 they overlap this rank's classes, a chunk at a time), and the full ``[C, D]`` class-centre matrix
-(:func:`export_class_centers`). Does not own the layout or the merge of pieces
-(:mod:`dist_train.sharded_state`), nor how the module applies optimizer rows that arrive before
-its optimizer (:class:`dist_train.partial_fc.PartialFC`).
+(:func:`export_class_centers`). A classifier with K sub-centres per class stores its rows
+``[C_local, K, D]`` (optimizer rows likewise) and its header says ``sub_centers: K``: a
+class's K rows travel together, so the state stays per class and world-size free. Does not
+own the layout or the merge of pieces (:mod:`dist_train.sharded_state`), nor how the module
+applies optimizer rows that arrive before its optimizer (:class:`dist_train.partial_fc.PartialFC`).
 """
 
 from __future__ import annotations
@@ -46,14 +48,18 @@ def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
     opt = None
     if pfc.optimizer is not None:
         opt = {"name": pfc.optimizer.name, **pfc.optimizer.hyperparameters()}
+    k = pfc.sub_centers
+    rows = pfc.optimizer.rows if pfc.optimizer is not None else {}
+    if k > 1:  # per class: [C_local, K, ...]
+        rows = {n: v.unflatten(0, (pfc.num_local, k)) for n, v in rows.items()}
     state = make_state(
         FORMAT,
         num_classes=pfc.num_classes,
         embedding_size=pfc.embedding_size,
         start=pfc.class_start,
         stop=pfc.class_stop,
-        tensors={"weight": pfc.weight.detach()},
-        optimizer_rows=pfc.optimizer.rows if pfc.optimizer is not None else {},
+        tensors={"weight": _per_class(pfc, pfc.weight.detach())},
+        optimizer_rows=rows,
         optimizer=opt,
         # the negative-sampling stream, so a resume at the same world size draws the same
         # negatives as the uninterrupted run (another world size reseeds)
@@ -63,6 +69,8 @@ def build_shard_state(pfc: PartialFC) -> dict[str, Any]:
     # model, the same on every rank: it goes in the header, not in a class piece, so a merged
     # state holds it once and any rank finds it in whichever piece files it opens.
     state[HEAD_KEY] = pfc.margin.state_dict()
+    if k > 1:
+        state["sub_centers"] = k
     return state
 
 
@@ -84,6 +92,12 @@ def load_head_state(pfc: PartialFC, saved: dict[str, Any] | None) -> None:
         )
     if want:
         pfc.margin.load_state_dict(saved)
+
+
+def _per_class(pfc: PartialFC, rows: torch.Tensor) -> torch.Tensor:
+    """``[C_local·K, ...]`` rows as ``[C_local, K, ...]`` (unchanged for K = 1)."""
+    k = pfc.sub_centers
+    return rows.unflatten(0, (pfc.num_local, k)) if k > 1 else rows
 
 
 def read_shard_pieces(
@@ -112,6 +126,11 @@ def read_shard_pieces(
     sources = [pieces] if isinstance(pieces, (dict, StoredState)) else list(pieces)
     parts = select_owned(sources, pfc.class_start, pfc.class_stop)
     header = check_sources(parts, sources, FORMAT, pfc.num_classes, pfc.embedding_size, "PartialFC")
+    if header.get("sub_centers", 1) != pfc.sub_centers:
+        raise ValueError(
+            f"PartialFC state: key 'sub_centers' is {header.get('sub_centers', 1)}, the head "
+            f"has {pfc.sub_centers} sub-centres per class"
+        )
     opt_name = header["optimizer"]["name"] if header.get("optimizer") else None
     if pfc.optimizer is not None and opt_name is not None and opt_name != pfc.optimizer.name:
         raise ValueError(
@@ -122,12 +141,16 @@ def read_shard_pieces(
         check_covered(parts, pfc.class_start, pfc.class_stop, who="PartialFC", rank=pfc.rank)
     load_head_state(pfc, header.get(HEAD_KEY))
     own = (pfc.class_start, pfc.class_stop)
+    k = pfc.sub_centers
+    weight = _per_class(pfc, pfc.weight)
     for dst, src, piece in owned_chunks(parts):
         with torch.no_grad():
-            pfc.weight[dst].copy_(piece["weight"][src])
-        rows = {k: v[src] for k, v in piece.get("rows", {}).items()}
+            weight[dst].copy_(piece["weight"][src])
+        rows = {n: v[src] for n, v in piece.get("rows", {}).items()}
+        if k > 1:
+            rows = {n: v.flatten(0, 1) for n, v in rows.items()}
         if rows:
-            apply_rows(dst.start, dst.stop, rows)
+            apply_rows(dst.start * k, dst.stop * k, rows)
         if (piece["start"], piece["stop"]) == own and dst.start == 0:
             pfc.load_sampler_state(piece.get("sampler"))
     return opt_name
@@ -145,6 +168,8 @@ def merge_state_dicts(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def export_class_centers(pfc: PartialFC) -> torch.Tensor:
     """The full ``[C, D]`` class-centre matrix (un-normalised), gathered on every rank.
 
-    fp32 for fp32/bf16/fp16 storage, fp64 for fp64 weights.
+    ``[C, K, D]`` for a classifier with K > 1 sub-centres per class. fp32 for fp32/bf16/fp16
+    storage, fp64 for fp64 weights.
     """
-    return all_gather_no_grad(pfc.weight.detach().to(master_dtype(pfc.weight.dtype)))
+    rows = _per_class(pfc, pfc.weight.detach().to(master_dtype(pfc.weight.dtype)))
+    return all_gather_no_grad(rows)
