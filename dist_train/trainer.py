@@ -93,7 +93,7 @@ class Trainer:
             self.model = wrap_ddp(self.backbone, self.device)
             self.model.register_comm_hook(None, allreduce_sum_hook)
         self.loss = build_loss(cfg, self.num_classes, self.device)
-        self.optimizer = build_optimizer(cfg.optim, [self.backbone, self.loss.dense_module()])
+        self.optimizer = build_optimizer(cfg.optim, [self.backbone], [self.loss.dense_module()])
         # Every optimizer the schedule drives: (optimizer, its base lr).
         self.optimizers: list[tuple[torch.optim.Optimizer, float]] = [
             (self.optimizer, cfg.optim.lr)
