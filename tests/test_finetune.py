@@ -5,6 +5,7 @@ weights (``.safetensors`` and ``.pt`` plain state dicts), frozen stages, ``backb
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,10 @@ def test_finetune_recipe_from_imported_weights(tiny_data, tmp_path, suffix):
     trainer = Trainer(cfg, DistInfo())
     net = trainer.backbone
     assert all(torch.equal(v, released[k]) for k, v in net.state_dict().items())
-    # optimizer groups: the backbone at optim.lr * 0.1, the new Partial FC head at optim.lr
-    assert {g["lr_scale"] for g in trainer.optimizer.param_groups} == {0.1}
+    # optimizer groups: the backbone at optim.lr * 0.01, the new Partial FC head at optim.lr
+    scale = cfg.optim.backbone_lr_scale
+    assert scale == 0.01
+    assert {g["lr_scale"] for g in trainer.optimizer.param_groups} == {scale}
     pfc_opt = trainer.loss.partial_fc.optimizer
     assert trainer.loss.partial_fc.weight.shape[0] == 12  # a new head over the new identities
     lrs: list[tuple[float, float]] = []
@@ -110,7 +113,10 @@ def test_finetune_recipe_from_imported_weights(tiny_data, tmp_path, suffix):
 
     trainer.fit(on_step=on_step, on_evaluate=lambda tag, r: evals.append((tag, r)))
     assert len(lrs) == 3
-    assert all(b == pytest.approx(0.1 * h) and h > 0 for b, h in lrs)
+    assert all(b == pytest.approx(scale * h) and h > 0 for b, h in lrs)
+    # the log's lr is optim.lr x schedule (the head's here), not the scaled backbone group's
+    logged = re.findall(r"step \d+/3 .* lr (\S+)", (tmp_path / "run" / "train.log").read_text())
+    assert [float(v) for v in logged] == pytest.approx([h for _, h in lrs], rel=1e-2)
     # scored before the first step with the released weights, and after the last
     assert [tag for tag, _ in evals] == ["initial", ""]
     ref = backbones.get_backbone("mobilefacenet", embedding_size=64, input_size=32, width_mult=0.25)

@@ -165,7 +165,7 @@ EXPECTED: dict[str, dict] = {
         "backbone.freeze_bn": True,
         "head.name": "arcface",
         "optim.lr": 0.05,
-        "optim.backbone_lr_scale": 0.1,
+        "optim.backbone_lr_scale": 0.01,
         "partial_fc.lr_scale": 1.0,
         "data.num_classes": 0,
         "eval.at_start": True,
