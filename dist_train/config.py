@@ -158,6 +158,11 @@ class BackboneConfig:
     """Initialise from a file: a training checkpoint, exported weights or a state dict."""
     freeze_stages: int = 0
     """Number of leading stages (stem counts as stage 0) whose parameters are frozen."""
+    freeze_bn: bool = False
+    """Every BatchNorm layer normalises with, and keeps, its running statistics during
+    training (evaluation mode; its affine weight and bias still train unless frozen). For
+    fine-tuning on small batches, and for weights imported with folded BatchNorm (identity
+    statistics), which batch statistics would change."""
     params: dict = field(default_factory=dict)
     """Extra keyword arguments for the backbone builder (its keyword names, e.g. input_size;
     embedding_size and checkpointing come from the fields above)."""
@@ -243,6 +248,10 @@ class OptimConfig:
     """Exclude normalisation parameters and biases from weight decay."""
     grad_clip_norm: float = 0.0
     """Clip the backbone's gradient norm to this value (0 disables)."""
+    backbone_lr_scale: float = 1.0
+    """Learning rate of the backbone relative to optim.lr (e.g. 0.1 when fine-tuning a
+    pretrained backbone under a new head; partial_fc.lr_scale sets the classifier's, a metric
+    head's parameters use optim.lr). Fixed for a run: a resumed run keeps its checkpoint's."""
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZER_NAMES)
@@ -250,6 +259,11 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must have two values, got {self.betas}")
+        if not self.backbone_lr_scale > 0:
+            raise ConfigError(
+                f"optim.backbone_lr_scale must be > 0, got {self.backbone_lr_scale} "
+                "(freeze parameters with backbone.freeze_stages)"
+            )
 
 
 @dataclass

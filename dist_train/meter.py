@@ -65,7 +65,8 @@ class Meter:
         rate = (step - self._step_start) / max(1e-9, now - self._t_start)
         eta = (total_steps - step) / max(1e-9, rate)
         mean_loss = float(self._loss_sum) / max(1, self._loss_count)  # host read: log steps only
-        lr = train_step.optimizer.param_groups[0]["lr"]
+        group = train_step.optimizer.param_groups[0]  # optim.lr x schedule, whatever its scale
+        lr = group["lr"] / group.get("lr_scale", 1.0)
         grad_norm = float(train_step.last_grad_norm)
         epoch = train_step.progress.epoch
         log.info(

@@ -1,10 +1,10 @@
 """The trained network: the backbone built from config and its DDP wrapper.
 
 Owns: building the backbone (registry name and parameters, initial weights, frozen stages,
-channels-last), wrapping it in DDP (gradients as bucket views) with a comm hook that *sums*
-gradients over ranks, and its CPU copy for weight files (:func:`cpu_state_dict`). Does
-not own the classifier (:mod:`dist_train.losses`, :mod:`dist_train.partial_fc`) nor the step
-that trains them (:mod:`dist_train.train_step`).
+BatchNorm statistics frozen on request, channels-last), wrapping it in DDP (gradients as
+bucket views) with a comm hook that *sums* gradients over ranks, and its CPU copy for weight
+files (:func:`cpu_state_dict`). Does not own the classifier (:mod:`dist_train.losses`,
+:mod:`dist_train.partial_fc`) nor the step that trains them (:mod:`dist_train.train_step`).
 
 Gradient scaling relative to DDP: every loss here is the *global-batch* mean, identical on all
 ranks, and the gradient reaching each rank's local embeddings is exactly that loss's gradient
@@ -44,6 +44,10 @@ def build_backbone(cfg: TrainConfig, device: torch.device) -> nn.Module:
         # strict: every key must fit (the error names the file and the keys that do not)
         backbones.load_weights(model, bcfg.init_weights)
         log.info("backbone initialised from %s", bcfg.init_weights)
+    if bcfg.freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(_batchnorm_eval_hook)
     if bcfg.freeze_stages:
         stages = model.stages()
         if bcfg.freeze_stages > len(stages):
@@ -58,6 +62,11 @@ def build_backbone(cfg: TrainConfig, device: torch.device) -> nn.Module:
     if bcfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _batchnorm_eval_hook(module: nn.Module, args: Any) -> None:
+    """``backbone.freeze_bn``: the BatchNorm runs in evaluation mode whatever ``train()`` set."""
+    module.training = False
 
 
 def allreduce_sum_hook(state, bucket):  # no annotations: DDP checks them as real types

@@ -5,7 +5,8 @@ update rule, for every optimizer of the project:
 
 - :func:`make_optimizer`: the ``torch.optim`` optimizer (SGD with momentum/Nesterov, Adam,
   AdamW) over parameters or parameter groups: the backbone's (:func:`build_optimizer`, with
-  optional weight-decay exclusion for normalisation parameters and biases) and the sharded
+  optional weight-decay exclusion for normalisation parameters and biases and the backbone's
+  learning-rate scale ``optim.backbone_lr_scale`` next to a metric head's) and the sharded
   center loss's (:meth:`dist_train.center_loss.ShardedCenterLoss.configure_optimizer`);
 - :func:`row_state_names` and :func:`update_rows`: the same three rules applied to rows of a
   class-sharded matrix, with per-row state, used by the Partial FC optimizer
@@ -91,12 +92,16 @@ def make_optimizer(params: Iterable[Any], spec: OptimSpec) -> torch.optim.Optimi
 
 
 def param_groups(
-    modules: Iterable[nn.Module], weight_decay: float, no_decay_norm_bias: bool
+    modules: Iterable[nn.Module],
+    weight_decay: float,
+    no_decay_norm_bias: bool,
+    lr_scale: float = 1.0,
 ) -> list[dict]:
     """Trainable parameters split into a decayed and (optionally) a non-decayed group.
 
     With ``no_decay_norm_bias``, parameters of normalisation layers and every 1-d parameter
-    (biases, PReLU slopes, BN affine) get no weight decay.
+    (biases, PReLU slopes, BN affine) get no weight decay. Every group carries ``lr_scale``
+    (its learning rate relative to ``optim.lr``; see :meth:`LRSchedule.apply`).
     """
     decay, no_decay, seen = [], [], set()
     for module in modules:
@@ -110,17 +115,44 @@ def param_groups(
                     no_decay.append(p)
                 else:
                     decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale})
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW over the trainable parameters of ``modules``."""
-    groups = param_groups(list(modules), cfg.weight_decay, cfg.no_decay_norm_bias)
+def build_optimizer(
+    cfg: OptimConfig,
+    modules: Iterable[nn.Module],
+    head_modules: Iterable[nn.Module] = (),
+) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov), Adam or AdamW over the trainable parameters of the modules.
+
+    Args:
+        cfg: the optimizer settings.
+        modules: the backbone's modules, trained at ``optim.lr * optim.backbone_lr_scale``.
+        head_modules: head modules the same optimizer trains (a metric head's scale and
+            bias), at ``optim.lr``.
+
+    Groups with the same weight decay and learning-rate scale are merged (backbone first),
+    so with ``backbone_lr_scale: 1`` there is one group per weight-decay setting.
+    """
+    groups: list[dict] = []
+    for mods, scale in ((list(modules), cfg.backbone_lr_scale), (list(head_modules), 1.0)):
+        for g in param_groups(mods, cfg.weight_decay, cfg.no_decay_norm_bias, scale):
+            same = [
+                h
+                for h in groups
+                if (h["weight_decay"], h["lr_scale"]) == (g["weight_decay"], g["lr_scale"])
+            ]
+            if same:
+                same[0]["params"] += g["params"]
+            else:
+                groups.append(g)
     if not groups:
         raise ValueError("no trainable parameters: every backbone parameter is frozen")
+    for g in groups:  # the schedule rescales it every step; right from the start too
+        g["lr"] = cfg.lr * g["lr_scale"]
     return make_optimizer(groups, OptimSpec.from_config(cfg))
 
 

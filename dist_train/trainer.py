@@ -97,7 +97,7 @@ class Trainer:
         self.loss = build_loss(cfg, self.num_classes, self.device)
         # knowledge distillation: a frozen teacher, outside DDP, the optimizers and checkpoints
         self.distill = build_distiller(cfg, self.device)
-        self.optimizer = build_optimizer(cfg.optim, [self.backbone, self.loss.dense_module()])
+        self.optimizer = build_optimizer(cfg.optim, [self.backbone], [self.loss.dense_module()])
         # Every optimizer the schedule drives: (optimizer, its base lr).
         self.optimizers: list[tuple[torch.optim.Optimizer, float]] = [
             (self.optimizer, cfg.optim.lr)

@@ -1,4 +1,4 @@
-"""RecordIO tool: pack, inspect, verify, stats, unpack (InsightFace layout, no mxnet).
+"""RecordIO tool: pack, inspect, verify, stats, unpack (InsightFace layout, no mxnet); make-bin.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     python launch/rec.py verify data/mypack/train.rec
     python launch/rec.py stats data/mypack
     python launch/rec.py unpack data/mypack/train.rec --out faces_again/
+    python launch/rec.py make-bin --pairs lfw/pairs.txt --images lfw/aligned --out lfw.bin
 """
 
 import sys
@@ -23,6 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from dist_train.data import align, packing  # noqa: E402
 from dist_train.data.datasets import DataError  # noqa: E402
 from dist_train.data.recordio import RecordIOError  # noqa: E402
+from eval.make_bin import ENCODINGS, make_bin, read_pairs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "unpack":
             s.add_argument("--out", required=True)
             s.add_argument("--quiet", action="store_true")
+    m = sub.add_parser("make-bin", help="LFW pairs.txt or label,path1,path2 list -> .bin")
+    m.add_argument("--pairs", required=True, help="LFW pairs.txt or a labelled pair list")
+    m.add_argument("--images", default=None, help="images directory (default: beside --pairs)")
+    m.add_argument("--out", required=True, help="the .bin to write")
+    m.add_argument("--size", type=int, default=112, help="side of stored images (default 112)")
+    m.add_argument(
+        "--encode",
+        choices=ENCODINGS,
+        default="png",
+        help="format of resized images (size x size JPEG/PNG files are stored as they are)",
+    )
+    m.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         return _run(args)
@@ -67,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _bar(total: int, quiet: bool) -> tqdm:
+def _bar(total: int, quiet: bool, unit: str = " images") -> tqdm:
     """Progress on stderr: redrawn live on a terminal, a status every 30 s in a log file."""
     redraw_s = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, unit=" images", disable=quiet, mininterval=redraw_s)
+    return tqdm(total=total, unit=unit, disable=quiet, mininterval=redraw_s)
 
 
 def _run(args) -> int:
@@ -130,6 +144,18 @@ def _run(args) -> int:
         st = packing.dataset_stats(args.rec, args.idx)
         with _bar(st["images"], args.quiet) as bar:
             print(json.dumps(packing.unpack_to_folder(args.rec, args.out, args.idx, bar.update)))
+    elif args.cmd == "make-bin":
+        total = len(read_pairs(args.pairs, args.images))
+        with _bar(total, args.quiet, " pairs") as bar:
+            summary = make_bin(
+                args.pairs,
+                args.out,
+                args.images,
+                size=args.size,
+                encode=args.encode,
+                progress=bar.update,
+            )
+        print(json.dumps(summary))
     return 0
 
 

@@ -65,3 +65,45 @@ def test_all_frozen_raises():
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer(OptimConfig(), [model])
+
+
+def test_backbone_lr_scale_sets_the_backbone_groups_lr_and_not_the_heads():
+    backbone = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    head = nn.Linear(4, 2)
+    cfg = OptimConfig(name="sgd", lr=0.2, backbone_lr_scale=0.1, no_decay_norm_bias=True)
+    opt = build_optimizer(cfg, [backbone], [head])
+    groups = [(len(g["params"]), g["weight_decay"], g["lr_scale"]) for g in opt.param_groups]
+    assert groups == [
+        (1, cfg.weight_decay, 0.1),
+        (3, 0.0, 0.1),
+        (1, cfg.weight_decay, 1.0),
+        (1, 0.0, 1.0),
+    ]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.02, 0.2, 0.2])
+    s = LRSchedule(SchedulerConfig(name="poly", warmup_steps=2), 0.2, 10, 10)
+    s.apply(opt, 0.2, 0)  # half-way through the warm-up: both scales follow the schedule
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+    # one SGD step moves the backbone by lr * 0.1 and the head by lr
+    x = torch.randn(8, 3)
+    head(backbone(x)).sum().backward()
+    w0, h0 = backbone[0].weight.detach().clone(), head.weight.detach().clone()
+    gw, gh = backbone[0].weight.grad.clone(), head.weight.grad.clone()
+    opt.step()
+    wd = cfg.weight_decay
+    torch.testing.assert_close(backbone[0].weight.detach(), w0 - 0.01 * (gw + wd * w0))
+    torch.testing.assert_close(head.weight.detach(), h0 - 0.1 * (gh + wd * h0))
+
+
+def test_backbone_lr_scale_one_keeps_one_group_per_weight_decay():
+    backbone, head = nn.Linear(3, 4), nn.Linear(4, 2)
+    opt = build_optimizer(OptimConfig(name="adam", lr=1e-3), [backbone], [head])
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
+    assert opt.param_groups[0]["lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_backbone_lr_scale_must_be_positive(bad):
+    from dist_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.backbone_lr_scale must be > 0"):
+        OptimConfig(backbone_lr_scale=bad)

@@ -187,6 +187,21 @@ EXPECTED: dict[str, dict] = {
         "amp": "bf16",
         "global_batch": 512,
     },
+    # Fine-tuning a released backbone (docs/real_data.md): imported weights, a new head.
+    "finetune_pretrained_mobilefacenet.yaml": {
+        "backbone.name": "mobilefacenet",
+        "backbone.embedding_size": 512,
+        "backbone.init_weights": "data/realfaces/mobilefacenet_512.safetensors",
+        "backbone.freeze_stages": 3,
+        "backbone.freeze_bn": True,
+        "head.name": "arcface",
+        "optim.lr": 0.05,
+        "optim.backbone_lr_scale": 0.01,
+        "partial_fc.lr_scale": 1.0,
+        "data.num_classes": 0,
+        "eval.at_start": True,
+        "eval.targets": ["data/realfaces/photos.bin"],
+    },
 }
 
 
@@ -506,6 +521,13 @@ def recipe_runs(recipe_data, tmp_path_factory):
                 "distill.teacher.weights": _save_teacher(runs_dir / "teacher.pt"),
             },
         ),
+        # Fine-tuning a released model: the real MobileFaceNet at quarter width, 32x32, with
+        # its frozen stages and BatchNorm (tests/test_finetune.py loads imported weights).
+        run(
+            "finetune_mobilefacenet",
+            "finetune_pretrained_mobilefacenet.yaml",
+            **{"backbone.params": "{input_size: 32, width_mult: 0.25}"},
+        ),
     ]
     results = run_distributed(_run_recipes, 2, runs, timeout_s=400)
     return results, {key: runs_dir / key for key, _, _ in runs}
@@ -529,6 +551,7 @@ _WANT = {
     "vit_t_cosface": ("VisionTransformer", "CosFace", None, None),
     "vit_t_cosface_masked": ("VisionTransformer", "CosFace", None, None),
     "distill_mobilefacenet": ("MobileFaceNet", "ArcFace", None, None),
+    "finetune_mobilefacenet": ("MobileFaceNet", "ArcFace", None, None),
 }
 
 
