@@ -19,7 +19,16 @@ import torch
 import heads
 from dist_train.partial_fc import PartialFC
 
-HEADS = ["arcface", "adaface", "curricularface", "elasticface_arc", "elasticface_cos"]
+# ArcFace, the reference, then the heads of issue 15
+HEADS = [
+    "arcface",
+    "adaface",
+    "curricularface",
+    "elasticface_arc",
+    "elasticface_cos",
+    "magface",
+    "subcenter_arcface",
+]
 
 
 def step(pfc: PartialFC, x: torch.Tensor, y: torch.Tensor) -> None:
