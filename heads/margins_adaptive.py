@@ -406,48 +406,46 @@ def curricularface(
     return CurricularFace(s, m, t_alpha, intra_alpha=intra_alpha)
 
 
-@register("elasticface_arc")
-def elasticface_arc(
-    *,
-    s: float = 64.0,
-    m: float = 0.5,
-    sigma: float = 0.05,
-    seed: int = 0,
-    interclass_threshold: float = 0.0,
-    intra_alpha: float = 0.0,
-) -> ElasticFace:
-    """ElasticFace-Arc: s·cos(θ_y + E), E ~ N(m, σ²) per sample and step."""
-    return ElasticFace(
-        s,
-        m,
-        sigma,
-        "arc",
-        seed,
-        interclass_threshold=interclass_threshold,
-        intra_alpha=intra_alpha,
-    )
+def _elastic_variant(name: str, kind: str, m: float, doc: str):
+    """Registers ``name``: an :class:`ElasticFace` of ``kind`` with mean margin ``m``."""
+
+    @register(name)
+    def build(
+        *,
+        s: float = 64.0,
+        m: float = m,
+        sigma: float = 0.05,
+        seed: int = 0,
+        interclass_threshold: float = 0.0,
+        intra_alpha: float = 0.0,
+    ) -> ElasticFace:
+        return ElasticFace(
+            s,
+            m,
+            sigma,
+            kind,
+            seed,
+            interclass_threshold=interclass_threshold,
+            intra_alpha=intra_alpha,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return build
 
 
-@register("elasticface_cos")
-def elasticface_cos(
-    *,
-    s: float = 64.0,
-    m: float = 0.35,
-    sigma: float = 0.05,
-    seed: int = 0,
-    interclass_threshold: float = 0.0,
-    intra_alpha: float = 0.0,
-) -> ElasticFace:
-    """ElasticFace-Cos: s·(cos θ_y − E), E ~ N(m, σ²) per sample and step."""
-    return ElasticFace(
-        s,
-        m,
-        sigma,
-        "cos",
-        seed,
-        interclass_threshold=interclass_threshold,
-        intra_alpha=intra_alpha,
-    )
+elasticface_arc = _elastic_variant(
+    "elasticface_arc",
+    "arc",
+    0.5,
+    "ElasticFace-Arc: s·cos(θ_y + E), E ~ N(m, σ²) per sample and step.",
+)
+elasticface_cos = _elastic_variant(
+    "elasticface_cos",
+    "cos",
+    0.35,
+    "ElasticFace-Cos: s·(cos θ_y − E), E ~ N(m, σ²) per sample and step.",
+)
 
 
 def prepare_unsharded(

@@ -30,6 +30,7 @@ def takes_norms(head: nn.Module) -> bool:
     return "norms" in inspect.signature(head.forward).parameters
 
 
+@register("magface")  # the class is its own builder: every argument is a config key
 class MagFace(nn.Module):
     """MagFace (Meng et al., CVPR 2021, "MagFace: A Universal Representation for Face
     Recognition and Quality Assessment"), its loss L_Mag per sample::
@@ -158,20 +159,6 @@ class SubCenterArcFace(ArcFace):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k={self.sub_centers}"
-
-
-@register("magface")
-def magface(
-    *,
-    s: float = 64.0,
-    l_a: float = 10.0,
-    u_a: float = 110.0,
-    l_m: float = 0.45,
-    u_m: float = 0.8,
-    lambda_g: float = 35.0,
-) -> MagFace:
-    """MagFace: s·cos(θ_y + m(‖x‖)) with m linear in the clipped norm, plus λ_g·g(‖x‖)."""
-    return MagFace(s, l_a, u_a, l_m, u_m, lambda_g)
 
 
 @register("subcenter_arcface")
