@@ -693,18 +693,11 @@ def _kill_leftovers(marker: str) -> None:
     """Kills processes of a failed test that are still alive (torchrun starts its workers in
     sessions of their own). They are recognised by the test's run directory in their command
     line."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
+    for pid in _pids_with(marker):
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            os.kill(pid, signal.SIGKILL)
         except OSError:
-            continue
-        if marker in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                pass
+            pass
 
 
 # --- a real one-node Slurm ---------------------------------------------------------------------
