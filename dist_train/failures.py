@@ -102,7 +102,10 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(0)
     logging.shutdown()  # flushes train.log
     for child in multiprocessing.active_children():
-        child.terminate()
+        # SIGKILL: loader workers ignore SIGTERM (see ``data.loader.worker_init``), and a
+        # forked worker holds this rank's inherited gloo sockets open, so the peers would not
+        # see the connection close until the worker noticed its parent was gone.
+        child.kill()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
