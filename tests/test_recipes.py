@@ -90,6 +90,19 @@ _R5 = {
     "optim.lr": 1e-3,
     "global_batch": 64,
 }
+# MS1MV2 (InsightFace's faces_emore) with iResNet-100 and SGD: the heads' papers' common setup.
+_MS1MV2 = {
+    "backbone.name": "iresnet100",
+    "backbone.embedding_size": 512,
+    "data.num_classes": 85742,
+    "partial_fc.sample_rate": 1.0,
+    "optim.name": "sgd",
+    "optim.lr": 0.1,
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 5e-4,
+    "scheduler.name": "step",
+    "scheduler.gamma": 0.1,
+}
 EXPECTED: dict[str, dict] = {
     "vggface2_thinresnet50v2_amsoftmax.yaml": {
         **_R1,
@@ -187,6 +200,63 @@ EXPECTED: dict[str, dict] = {
         "amp": "bf16",
         "global_batch": 512,
     },
+    # The margin heads of docs/heads.md, each with its paper's training setup.
+    "ms1mv2_iresnet100_adaface.yaml": {
+        **_MS1MV2,
+        "head.name": "adaface",
+        "head.params": {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01},
+        "optim.no_decay_norm_bias": True,
+        "scheduler.milestones_epochs": [12, 20, 24],
+        "num_epochs": 26,
+        "global_batch": 512,
+    },
+    "ms1mv2_iresnet100_magface.yaml": {
+        **_MS1MV2,
+        "head.name": "magface",
+        "head.params": {
+            "s": 64.0,
+            "l_a": 10.0,
+            "u_a": 110.0,
+            "l_m": 0.45,
+            "u_m": 0.8,
+            "lambda_g": 35.0,
+        },
+        "scheduler.milestones_epochs": [10, 18, 22],
+        "num_epochs": 25,
+        "global_batch": 512,
+    },
+    "ms1mv2_iresnet100_curricularface.yaml": {
+        **_MS1MV2,
+        "head.name": "curricularface",
+        "head.params": {"s": 64.0, "m": 0.5, "t_alpha": 0.01},
+        "optim.no_decay_norm_bias": True,
+        "scheduler.milestones_epochs": [10, 18, 22],
+        "num_epochs": 24,
+        "global_batch": 512,
+    },
+    **{
+        f"ms1mv2_iresnet100_elasticface_{v}.yaml": {
+            **_MS1MV2,
+            "head.name": f"elasticface_{v}",
+            "head.params": {"s": 64.0, "m": m, "sigma": 0.05, "seed": 0},
+            "scheduler.milestones_epochs": [7, 13, 19, 24],
+            "num_epochs": 26,
+            "global_batch": 512,
+        }
+        for v, m in (("arc", 0.5), ("cos", 0.35))
+    },
+    "ms1mv0_iresnet100_subcenter_arcface.yaml": {
+        "backbone.name": "iresnet100",
+        "backbone.embedding_size": 512,
+        "head.name": "subcenter_arcface",
+        "head.params": {"s": 64.0, "m": 0.5, "k": 3},
+        "partial_fc.sample_rate": 1.0,
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 5e-4,
+        "global_batch": 1024,
+    },
     # Fine-tuning a released backbone (docs/real_data.md): imported weights, a new head.
     "finetune_pretrained_mobilefacenet.yaml": {
         "backbone.name": "mobilefacenet",
@@ -207,6 +277,41 @@ EXPECTED: dict[str, dict] = {
 
 def test_every_recipe_is_listed():
     assert set(CONFIGS) == set(EXPECTED), "a recipe config without expectations, or missing"
+
+
+# The margin heads whose recipe follows their paper (docs/heads.md): every head registered by
+# these modules, so that a new one there needs a recipe.
+PAPER_HEAD_MODULES = ("heads.margins_adaptive", "heads.margins_magnitude")
+
+
+def test_every_paper_head_has_a_recipe_with_the_defaults_as_its_values():
+    import inspect
+
+    import heads
+
+    paper_heads = [
+        n
+        for n in heads.HEADS.names(kind="margin")
+        if heads.HEADS.get(n).__module__ in PAPER_HEAD_MODULES
+    ]
+    assert {"adaface", "magface", "curricularface", "subcenter_arcface"} <= set(paper_heads)
+    by_head = {}
+    for name in CONFIGS:
+        cfg = _cfg(name)
+        by_head.setdefault(cfg.head.name, []).append(cfg)
+    for head in paper_heads:
+        assert head in by_head, f"no recipe in {RECIPES} trains {head}"
+        builder = heads.HEADS.get(head)
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(builder).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        for cfg in by_head[head]:
+            # the registered defaults are the paper's values, and so are the recipe's
+            assert cfg.head.params, head
+            for key, value in cfg.head.params.items():
+                assert value == pytest.approx(defaults[key]), (head, key)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -521,6 +626,18 @@ def recipe_runs(recipe_data, tmp_path_factory):
                 "distill.teacher.weights": _save_teacher(runs_dir / "teacher.pt"),
             },
         ),
+        # The paper-head recipes: the real iResNet-100 at quarter width and 32x32 once (AdaFace,
+        # whose margin needs the embeddings' norms), the other heads on the tiny backbone.
+        run(
+            "ms1mv2_adaface",
+            "ms1mv2_iresnet100_adaface.yaml",
+            **{"backbone.params": "{width_mult: 0.25, input_size: 32}"},
+        ),
+        run("ms1mv2_magface", "ms1mv2_iresnet100_magface.yaml", **_TINY),
+        run("ms1mv2_curricularface", "ms1mv2_iresnet100_curricularface.yaml", **_TINY),
+        run("ms1mv2_elasticface_arc", "ms1mv2_iresnet100_elasticface_arc.yaml", **_TINY),
+        run("ms1mv2_elasticface_cos", "ms1mv2_iresnet100_elasticface_cos.yaml", **_TINY),
+        run("ms1mv0_subcenter_arcface", "ms1mv0_iresnet100_subcenter_arcface.yaml", **_TINY),
         # Fine-tuning a released model: the real MobileFaceNet at quarter width, 32x32, with
         # its frozen stages and BatchNorm (tests/test_finetune.py loads imported weights).
         run(
@@ -552,6 +669,12 @@ _WANT = {
     "vit_t_cosface_masked": ("VisionTransformer", "CosFace", None, None),
     "distill_mobilefacenet": ("MobileFaceNet", "ArcFace", None, None),
     "finetune_mobilefacenet": ("MobileFaceNet", "ArcFace", None, None),
+    "ms1mv2_adaface": ("IResNet", "AdaFace", None, None),
+    "ms1mv2_magface": ("TinyConvNet", "MagFace", None, None),
+    "ms1mv2_curricularface": ("TinyConvNet", "CurricularFace", None, None),
+    "ms1mv2_elasticface_arc": ("TinyConvNet", "ElasticFace", None, None),
+    "ms1mv2_elasticface_cos": ("TinyConvNet", "ElasticFace", None, None),
+    "ms1mv0_subcenter_arcface": ("TinyConvNet", "SubCenterArcFace", None, None),
 }
 
 
