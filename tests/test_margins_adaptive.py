@@ -25,7 +25,13 @@ from heads.margins_adaptive import AdaFace, CurricularFace, ElasticFace, prepare
 from tests.dist_utils import run_distributed
 from tests.test_partial_fc_dist import C_SAMPLED, check_parity
 
-ADAPTIVE = ["adaface", "curricularface", "elasticface_arc", "elasticface_cos"]
+# Every margin head registered by heads/margins_adaptive.py (a new one there needs its entries
+# in PARAMS and TRAIN_PARAMS, or these tests fail with a KeyError naming it).
+ADAPTIVE = [
+    n
+    for n in heads.HEADS.names(kind="margin")
+    if heads.HEADS.get(n).__module__ == "heads.margins_adaptive"
+]
 # Fast-moving statistics, so that a few steps change the state visibly.
 PARAMS = {
     "adaface": {"s": 32.0, "t_alpha": 0.5},
