@@ -327,3 +327,20 @@ def test_missing_pack_or_target_is_named(tmp_path):
             torch.nn.Identity(), str(tmp_path / "pack"), [str(tmp_path / "x.bin")],
             overlap.EvalOptions(),
         )  # fmt: skip
+
+
+def test_a_training_checkpoint_gives_its_partial_fc_class_centres(tiny_data, tmp_path):
+    from dist_train.config import load_config
+    from dist_train.distributed import DistInfo
+    from dist_train.partial_fc import export_class_centers
+    from dist_train.trainer import Trainer
+    from tests.conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    sets = tiny_overrides(tiny_data, run, **{"max_steps": 2, "checkpoint.every_steps": 2})
+    trainer = Trainer(load_config(None, sets), DistInfo())
+    trainer.fit()
+    want = export_class_centers(trainer.loss.partial_fc).float().numpy()
+    got = overlap.read_centers(str(run / "checkpoints" / "step_00000002.pt"))
+    assert got.shape == (12, 1, 16)
+    np.testing.assert_array_equal(got[:, 0], want)
