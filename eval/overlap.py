@@ -43,7 +43,11 @@ nearest centre of another class): a stranger's image exceeds it about once in 1,
 CALIBRATION_IMAGES = 10_000
 """Training images (a seeded random sample) whose cosines set the default threshold."""
 
-_CHUNK = 4096  # query rows per matrix product in nearest_centers
+PACK_CHUNK = 65_536
+"""Pack images embedded per pass when computing centres: only a chunk's embeddings and the
+``[C, D]`` sums are held, whatever the pack's size."""
+
+_SIMS = 1 << 28  # cosines per matrix product in nearest_centers (1 GiB of fp32)
 
 
 @dataclass
@@ -88,6 +92,12 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """Progress on stderr: redrawn live on a terminal, a status every 30 s in a log file."""
+    redraw_s = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, desc=desc, unit=" images", disable=not enabled, mininterval=redraw_s)
+
+
 def embed(
     model: torch.nn.Module,
     load: Callable[[int, int], np.ndarray],
@@ -95,22 +105,18 @@ def embed(
     options: EvalOptions,
     *,
     device: torch.device,
-    desc: str,
-    progress: bool = True,
+    bar: tqdm | None = None,
 ) -> np.ndarray:
     """``[N, D]`` L2-normalised embeddings through :func:`eval.extract.extract_embeddings`
-    (batched, flip TTA as ``options`` say), with a progress bar on stderr."""
-    redraw_s = 0.1 if sys.stderr.isatty() else 30.0
-    with tqdm(
-        total=num_images, desc=desc, unit=" images", disable=not progress, mininterval=redraw_s
-    ) as bar:
+    (batched, flip TTA as ``options`` say); ``bar`` advances as batches are loaded."""
 
-        def counted(start: int, stop: int) -> np.ndarray:
-            images = load(start, stop)
+    def counted(start: int, stop: int) -> np.ndarray:
+        images = load(start, stop)
+        if bar is not None:
             bar.update(stop - start)
-            return images
+        return images
 
-        out = extract_embeddings(model, counted, num_images, options, device=device)
+    out = extract_embeddings(model, counted, num_images, options, device=device)
     return _normalise(out.embeddings)
 
 
@@ -159,26 +165,33 @@ def pack_centers(
     data: LabelledImages,
     pack: str,
     options: EvalOptions,
+    sample: np.ndarray,
     *,
     device: torch.device,
     progress: bool = True,
 ) -> tuple[TrainCenters, np.ndarray]:
-    """Class centres computed from every image of the pack.
+    """Class centres computed from every image of the pack, :data:`PACK_CHUNK` images a pass.
+
+    Args:
+        sample: sorted indices of the images whose embeddings are also returned.
 
     Returns:
-        ``(centres, [N, D] normalised embeddings of the pack's images in dataset order)``;
-        centre c is the L2-normalised mean of class c's normalised embeddings.
+        ``(centres, [len(sample), D] normalised embeddings of the sample)``; centre c is the
+        L2-normalised mean of class c's normalised embeddings.
     """
-    rows = np.arange(len(data))
-    emb = embed(
-        model, _load_pack(data, rows), len(rows), options, device=device, desc="pack",
-        progress=progress,
-    )  # fmt: skip
-    labels = np.asarray(data.labels, dtype=np.int64)
-    sums = np.zeros((data.num_classes, emb.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, emb)
-    centers = _normalise(sums)[:, None, :]
-    return TrainCenters(centers, class_names(data, pack), "pack"), emb
+    labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64))
+    sums: torch.Tensor | None = None
+    kept = []
+    with progress_bar(len(data), "pack", progress) as bar:
+        for a in range(0, len(data), PACK_CHUNK):
+            rows = np.arange(a, min(a + PACK_CHUNK, len(data)))
+            emb = embed(model, _load_pack(data, rows), len(rows), options, device=device, bar=bar)
+            if sums is None:
+                sums = torch.zeros(data.num_classes, emb.shape[1], dtype=torch.float64)
+            sums.index_add_(0, labels[a : a + len(rows)], torch.from_numpy(emb).double())
+            kept.append(emb[sample[(sample >= a) & (sample < a + len(rows))] - a])
+    centers = _normalise(sums.numpy())[:, None, :]
+    return TrainCenters(centers, class_names(data, pack), "pack"), np.concatenate(kept)
 
 
 def read_centers(path: str) -> np.ndarray:
@@ -259,11 +272,12 @@ def nearest_centers(
     c, k, d = centers.shape
     table = torch.from_numpy(np.ascontiguousarray(centers.reshape(c * k, d))).to(dev)
     classes, cosines = [], []
-    for a in range(0, len(embeddings), _CHUNK):
-        q = torch.from_numpy(np.ascontiguousarray(embeddings[a : a + _CHUNK])).to(dev)
+    step = max(1, min(4096, _SIMS // (c * k)))
+    for a in range(0, len(embeddings), step):
+        q = torch.from_numpy(np.ascontiguousarray(embeddings[a : a + step])).to(dev)
         sims = (q @ table.T).view(-1, c, k).amax(dim=2)
         if exclude is not None:
-            own = torch.from_numpy(np.asarray(exclude[a : a + _CHUNK], dtype=np.int64)).to(dev)
+            own = torch.from_numpy(np.asarray(exclude[a : a + step], dtype=np.int64)).to(dev)
             sims.scatter_(1, own[:, None], float("-inf"))
         best, index = sims.max(dim=1)
         classes.append(index.cpu().numpy())  # device sync, once per chunk
@@ -457,27 +471,23 @@ def find_overlap(
     data = open_pack(pack, options)
     # every target is read before any embedding, so a bad path fails at once, naming itself
     loaded = [load_target(t, images_root) for t in targets]
+    centers = None if centers_file is None else file_centers(centers_file, data, pack)
     labels = np.asarray(data.labels, dtype=np.int64)
-    if centers_file is None:
-        centers, emb = pack_centers(model, data, pack, options, device=device, progress=progress)
-        rows = np.arange(len(data))
+    rows = np.arange(len(data))
+    if len(rows) > calibration_images:
+        rows = np.sort(np.random.default_rng(0).choice(rows, calibration_images, replace=False))
+    if centers is None:
+        centers, emb = pack_centers(
+            model, data, pack, options, rows, device=device, progress=progress
+        )
     else:
-        centers = file_centers(centers_file, data, pack)
-        rows = np.arange(len(data))
-        if len(rows) > calibration_images:
-            rows = np.sort(np.random.default_rng(0).choice(rows, calibration_images, False))
-        emb = embed(
-            model, _load_pack(data, rows), len(rows), options, device=device,
-            desc="pack sample", progress=progress,
-        )  # fmt: skip
+        with progress_bar(len(rows), "pack sample", progress) as bar:
+            emb = embed(model, _load_pack(data, rows), len(rows), options, device=device, bar=bar)
         if centers.centers.shape[2] != emb.shape[1]:
             raise DataError(
                 f"{centers_file}: centres of size {centers.centers.shape[2]}, the model embeds "
                 f"{emb.shape[1]}"
             )
-    if len(rows) > calibration_images:
-        pick = np.sort(np.random.default_rng(0).choice(len(rows), calibration_images, False))
-        emb, rows = emb[pick], rows[pick]
     cal = calibrate(emb, labels[rows], centers, threshold, device=device)
     quantiles = (0.01, 0.05, 0.5, 0.95, 0.99, 0.999)
 
@@ -499,10 +509,11 @@ def find_overlap(
         "targets": {},
     }
     for target in loaded:
-        temb = embed(
-            model, lambda a, b, t=target: t.load_images(a, b, options.transform()),
-            target.num_images, options, device=device, desc=target.name, progress=progress,
-        )  # fmt: skip
+        with progress_bar(target.num_images, target.name, progress) as bar:
+            temb = embed(
+                model, lambda a, b, t=target: t.load_images(a, b, options.transform()),
+                target.num_images, options, device=device, bar=bar,
+            )  # fmt: skip
         name = target.name
         while name in report["targets"]:
             name += "_"

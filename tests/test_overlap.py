@@ -344,3 +344,34 @@ def test_a_training_checkpoint_gives_its_partial_fc_class_centres(tiny_data, tmp
     got = overlap.read_centers(str(run / "checkpoints" / "step_00000002.pt"))
     assert got.shape == (12, 1, 16)
     np.testing.assert_array_equal(got[:, 0], want)
+
+
+def test_pack_centres_are_the_mean_of_normalised_embeddings_a_chunk_at_a_time(
+    tmp_path, monkeypatch
+):
+    from eval.extract import extract_embeddings
+    from tests.eval_helpers import TinyNet, identity_images
+
+    for c, group in enumerate(identity_images(4, 3, seed=5)):
+        (tmp_path / "faces" / f"id{c}").mkdir(parents=True)
+        for k, img in enumerate(group):
+            cv2.imwrite(str(tmp_path / "faces" / f"id{c}" / f"{k}.png"), img[:, :, ::-1])
+    pack = str(tmp_path / "faces")
+    options = overlap.EvalOptions(batch_size=4)
+    data = overlap.open_pack(pack, options)
+    net = TinyNet(16)
+    every = extract_embeddings(
+        net, lambda a, b: np.stack([data[i][0] for i in range(a, b)]).transpose(0, 3, 1, 2),
+        len(data), options, device=torch.device("cpu"),
+    ).embeddings  # fmt: skip
+    every = _unit(every)
+    labels = np.asarray(data.labels)
+    want = _unit(np.stack([every[labels == c].mean(axis=0) for c in range(4)]))
+    sample = np.array([1, 5, 6, 11])
+    monkeypatch.setattr(overlap, "PACK_CHUNK", 5)  # three passes over the 12 images
+    centers, emb = overlap.pack_centers(
+        net, data, pack, options, sample, device=torch.device("cpu"), progress=False
+    )
+    np.testing.assert_allclose(centers.centers[:, 0], want, atol=1e-6)
+    np.testing.assert_allclose(emb, every[sample], atol=1e-6)
+    assert centers.names == ["id0", "id1", "id2", "id3"] and centers.source == "pack"
