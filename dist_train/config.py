@@ -310,7 +310,8 @@ class EvalConfig:
     low_light: bool = False
     """Also apply the low-light transform to the evaluation images."""
     best_metric: str = ""
-    """Keep a best checkpoint by this metric, e.g. "val/eer" (lower is better) or "lfw/accuracy"."""
+    """Keep a best checkpoint by this metric, e.g. "val/eer" (lower is better), "lfw/accuracy" or
+    "mean/accuracy" (the mean over the standard five sets among the targets)."""
     test_targets: list = field(default_factory=list)
     """Test sets scored once after training with best_model.pt (the final weights when no
     best was kept); results in metrics_test.json."""

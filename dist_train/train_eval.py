@@ -110,6 +110,9 @@ class TrainEvaluator:
 
         TensorBoard gets every metric as a scalar and the ROC, precision-recall, score and
         angle histograms as images under ``eval/<target>/`` (``eval_<tag>/`` for a baseline).
+        With two or more of the standard five sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW) among
+        the targets, their mean (``eval.report.standard_mean``) is logged too, as the results'
+        ``mean`` entry and the scalars ``eval/mean/<metric>``.
         An untagged evaluation becomes :attr:`last_metrics` and may keep a new best model.
         """
         results = self._evaluate_targets(tag) if self.cfg.eval.targets else {}
@@ -132,10 +135,7 @@ class TrainEvaluator:
         full = self._evaluate(self.backbone, self._targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
         step = self.progress.step
-        for name, m in results.items():
-            shown = [k for k in LOGGED_METRICS if k in m]
-            text = " ".join(f"{k} {m[k]:.4f}" for k in shown)
-            log.info("eval%s step %d %s: %s", f" ({tag})" if tag else "", step, name, text)
+        _log_results(f"eval{f' ({tag})' if tag else ''} step {step}", results, _add_mean(results))
         if self.tb.writer is not None:
             log_tensorboard(self.tb.writer, full, step, prefix=f"eval_{tag}" if tag else "eval")
             self.tb.flush()
@@ -199,10 +199,9 @@ class TrainEvaluator:
         targets = [load_target(p) for p in ecfg.test_targets]
         full = self._evaluate(model, targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
+        note = _add_mean(results)
         if self.dist.is_main:
-            for name, m in results.items():
-                text = " ".join(f"{k} {m[k]:.4f}" for k in LOGGED_METRICS if k in m)
-                log.info("test (%s weights) %s: %s", source["weights"], name, text)
+            _log_results(f"test ({source['weights']} weights)", results, note)
             with open(self.run_dir / "metrics_test.json", "w") as f:
                 json.dump({"source": source, "metrics": results}, f, indent=2)
             if self.tb.writer is not None:
@@ -222,6 +221,26 @@ class TrainEvaluator:
             full = evaluate_targets_full(model, targets, options, device=self.device)
         self.backbone.train()
         return full
+
+
+def _add_mean(results: Results) -> str:
+    """With two or more of the standard five sets among ``results``, adds their mean
+    (``eval.report.standard_mean``) as the pseudo-target ``mean`` (so ``eval.best_metric`` may
+    be ``mean/accuracy``); returns the note naming the sets it averages ('' without one)."""
+    from eval.report import mean_note, standard_mean
+
+    mean = standard_mean(results)
+    if mean is None or "mean" in results:
+        return ""
+    results["mean"] = dict(mean["metrics"])
+    return mean_note(mean)
+
+
+def _log_results(what: str, results: Results, mean_text: str) -> None:
+    """One log line per target (the ``mean`` entry named by ``mean_text``)."""
+    for name, m in results.items():
+        text = " ".join(f"{k} {m[k]:.4f}" for k in LOGGED_METRICS if k in m)
+        log.info("%s %s: %s", what, mean_text if name == "mean" and mean_text else name, text)
 
 
 def _write_best_info(run_dir: Path, spec: str, value: float, step: int, epoch: int) -> None:

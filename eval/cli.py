@@ -23,7 +23,7 @@ from eval.runner import (
     load_model,
     normalisation_from,
 )
-from eval.targets import TargetError, load_target, write_scores
+from eval.targets import TargetError, known_bins, load_target, write_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets",
         default="",
         help="comma-separated .bin sets and labelled pair lists (label,path1,path2)",
+    )
+    p.add_argument(
+        "--bin-dir",
+        default=None,
+        help="directory of InsightFace .bin sets: evaluates every known one found there "
+        "(lfw, cfp_fp, agedb_30, calfw, cplfw, cfp_ff, vgg2_fp) before --targets; the table "
+        "ends with their mean over the standard five",
     )
     p.add_argument(
         "--test-list",
@@ -124,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
     """Runs an evaluation; returns the results (on every rank)."""
     args = build_parser().parse_args(argv)
     targets, tests = _split(args.targets), _split(args.test_list)
+    if args.bin_dir:
+        targets = [t for t in known_bins(args.bin_dir) if t not in targets] + targets
     if not targets and not tests:
-        raise SystemExit("error: give --targets and/or --test-list")
+        raise SystemExit("error: give --targets, --bin-dir and/or --test-list")
     if tests and not args.out:
         raise SystemExit("error: --test-list needs --out (where the scores files go)")
     # The process group is torn down by the caller: launch/eval.py runs this under

@@ -18,6 +18,7 @@ import numpy as np
 from eval import plots
 from eval.metrics import far_label
 from eval.runner import TargetResult
+from eval.targets import STANDARD_SETS
 
 _COLUMNS = [
     ("pairs", "num_pairs", "{:.0f}"),
@@ -34,9 +35,11 @@ _COLUMNS = [
 
 
 def _cell(metrics: Mapping[str, float], key: str | None, fmt: str | None) -> str:
-    if key is None:  # the accuracy column shows mean ± std
+    if key is None:  # the accuracy column shows mean ± std (a mean row: the mean only)
         if "accuracy" not in metrics:
             return "-"
+        if "accuracy_std" not in metrics:
+            return f"{metrics['accuracy']:.4f}"
         return f"{metrics['accuracy']:.4f} ± {metrics['accuracy_std']:.4f}"
     value = metrics.get(key)
     if value is None:
@@ -46,19 +49,79 @@ def _cell(metrics: Mapping[str, float], key: str | None, fmt: str | None) -> str
     return fmt.format(value)
 
 
+MEAN_METRICS = (
+    "accuracy",
+    "eer",
+    "auc",
+    "tar@far=1e-1",
+    "tar@far=1e-2",
+    "tar@far=1e-3",
+    "tar@far=1e-4",
+    "best_f1",
+)
+"""The metrics the ``mean`` row averages over the standard sets."""
+
+
+def standard_mean(results: Mapping[str, Mapping[str, float]]) -> dict[str, Any] | None:
+    """The papers' summary: each metric averaged over the standard five sets present.
+
+    The five are :data:`eval.targets.STANDARD_SETS` (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW),
+    matched by target name; other targets (``cfp_ff``, ``vgg2_fp``, pair lists) are not
+    averaged. A metric is NaN when it is NaN on one of the sets.
+
+    Args:
+        results: ``target -> metric -> value``.
+
+    Returns:
+        ``{"sets": [...], "missing": [...], "label": str, "metrics": {metric: mean}}``, or
+        None when fewer than two of the five were evaluated (a mean of one set says nothing).
+    """
+    sets = [n for n in STANDARD_SETS if n in results and "accuracy" in results[n]]
+    if len(sets) < 2:
+        return None
+    missing = [n for n in STANDARD_SETS if n not in sets]
+    means = {
+        k: float(np.mean([results[n][k] for n in sets]))
+        for k in MEAN_METRICS
+        if all(k in results[n] for n in sets)
+    }
+    means["num_sets"] = float(len(sets))
+    label = "mean" if not missing else f"mean ({len(sets)} of {len(STANDARD_SETS)})"
+    return {"sets": sets, "missing": missing, "label": label, "metrics": means}
+
+
+def mean_note(mean: Mapping[str, Any]) -> str:
+    """One line saying which sets a :func:`standard_mean` row averages."""
+    text = f"{mean['label']}: average over {', '.join(mean['sets'])}"
+    if mean["missing"]:
+        return f"{text}; not evaluated: {', '.join(mean['missing'])}"
+    return f"{text} (the standard five)"
+
+
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """A fixed-width results table, one row per target.
+    """A fixed-width results table, one row per target, then the mean over the standard sets.
+
+    The ``mean`` row (:func:`standard_mean`) appears when at least two of LFW, CFP-FP,
+    AgeDB-30, CALFW and CPLFW are among the targets; a note under the table names the sets
+    it averages and those missing.
 
     Args:
         results: ``target -> metric -> value`` (as returned by ``evaluate_targets``).
     """
     header = ["target"] + [c[0] for c in _COLUMNS]
     rows = [[name] + [_cell(m, k, f) for _, k, f in _COLUMNS] for name, m in results.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
+    mean = standard_mean(results)
+    mean_row = []
+    if mean is not None:
+        mean_row = [[mean["label"]] + [_cell(mean["metrics"], k, f) for _, k, f in _COLUMNS]]
+    widths = [max(len(r[i]) for r in [header, *rows, *mean_row]) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    notes = [
+    if mean_row:
+        lines += [rule, "  ".join(c.ljust(w) for c, w in zip(mean_row[0], widths))]
+    notes = [mean_note(mean)] if mean is not None else []
+    notes += [
         f"n/a: TAR at FAR {far_label(float(k.split('=')[1]))} needs at least "
         f"{int(round(1 / float(k.split('=')[1])))} impostor pairs"
         for k in sorted(
@@ -124,12 +187,17 @@ def result_dict(result: TargetResult) -> dict[str, Any]:
 def write_json(
     path: str, results: Mapping[str, TargetResult], meta: Mapping[str, Any] | None = None
 ) -> None:
-    """Writes ``{"meta": ..., "targets": {name: result_dict}}`` (NaN written as null)."""
+    """Writes ``{"meta": ..., "targets": {name: result_dict}}`` (NaN written as null), and
+    ``"mean": {"sets", "missing", "label", "metrics"}`` (:func:`standard_mean`) when at least
+    two of the standard five sets are among the targets."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     doc = {
         "meta": _clean(dict(meta or {})),
         "targets": {n: result_dict(r) for n, r in results.items()},
     }
+    mean = standard_mean({n: r.metrics for n, r in results.items()})
+    if mean is not None:
+        doc["mean"] = _clean(mean)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, allow_nan=False)
         f.write("\n")
@@ -160,7 +228,8 @@ def log_tensorboard(
     prefix: str = "eval",
     images: bool = True,
 ) -> None:
-    """Scalars ``<prefix>/<target>/<metric>`` and, optionally, the figures as images.
+    """Scalars ``<prefix>/<target>/<metric>`` and, optionally, the figures as images; with at
+    least two of the standard five sets, also ``<prefix>/mean/<metric>`` (:func:`standard_mean`).
 
     Args:
         writer: a ``SummaryWriter`` (anything with ``add_scalar`` and ``add_image``).
@@ -176,3 +245,7 @@ def log_tensorboard(
         if images:
             for kind, image in figures(result).items():
                 writer.add_image(f"{prefix}/{name}/{kind}", image, step, dataformats="HWC")
+    mean = standard_mean({n: r.metrics for n, r in results.items()})
+    for key, value in (mean or {}).get("metrics", {}).items():
+        if not math.isnan(value):
+            writer.add_scalar(f"{prefix}/mean/{key}", value, step)

@@ -1,7 +1,8 @@
 """Verification targets: InsightFace ``.bin`` sets, labelled pair lists and unlabelled test lists.
 
 Owns the project's one reader of each verification format (:func:`load_bin`,
-:func:`read_pair_list`), reading a target file into a :class:`VerificationTarget` (a list of
+:func:`read_pair_list`), the names of the standard ``.bin`` sets (:data:`STANDARD_SETS`,
+:func:`known_bins`), reading a target file into a :class:`VerificationTarget` (a list of
 images plus index pairs and, when known, the same/different labels), and preparing its images
 as training's evaluation path does: the training decoder
 (``dist_train.data.datasets.decode_image``) and evaluation transform
@@ -489,6 +490,32 @@ def load_target(
     if path.endswith(".bin"):
         return bin_target(path, name)
     return pair_list_target(path, images_root, name)
+
+
+STANDARD_SETS = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+"""The five verification sets face papers report and average, as InsightFace names its ``.bin``
+files (the report's ``mean`` row covers these only)."""
+
+KNOWN_SETS = (*STANDARD_SETS, "cfp_ff", "vgg2_fp")
+"""Every ``.bin`` set :func:`known_bins` looks for, in the order papers list them."""
+
+
+def known_bins(directory: str) -> list[str]:
+    """The ``<name>.bin`` files of :data:`KNOWN_SETS` present in ``directory``, in that order.
+
+    Raises:
+        TargetError: ``directory`` is not a directory or holds none of them (names it).
+    """
+    if not os.path.isdir(directory):
+        raise TargetError(f"{directory}: verification set directory does not exist")
+    found = [
+        os.path.join(directory, f"{n}.bin")
+        for n in KNOWN_SETS
+        if os.path.isfile(os.path.join(directory, f"{n}.bin"))
+    ]
+    if not found:
+        raise TargetError(f"{directory}: holds none of {', '.join(n + '.bin' for n in KNOWN_SETS)}")
+    return found
 
 
 def write_scores(path: str, target: VerificationTarget, scores: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""RecordIO tool: pack, inspect, verify, stats, unpack (InsightFace layout, no mxnet); make-bin.
+"""RecordIO tool: pack, inspect, verify, stats, unpack (InsightFace layout, no mxnet); make-bin;
+overlap (training identities in verification sets).
 
 Examples::
 
@@ -9,6 +10,8 @@ Examples::
     python launch/rec.py stats data/mypack
     python launch/rec.py unpack data/mypack/train.rec --out faces_again/
     python launch/rec.py make-bin --pairs lfw/pairs.txt --images lfw/aligned --out lfw.bin
+    python launch/rec.py overlap --train data/mypack --targets lfw.bin cfp_fp.bin \
+        --weights model.pt [--network iresnet50] [--centers step_00010000.pt] [--out overlap.json]
 """
 
 import sys
@@ -73,6 +76,32 @@ def main(argv: list[str] | None = None) -> int:
         help="format of resized images (size x size JPEG/PNG files are stored as they are)",
     )
     m.add_argument("--quiet", action="store_true")
+    o = sub.add_parser("overlap", help="flag test images close to a training class centre")
+    o.add_argument("--train", required=True, help="training pack (folder with train.rec)")
+    o.add_argument("--targets", nargs="+", required=True, help=".bin sets and pair lists")
+    o.add_argument("--weights", required=True, help="checkpoint, weights file or .onnx model")
+    o.add_argument("--network", default=None, help="backbone name (default: the checkpoint's)")
+    o.add_argument("--embedding-size", type=int, default=None)
+    o.add_argument(
+        "--centers",
+        default=None,
+        help="class centres: a training checkpoint (its Partial FC classifier), a saved "
+        "[C, D] / [C, K, D] tensor or dict with 'centers', or .npy (default: from the pack)",
+    )
+    o.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="flag above this cosine (default: the 99.9%% quantile of training images' "
+        "cosines to the nearest other class's centre; docs/evaluation.md)",
+    )
+    o.add_argument("--calibration-images", type=int, default=10_000, help="sample for the rule")
+    o.add_argument("--images-root", default=None, help="root of pair-list image paths")
+    o.add_argument("--out", default=None, help="JSON report to write")
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         return _run(args)
@@ -156,6 +185,30 @@ def _run(args) -> int:
                 progress=bar.update,
             )
         print(json.dumps(summary))
+    elif args.cmd == "overlap":
+        from eval import overlap
+
+        report = overlap.run(
+            args.weights,
+            args.train,
+            args.targets,
+            network=args.network,
+            embedding_size=args.embedding_size,
+            batch_size=args.batch_size,
+            flip=not args.no_flip,
+            device=args.device,
+            centers_file=args.centers,
+            threshold=args.threshold,
+            images_root=args.images_root,
+            calibration_images=args.calibration_images,
+            progress=not args.quiet,
+        )
+        print(f"threshold {report['threshold']:.4f}: {report['rule']}")
+        for name, entry in report["targets"].items():
+            print(overlap.summary_line(name, entry, report["threshold"]))
+        if args.out:
+            overlap.write_report(args.out, report)
+            print(f"report: {args.out}")
     return 0
 
 

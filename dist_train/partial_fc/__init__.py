@@ -8,7 +8,8 @@ A package by job, each module readable alone:
   :class:`ShardedCrossEntropy`, the softmax cross-entropy across shards);
 - :mod:`~dist_train.partial_fc.optimizer`: the row-wise optimizer :class:`PartialFCOptimizer`;
 - :mod:`~dist_train.partial_fc.state`: the world-size-free state (built by
-  :meth:`PartialFC.shard_state`, :func:`merge_state_dicts`, :func:`export_class_centers`);
+  :meth:`PartialFC.shard_state`, :func:`merge_state_dicts`, :func:`export_class_centers`,
+  :func:`checkpoint_class_centers`);
 - :mod:`~dist_train.partial_fc.memory`: the memory model :func:`estimate_memory_bytes`;
 - :mod:`~dist_train.partial_fc.dtypes`: storage dtypes and bf16 stochastic rounding.
 
@@ -27,7 +28,12 @@ from dist_train.partial_fc.kernels import CosineLinear, ShardedCrossEntropy
 from dist_train.partial_fc.memory import estimate_memory_bytes
 from dist_train.partial_fc.module import INIT_BLOCK_ROWS, PartialFC, build_partial_fc, init_rows
 from dist_train.partial_fc.optimizer import STEP_CHUNK_ROWS, PartialFCOptimizer, step_chunk_rows
-from dist_train.partial_fc.state import FORMAT, export_class_centers, merge_state_dicts
+from dist_train.partial_fc.state import (
+    FORMAT,
+    checkpoint_class_centers,
+    export_class_centers,
+    merge_state_dicts,
+)
 
 __all__ = [
     "FORMAT",
@@ -41,6 +47,7 @@ __all__ = [
     "as_dtype",
     "build_partial_fc",
     "estimate_memory_bytes",
+    "checkpoint_class_centers",
     "export_class_centers",
     "init_rows",
     "master_dtype",

@@ -6,7 +6,8 @@ rows, its negative-sampling stream), the margin head's running state in the head
 not per class), copying the rows of this rank's classes out of pieces
 written by any world size (in memory, or stored in checkpoint files, which are read only where
 they overlap this rank's classes, a chunk at a time), and the full ``[C, D]`` class-centre matrix
-(:func:`export_class_centers`). A classifier with K sub-centres per class stores its rows
+(:func:`export_class_centers` from a live module, :func:`checkpoint_class_centers` from a
+training checkpoint's files). A classifier with K sub-centres per class stores its rows
 ``[C_local, K, D]`` (optimizer rows likewise) and its header says ``sub_centers: K``: a
 class's K rows travel together, so the state stays per class and world-size free. Does not
 own the layout or the merge of pieces (:mod:`dist_train.sharded_state`), nor how the module
@@ -16,17 +17,21 @@ applies optimizer rows that arrive before its optimizer (:class:`dist_train.part
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_train import checkpoint as ckpt
 from dist_train.collectives import all_gather_no_grad
 from dist_train.partial_fc.dtypes import master_dtype
 from dist_train.sharded_state import (
     Source,
     StoredState,
     check_covered,
+    check_header,
     check_sources,
+    full_rows,
     make_state,
     merge_states,
     owned_chunks,
@@ -173,3 +178,26 @@ def export_class_centers(pfc: PartialFC) -> torch.Tensor:
     """
     rows = _per_class(pfc, pfc.weight.detach().to(master_dtype(pfc.weight.dtype)))
     return all_gather_no_grad(rows)
+
+
+def checkpoint_class_centers(path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The full class-centre matrix of a training checkpoint, offline, and its main state.
+
+    Reads every loss shard file the main checkpoint ``path`` names and joins their Partial FC
+    pieces (any world size).
+
+    Returns:
+        ``([C, D] fp32 centres, or [C, K, D] with K sub-centres per class; the checkpoint's
+        main state: backbone, config…)``; the centres are not normalised.
+
+    Raises:
+        FileNotFoundError / RuntimeError: a missing or unreadable checkpoint or shard (names it).
+        ValueError: no loss shards, or pieces that are not a Partial FC state (names the file).
+    """
+    state = ckpt.load_checkpoint(path)
+    parts = [shard.part("partial_fc").open() for shard in ckpt.load_shards(path, state)]
+    if not parts:
+        raise ValueError(f"{path}: checkpoint names no loss shards (key 'loss_shards')")
+    merged = merge_states(parts)
+    check_header(merged, FORMAT, merged["num_classes"], merged["embedding_size"], str(path))
+    return full_rows(merged, "weight").float(), state

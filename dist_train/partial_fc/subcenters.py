@@ -17,9 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dist_train import checkpoint as ckpt
-from dist_train.partial_fc.state import FORMAT
-from dist_train.sharded_state import check_header, full_rows, merge_states
+from dist_train.partial_fc.state import checkpoint_class_centers
 
 
 @dataclasses.dataclass
@@ -92,21 +90,18 @@ def clean_sub_centers(
 
 
 def checkpoint_sub_centers(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """The ``[C, K, D]`` sub-centres of a training checkpoint (every loss shard file), and the
-    checkpoint's main state (backbone, config…).
+    """The ``[C, K, D]`` sub-centres of a training checkpoint (every loss shard file, read by
+    :func:`~dist_train.partial_fc.state.checkpoint_class_centers`), and the checkpoint's main
+    state (backbone, config…).
 
     Raises:
         ValueError: the checkpoint's classifier has no sub-centres (naming the file and key).
     """
-    state = ckpt.load_checkpoint(path)
-    parts = [shard.part("partial_fc").open() for shard in ckpt.load_shards(path, state)]
-    if not parts:
-        raise ValueError(f"{path}: checkpoint names no loss shards (key 'loss_shards')")
-    merged = merge_states(parts)
-    check_header(merged, FORMAT, merged["num_classes"], merged["embedding_size"], str(path))
-    if merged.get("sub_centers", 1) < 2:
+    centers, state = checkpoint_class_centers(path)
+    k = centers.shape[1] if centers.dim() == 3 else 1
+    if k < 2:
         raise ValueError(
-            f"{path}: its Partial FC state has key 'sub_centers' = "
-            f"{merged.get('sub_centers', 1)}; the cleaning needs a Sub-center ArcFace run"
+            f"{path}: its Partial FC state has key 'sub_centers' = {k}; the cleaning needs a "
+            "Sub-center ArcFace run"
         )
-    return full_rows(merged, "weight").float(), state
+    return centers, state
