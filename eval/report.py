@@ -73,6 +73,27 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines + notes)
 
 
+_IJB_COLUMNS = (
+    [("templates", "num_templates", "{:.0f}"), ("pairs", "num_pairs", "{:.0f}")]
+    + [(f"TAR@{f}", f"tar@far={f}", "{:.4f}") for f in ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2")]
+    + [("AUC", "auc", "{:.4f}")]
+    + [(f"rank{k}", f"rank{k}", "{:.4f}") for k in (1, 5, 10)]
+    + [(f"TPIR@{f}", f"tpir@fpir={f}", "{:.4f}") for f in ("1e-4", "1e-3", "1e-2", "1e-1")]
+)
+
+
+def format_ijb_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """The IJB table as papers print it: TAR at FAR 1e-6 ... 1e-2, AUC, rank-1/5/10 and TPIR
+    at FPIR 1e-4 ... 1e-1 (``-`` where 1:N was not run), one row per IJB target."""
+    header = ["IJB"] + [c[0] for c in _IJB_COLUMNS]
+    rows = [[name] + [_cell(m, k, f) for _, k, f in _IJB_COLUMNS] for name, m in results.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe value: NaN -> None, numpy scalars/arrays -> Python."""
     if isinstance(value, dict):
@@ -110,6 +131,7 @@ def result_dict(result: TargetResult) -> dict[str, Any]:
             }
             for p in result.tar_at_far
         ]
+    out.update(result.details)
     if result.best_f1 is not None:
         b = result.best_f1
         out["best_f1"] = {
