@@ -19,6 +19,7 @@ import pytest
 import sklearn.metrics
 
 from eval import ijb, metrics
+from tests.eval_helpers import tiny_backbone  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("REALFACES", ROOT.parent / "shared" / "realfaces"))
@@ -599,7 +600,6 @@ def test_launch_eval_ijb_under_torchrun_equals_one_process(tmp_path):
     import subprocess
     import sys
 
-    import cv2
     import torch
 
     from dist_train.distributed import free_port
@@ -607,16 +607,7 @@ def test_launch_eval_ijb_under_torchrun_equals_one_process(tmp_path):
     from tests.eval_helpers import TinyNet
 
     meta, _ = synthetic_layout(tmp_path / "IJBC")
-    rng = np.random.default_rng(0)
-    for name in sorted(set(meta.names)):
-        cv2.imwrite(
-            str(tmp_path / "IJBC" / "loose_crop" / name),
-            rng.integers(0, 255, (60, 50, 3), dtype=np.uint8),
-        )
-    lmk = tmp_path / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
-    rows = [line.split() for line in lmk.read_text().splitlines()]
-    pts = "12 20 36 20 24 30 15 42 33 42"  # a face-like layout inside 50 x 60
-    lmk.write_text("".join(f"{r[0]} {pts} {r[-1]}\n" for r in rows))
+    _images_for(meta, tmp_path / "IJBC")
     model = str(tmp_path / "tiny.onnx")
     torch.onnx.export(TinyNet(16), (torch.randn(2, 3, 32, 32),), model, input_names=["x"],
                       dynamic_axes={"x": {0: "batch"}}, dynamo=False)  # fmt: skip
@@ -637,3 +628,63 @@ def test_launch_eval_ijb_under_torchrun_equals_one_process(tmp_path):
             np.load(tmp_path / "two" / "ijbc_scores.npy"), one.scores, atol=1e-6
         )
     assert doc["targets"]["IJBC"]["metrics"]["rank1"] == pytest.approx(one.metrics["rank1"])
+
+
+def _images_for(meta: ijb.IJBMeta, root: Path) -> None:
+    """Noise images under loose_crop/ and landmarks inside them (extraction needs pixels)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for name in sorted(set(meta.names)):
+        cv2.imwrite(str(root / "loose_crop" / name), rng.integers(0, 255, (60, 50, 3), np.uint8))
+    lmk = root / "meta" / "ijbc_name_5pts_score.txt"
+    rows = [line.split() for line in lmk.read_text().splitlines()]
+    pts = "12 20 36 20 24 30 15 42 33 42"
+    lmk.write_text("".join(f"{r[0]} {pts} {r[-1]}\n" for r in rows))
+
+
+@pytest.mark.usefixtures("tiny_backbone")
+def test_cache_is_reused_for_other_switches_and_refused_for_other_weights(tmp_path):
+    import torch
+
+    from eval.cli import main as eval_main
+    from eval.runner import extract_ijb_features
+    from tests.eval_helpers import TINY, TinyNet
+
+    meta, _ = synthetic_layout(tmp_path / "IJBC")
+    _images_for(meta, tmp_path / "IJBC")
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.pt"
+        config = {"backbone": {"name": TINY, "embedding_size": 16}}
+        torch.save({"backbone": TinyNet(16).state_dict(), "config": config}, path)
+        weights.append(str(path))
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return extract_ijb_features(*args, **kwargs)
+
+    out = tmp_path / "out"
+    base = ["--ijb", str(tmp_path / "IJBC"), "--image-size", "32", "--out", str(out), "--no-plots"]
+    first = eval_main(["--weights", weights[0], *base], extract_ijb=counting)["IJBC"]
+    again = eval_main(
+        ["--weights", weights[0], *base, "--ijb-no-detector-score"], extract_ijb=counting
+    )
+    assert len(calls) == 1
+    doc = json.loads((out / "report.json").read_text())["targets"]["IJBC"]
+    assert doc["ijb"]["features"] == "cache" and doc["ijb"]["detector_score"] is False
+    assert not np.allclose(again["IJBC"].scores, first.scores)
+    raw = np.load(out / "ijbc_features.npy")
+    assert raw.shape == (meta.num_images, 32)
+    want = ijb.evaluate(meta, raw, ijb.IJBSwitches(detector_score=False))
+    np.testing.assert_array_equal(again["IJBC"].scores, want.scores)
+    np.testing.assert_array_equal(np.load(out / "ijbc_scores.npy"), want.scores)
+    # other weights: a stale cache is not reused
+    eval_main(["--weights", weights[1], *base], extract_ijb=counting)
+    assert len(calls) == 2
+    assert (
+        json.loads((out / "report.json").read_text())["targets"]["IJBC"]["ijb"]["features"]
+        == "extracted"
+    )
