@@ -284,6 +284,32 @@ def _read_template_set(name: str, path: str) -> TemplateSet:
     return TemplateSet(name, path, uniq, subject_of)
 
 
+def is_ijb_spec(spec: str) -> bool:
+    """Whether a target name means an IJB folder: ``IJBB:DIR`` / ``IJBC:DIR``, or a folder
+    holding ``meta/``."""
+    head, sep, _ = str(spec).partition(":")
+    if sep and head.upper() in TARGETS:
+        return True
+    return os.path.isdir(os.path.join(str(spec), "meta"))
+
+
+def read_meta_spec(spec: str) -> IJBMeta:
+    """:func:`read_meta` of ``IJBB:DIR`` / ``IJBC:DIR``, or of ``DIR`` whose ``meta/`` holds the
+    files of exactly one target.
+
+    Raises:
+        IJBError: ``DIR/meta`` holds both targets' files or neither's.
+    """
+    head, sep, rest = str(spec).partition(":")
+    if sep and head.upper() in TARGETS:
+        return read_meta(rest, head)
+    found = [t for t in TARGETS if os.path.isfile(meta_files(spec, t)["landmarks"])]
+    if len(found) != 1:
+        what = "files of both IJBB and IJBC" if found else "no <t>_name_5pts_score.txt"
+        raise IJBError(f"{spec}/meta: {what}; name the target as IJBB:{spec} or IJBC:{spec}")
+    return read_meta(spec, found[0])
+
+
 def read_meta(root: str, target: str) -> IJBMeta:
     """Reads an IJB target's meta files (see the module docstring for the layout).
 

@@ -273,8 +273,17 @@ def score_target(
     return result
 
 
-def _as_target(t: str | VerificationTarget) -> VerificationTarget:
-    return t if isinstance(t, VerificationTarget) else load_target(t)
+def load_eval_target(spec: str, images_root: str | None = None):
+    """A target named in ``eval.targets``: an IJB folder (``DIR`` holding ``meta/``, or
+    ``IJBB:DIR`` / ``IJBC:DIR``) as :class:`eval.ijb.IJBMeta`, anything else through
+    :func:`eval.targets.load_target`."""
+    if ijb.is_ijb_spec(spec):
+        return ijb.read_meta_spec(spec)
+    return load_target(spec, images_root)
+
+
+def _as_target(t: str | VerificationTarget | ijb.IJBMeta) -> VerificationTarget | ijb.IJBMeta:
+    return t if isinstance(t, VerificationTarget | ijb.IJBMeta) else load_eval_target(t)
 
 
 def evaluate_targets_full(
@@ -289,7 +298,10 @@ def evaluate_targets_full(
 
     Images are embedded once however many targets use them (matched by a digest of their
     encoded bytes). Under a process group every rank must call this; each embeds a contiguous
-    shard of the images and every rank returns the same results.
+    shard of the images and every rank returns the same results. An IJB folder (a path to it
+    or an :class:`eval.ijb.IJBMeta`) is extracted by :func:`extract_ijb_features` and scored by
+    :func:`score_ijb` with InsightFace's default switches (flip as ``options.flip``); every
+    rank scores it.
 
     Returns:
         ``target name -> TargetResult`` in the order given (a repeated name gets a suffix).
@@ -298,12 +310,13 @@ def evaluate_targets_full(
     transform = options.transform()
     device = torch.device(device)
     loaded = [_as_target(t) for t in targets]
+    verification = [t for t in loaded if isinstance(t, VerificationTarget)]
     # Images shared by several targets (a .bin and the pair list of the same pairs, say) are
     # embedded once: every target's images map to rows of one union, found by content digest.
     union: dict[bytes, int] = {}
     where: list[tuple[VerificationTarget, int]] = []
     rows_of: list[np.ndarray] = []
-    for target in loaded:
+    for target in verification:
         rows = []
         for i, key in enumerate(target.content_keys()):
             if key not in union:
@@ -323,15 +336,22 @@ def evaluate_targets_full(
             )
         return np.concatenate(images)
 
-    emb = extract_embeddings(backbone, load, len(where), options, device=device)
+    if verification:
+        emb = extract_embeddings(backbone, load, len(where), options, device=device)
+    rows_iter = iter(rows_of)
     results: dict[str, TargetResult] = {}
-    for target, rows in zip(loaded, rows_of):
-        name = target.name
+    for target in loaded:
+        if isinstance(target, ijb.IJBMeta):
+            raw = extract_ijb_features(backbone, target, options, device=device)
+            result = score_ijb(target, raw, ijb.IJBSwitches(flip=options.flip))
+        else:
+            rows = next(rows_iter)
+            result = score_target(
+                target, emb.embeddings[rows], emb.norms[rows], n_folds=options.n_folds
+            )
+        name = result.name
         while name in results:
             name += "_"
-        result = score_target(
-            target, emb.embeddings[rows], emb.norms[rows], n_folds=options.n_folds
-        )
         result.name = name
         results[name] = result
     return results

@@ -688,3 +688,47 @@ def test_cache_is_reused_for_other_switches_and_refused_for_other_weights(tmp_pa
         json.loads((out / "report.json").read_text())["targets"]["IJBC"]["ijb"]["features"]
         == "extracted"
     )
+
+
+@pytest.mark.usefixtures("tiny_backbone")
+def test_evaluate_targets_full_takes_an_ijb_folder_next_to_a_bin(tmp_path):
+    from eval.options import EvalOptions
+    from eval.runner import evaluate_targets_full, extract_ijb_features, score_ijb
+    from tests.eval_helpers import TinyNet, write_targets
+
+    meta, _ = synthetic_layout(tmp_path / "data" / "IJBC")
+    _images_for(meta, tmp_path / "data" / "IJBC")
+    bin_path = write_targets(str(tmp_path / "data"), num_ids=3)[0]
+    net = TinyNet(16).eval()
+    full = evaluate_targets_full(
+        net, [bin_path, str(tmp_path / "data" / "IJBC")], image_size=32, batch_size=8
+    )
+    assert list(full) == ["val", "IJBC"]
+    options = EvalOptions(image_size=32, batch_size=8)
+    meta = ijb.read_meta(str(tmp_path / "data" / "IJBC"), "IJBC")  # with the new landmarks
+    raw = extract_ijb_features(net, meta, options)
+    want = score_ijb(meta, raw)
+    np.testing.assert_array_equal(full["IJBC"].scores, want.scores)
+    assert full["IJBC"].metrics == want.metrics
+    with pytest.raises(ijb.IJBError, match=r"name the target as IJBB:"):
+        ijb.read_meta_spec(str(tmp_path / "data"))
+    assert ijb.read_meta_spec(f"ijbc:{tmp_path / 'data' / 'IJBC'}").num_images == meta.num_images
+
+
+@pytest.mark.slow
+def test_training_scores_an_ijb_folder_among_its_test_targets(tiny_data, tmp_path):
+    from dist_train.config import load_config
+    from dist_train.distributed import DistInfo
+    from dist_train.trainer import Trainer
+    from tests.conftest import tiny_overrides
+
+    meta, _ = synthetic_layout(tmp_path / "IJBC")
+    _images_for(meta, tmp_path / "IJBC")
+    run = tmp_path / "run"
+    overrides = {"max_steps": 2, "eval.test_targets": f"[IJBC:{tmp_path / 'IJBC'}]"}
+    cfg = load_config(None, tiny_overrides(tiny_data, run, **overrides))
+    Trainer(cfg, DistInfo()).fit()
+    doc = json.loads((run / "metrics_test.json").read_text())
+    m = doc["metrics"]["IJBC"]
+    assert {"tar@far=1e-4", "auc", "rank1", "tpir@fpir=1e-2", "num_templates"} <= set(m)
+    assert m["num_images"] == meta.num_images
