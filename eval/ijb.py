@@ -247,12 +247,13 @@ def _read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
         text = [(n, line.decode("utf-8", "replace")) for n, line in enumerate(data.splitlines(), 1)]
         text = [(n, line) for n, line in text if line.strip()]
         rows = _fields(path, text, 3, "template1, template2, label")
-        for c, what in ((0, "template id"), (1, "template id"), (2, "label")):
-            col = _column(path, rows, text, c, np.int64, what)
-        bad = np.flatnonzero(~np.isin(col, (0, 1)))
+        _column(path, rows, text, 0, np.int64, "template id")
+        _column(path, rows, text, 1, np.int64, "template id")
+        label = _column(path, rows, text, 2, np.int64, "label")
+        bad = np.flatnonzero(~np.isin(label, (0, 1)))
         if bad.size:
             n = text[bad[0]][0]
-            raise IJBError(f"{path}:{n}: label must be 0 or 1, got {col[bad[0]]}")
+            raise IJBError(f"{path}:{n}: label must be 0 or 1, got {label[bad[0]]}")
         raise IJBError(f"{path}: cannot parse the pairs")  # pragma: no cover
     values = values.reshape(-1, 3)
     if values.shape[0] == 0:

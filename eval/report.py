@@ -46,18 +46,23 @@ def _cell(metrics: Mapping[str, float], key: str | None, fmt: str | None) -> str
     return fmt.format(value)
 
 
+def _grid(first: str, columns: list, results: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Fixed-width lines: a header, a rule, one row per target."""
+    header = [first] + [c[0] for c in columns]
+    rows = [[name] + [_cell(m, k, f) for _, k, f in columns] for name, m in results.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+
+
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A fixed-width results table, one row per target.
 
     Args:
         results: ``target -> metric -> value`` (as returned by ``evaluate_targets``).
     """
-    header = ["target"] + [c[0] for c in _COLUMNS]
-    rows = [[name] + [_cell(m, k, f) for _, k, f in _COLUMNS] for name, m in results.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = _grid("target", _COLUMNS, results)
     notes = [
         f"n/a: TAR at FAR {far_label(float(k.split('=')[1]))} needs at least "
         f"{int(round(1 / float(k.split('=')[1])))} impostor pairs"
@@ -85,13 +90,7 @@ _IJB_COLUMNS = (
 def format_ijb_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """The IJB table as papers print it: TAR at FAR 1e-6 ... 1e-2, AUC, rank-1/5/10 and TPIR
     at FPIR 1e-4 ... 1e-1 (``-`` where 1:N was not run), one row per IJB target."""
-    header = ["IJB"] + [c[0] for c in _IJB_COLUMNS]
-    rows = [[name] + [_cell(m, k, f) for _, k, f in _IJB_COLUMNS] for name, m in results.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(_grid("IJB", _IJB_COLUMNS, results))
 
 
 def _clean(value: Any) -> Any:
