@@ -191,8 +191,11 @@ def main() -> None:
     md = to_markdown(rows, args.large_pairs)
     print(md)
     if args.md:
+        # the page's "## " sections belong to other benchmarks (benchmarks/ijb_scoring.py)
+        old = open(args.md, encoding="utf-8").read() if os.path.exists(args.md) else ""
+        tail = old[old.index("\n## ") :] if "\n## " in old else ""
         with open(args.md, "w", encoding="utf-8") as f:
-            f.write(md)
+            f.write(md.rstrip("\n") + "\n" + tail)
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ class EvalConfig:
     """Verification during and after training."""
 
     targets: list = field(default_factory=list)
-    """Verification sets: .bin files and/or labelled pair-list CSVs."""
+    """Verification sets: .bin files and/or labelled pair-list CSVs, and/or IJB folders (``DIR``
+    holding loose_crop/ and meta/, or ``IJBB:DIR`` / ``IJBC:DIR``; slow: see test_targets)."""
     every_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end and, if every_epoch, per epoch)."""
     every_epoch: bool = False
@@ -314,7 +315,8 @@ class EvalConfig:
     "mean/accuracy" (the mean over the standard five sets among the targets)."""
     test_targets: list = field(default_factory=list)
     """Test sets scored once after training with best_model.pt (the final weights when no
-    best was kept); results in metrics_test.json."""
+    best was kept); results in metrics_test.json. Same forms as ``targets`` (an IJB folder is
+    best placed here: it is evaluated once)."""
 
 
 @dataclass

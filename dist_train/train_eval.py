@@ -122,10 +122,10 @@ class TrainEvaluator:
 
     def _evaluate_targets(self, tag: str) -> Results:
         from eval.report import log_tensorboard
-        from eval.targets import load_target
+        from eval.runner import load_eval_target
 
         if self._targets is None:
-            self._targets = [load_target(p) for p in self.cfg.eval.targets]
+            self._targets = [load_eval_target(p) for p in self.cfg.eval.targets]
         if self.dist.is_distributed:
             # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
             # the images: use rank 0's everywhere, so the metrics are those of the weights rank
@@ -179,7 +179,7 @@ class TrainEvaluator:
         if not ecfg.test_targets:
             return {}
         from eval.report import log_tensorboard
-        from eval.targets import load_target
+        from eval.runner import load_eval_target
 
         barrier()  # rank 0 has finished writing best_model.pt / model.pt
         best_path = self.run_dir / "best_model.pt"
@@ -196,7 +196,7 @@ class TrainEvaluator:
             source = {"weights": str(best_path), **info}
         model = copy.deepcopy(self.backbone)
         model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-        targets = [load_target(p) for p in ecfg.test_targets]
+        targets = [load_eval_target(p) for p in ecfg.test_targets]
         full = self._evaluate(model, targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
         note = _add_mean(results)

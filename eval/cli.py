@@ -1,8 +1,10 @@
 """The evaluation command line (``launch/eval.py``): arguments -> model -> targets -> report.
 
-Owns argument parsing and the order of the steps; the work is done by :mod:`eval.runner`
-(embedding, metrics) and :mod:`eval.report` (table, JSON, figures). Runs as a single process
-or under ``torchrun`` (every rank embeds its shard of each target; rank 0 prints and writes).
+Owns argument parsing, the order of the steps and whether an IJB run's cached features are
+reused; the work is done by :mod:`eval.runner` (embedding, metrics), :mod:`eval.ijb` (IJB
+meta, scoring, the feature cache files) and :mod:`eval.report` (table, JSON, figures). Runs as
+a single process or under ``torchrun`` (every rank embeds its shard of each target; rank 0
+scores IJB, prints and writes).
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from dist_train.distributed import init_distributed
-from eval import report
+import numpy as np
+
+from dist_train.distributed import all_gather_object, init_distributed
+from eval import ijb, report
 from eval.options import EvalOptions
 from eval.runner import (
     TargetResult,
     evaluate_targets_full,
+    extract_ijb_features,
     input_from,
     load_model,
     normalisation_from,
+    score_ijb,
 )
 from eval.targets import TargetError, known_bins, load_target, write_scores
 
@@ -65,10 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="root of pair-list image paths, or a .rec pack (default: each list's directory)",
     )
-    p.add_argument("--out", default=None, help="output directory: report.json, PNG plots, scores")
+    p.add_argument(
+        "--ijb",
+        default=None,
+        metavar="DIR",
+        help="IJB folder holding loose_crop/ and meta/ (InsightFace's --image-path)",
+    )
+    p.add_argument(
+        "--ijb-target", default="IJBC", help="IJBC or IJBB: which meta files of --ijb to read"
+    )
+    p.add_argument(
+        "--ijb-no-norm-score",
+        action="store_true",
+        help="IJB: L2-normalise each image feature before pooling (InsightFace "
+        "use_norm_score=False; by default the feature norm weighs the image)",
+    )
+    p.add_argument(
+        "--ijb-no-detector-score",
+        action="store_true",
+        help="IJB: do not weigh image features by the detector score "
+        "(InsightFace use_detector_score=False)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory: report.json, PNG plots, scores, IJB feature cache",
+    )
     p.add_argument("--json", default=None, help="JSON report path (default: <out>/report.json)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--no-flip", action="store_true", help="disable flip test-time augmentation")
+    p.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="disable flip test-time augmentation (IJB: image feature = f(crop) only, "
+        "InsightFace use_flip_test=False)",
+    )
     p.add_argument("--low-light", action="store_true", help="apply the low-light transform")
     p.add_argument(
         "--image-size",
@@ -127,14 +163,22 @@ def options_from(args: argparse.Namespace, config: dict | None) -> EvalOptions:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
-    """Runs an evaluation; returns the results (on every rank)."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    extract_ijb: Callable[..., np.ndarray] = extract_ijb_features,
+) -> dict[str, TargetResult]:
+    """Runs an evaluation; returns the results (on every rank; an IJB target's on rank 0).
+
+    ``extract_ijb`` is the IJB feature extractor (``eval.runner.extract_ijb_features``;
+    tests pass a counting wrapper to see whether the cache was used).
+    """
     args = build_parser().parse_args(argv)
     targets, tests = _split(args.targets), _split(args.test_list)
     if args.bin_dir:
         targets = [t for t in known_bins(args.bin_dir) if t not in targets] + targets
-    if not targets and not tests:
-        raise SystemExit("error: give --targets, --bin-dir and/or --test-list")
+    if not targets and not tests and not args.ijb:
+        raise SystemExit("error: give --targets, --bin-dir, --test-list and/or --ijb")
     if tests and not args.out:
         raise SystemExit("error: --test-list needs --out (where the scores files go)")
     # The process group is torn down by the caller: launch/eval.py runs this under
@@ -145,15 +189,60 @@ def main(argv: Sequence[str] | None = None) -> dict[str, TargetResult]:
     for t in loaded[len(targets) :]:
         if t.labelled:
             raise TargetError(f"{t.path}: --test-list expects unlabelled 'path1,path2' lines")
+    meta = ijb.read_meta(args.ijb, args.ijb_target) if args.ijb else None
     model, config = load_model(args.weights, args.network, args.embedding_size)
     model = model.to(dist.device)
     options = options_from(args, config)
     start = time.perf_counter()
-    results = evaluate_targets_full(model, loaded, options, device=dist.device)
+    results = evaluate_targets_full(model, loaded, options, device=dist.device) if loaded else {}
+    if meta is not None:
+        raw, source = _ijb_features(args, meta, model, config, options, dist, extract_ijb)
+        if dist.is_main:
+            switches = ijb.IJBSwitches(
+                flip=options.flip,
+                norm_score=not args.ijb_no_norm_score,
+                detector_score=not args.ijb_no_detector_score,
+            )
+            result = score_ijb(meta, raw, switches)
+            result.details["ijb"]["features"] = source
+            results[result.name] = result
     seconds = time.perf_counter() - start
     if dist.is_main:
         _write_outputs(args, options, results, seconds, dist.world_size)
     return results
+
+
+def _ijb_features(args, meta, model, config, options, dist, extract) -> tuple[np.ndarray, str]:
+    """The raw ``[N, 2D]`` features of the IJB images and where they came from (``cache`` or
+    ``extracted``). The cache in ``--out`` is used only when every rank finds it valid under
+    the key of the weights, network, image list and input preparation."""
+    bcfg = (config or {}).get("backbone") or {}
+    parts = {
+        "weights_sha256": ijb.file_digest(args.weights),
+        "network": args.network or bcfg.get("name"),
+        "embedding_size": args.embedding_size or bcfg.get("embedding_size"),
+        "images_sha256": ijb.file_digest(meta.files["landmarks"]),
+        "mean": options.mean,
+        "std": options.std,
+        "image_size": options.image_size,
+        "center_crop": options.center_crop,
+        "low_light": options.low_light,
+        "amp": options.amp,
+    }
+    key = ijb.cache_key(parts)
+    raw = None
+    if args.out:
+        raw = ijb.load_cached_features(args.out, meta.target, key, meta.num_images)
+    # every rank takes the same road (extraction is collective)
+    if all(all_gather_object(raw is not None)):
+        if dist.is_main:
+            print(f"{meta.target}: features from {ijb.cache_paths(args.out, meta.target)[0]}")
+        return raw, "cache"
+    raw = extract(model, meta, options, device=dist.device)
+    if args.out and dist.is_main:
+        path = ijb.save_cached_features(args.out, meta.target, key, raw, parts)
+        print(f"{meta.target}: features cached in {path}")
+    return raw, "extracted"
 
 
 def _write_outputs(
@@ -162,6 +251,9 @@ def _write_outputs(
     labelled = {n: r for n, r in results.items() if r.issame is not None}
     if labelled:
         print(report.format_table({n: r.metrics for n, r in labelled.items()}))
+    ijb_results = {n: r for n, r in results.items() if "ijb" in r.details}
+    if ijb_results:
+        print(report.format_ijb_table({n: r.metrics for n, r in ijb_results.items()}))
     print(f"evaluated {len(results)} target(s) in {seconds:.1f} s on {world} process(es)")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -170,6 +262,11 @@ def _write_outputs(
                 path = os.path.join(args.out, f"{name}_scores.csv")
                 write_scores(path, r.target, r.scores)
                 print(f"scores: {path}")
+        for name, r in ijb_results.items():
+            path = os.path.join(args.out, f"{name.lower()}_scores.npy")
+            np.save(path, r.scores)
+            r.details["ijb"]["scores_file"] = path
+            print(f"pair scores: {path}")
         if not args.no_plots and labelled:
             print(f"plots: {len(report.write_figures(args.out, labelled))} PNG files in {args.out}")
     json_path = args.json or (os.path.join(args.out, "report.json") if args.out else None)
@@ -183,6 +280,8 @@ def _write_outputs(
             "center_crop": options.center_crop,
             "amp": options.amp,
             "folds": options.n_folds,
+            "ijb": args.ijb,
+            "ijb_target": args.ijb_target.upper() if args.ijb else None,
             "world_size": world,
             "seconds": seconds,
         }

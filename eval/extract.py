@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from dist_train.data.transforms import (
     low_light,  # noqa: F401 - also re-exported for eval users
@@ -100,6 +101,7 @@ def extract_embeddings(
     options: EvalOptions | None = None,
     *,
     device: torch.device,
+    progress: str | None = None,
 ) -> Embeddings:
     """Embeds ``num_images`` images, spreading contiguous shards over the ranks.
 
@@ -114,6 +116,7 @@ def extract_embeddings(
         options: ``batch_size`` (images per forward pass, per view) and those of
             :func:`embed_batch`.
         device: where the forward passes run.
+        progress: a tqdm bar with this label over rank 0's shard (None: no bar).
     """
     options = options or EvalOptions()
     batch_size = options.batch_size
@@ -127,6 +130,13 @@ def extract_embeddings(
     norm_chunks: list[np.ndarray] = []
     error: BaseException | None = None
     batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+    bar = tqdm(
+        total=stop - start,
+        desc=progress,
+        unit=" images",
+        disable=progress is None or rank != 0,
+        mininterval=1.0,
+    )
     # One background thread decodes the next batch while this one runs through the model
     # (OpenCV releases the GIL while decoding).
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -139,9 +149,11 @@ def extract_embeddings(
                 emb, norms = embed_batch(net, images, options, device=device)
                 chunks.append(emb)
                 norm_chunks.append(norms)
+                bar.update(len(images))
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         finally:
+            bar.close()
             if was_training:
                 net.train()
     if error is not None and world == 1:

@@ -17,6 +17,7 @@ never by looping over thresholds in Python, so a million pairs take well under a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -352,16 +353,21 @@ def operating_curve(scores: np.ndarray, labels: np.ndarray) -> OperatingCurve:
         labels: ``[P]`` bool / 0-1, True for genuine pairs.
     """
     s, y = _check_scores(scores, labels)
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    tp_cum = np.cumsum(y_sorted)
-    fp_cum = np.arange(1, s.size + 1) - tp_cum
-    # Keep the last index of each run of equal scores: a threshold accepts all ties at once.
-    last = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
+    # A value sort (no argsort: numpy's SIMD sort of values is several times faster, and the
+    # labels need not travel with the scores): the distinct scores, how many pairs hold each,
+    # and how many of those are genuine (the few genuine scores located by binary search).
+    s_sorted = np.sort(s)
+    first = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
+    distinct = s_sorted[first]
+    per_value = np.diff(np.r_[first, s.size])
+    genuine = np.bincount(np.searchsorted(distinct, s[y]), minlength=distinct.size)
+    # From the highest score down: a threshold accepts all ties at once.
+    tp_cum = np.cumsum(genuine[::-1])
+    fp_cum = np.cumsum(per_value[::-1]) - tp_cum
     return OperatingCurve(
-        thresholds=np.r_[np.inf, s_sorted[last]],
-        tp=np.r_[0, tp_cum[last]],
-        fp=np.r_[0, fp_cum[last]],
+        thresholds=np.r_[np.inf, distinct[::-1]],
+        tp=np.r_[0, tp_cum],
+        fp=np.r_[0, fp_cum],
         num_genuine=int(y.sum()),
         num_impostor=int((~y).sum()),
     )
@@ -467,6 +473,51 @@ def tar_at_far(
             item.tar = float("nan")
         out.append(item)
     return out
+
+
+def roc_curve_reduced(
+    scores: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC as ``sklearn.metrics.roc_curve`` returns it by default (``drop_intermediate``).
+
+    The points of :func:`operating_curve` without those lying on a straight segment between
+    their neighbours (zero second difference of both counts), then the "accept nothing"
+    point in front. Reading a TAR off the nearest FPR point (:func:`tar_at_nearest_far`)
+    depends on which points exist, so InsightFace's IJB numbers need exactly these.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each ``[K'+1]``, thresholds decreasing from ``+inf``.
+    """
+    curve = operating_curve(scores, labels)
+    tp, fp, thr = curve.tp[1:], curve.fp[1:], curve.thresholds[1:]
+    if tp.size > 2:
+        bends = np.logical_or(np.diff(fp, 2) != 0, np.diff(tp, 2) != 0)
+        keep = np.flatnonzero(np.r_[True, bends, True])
+        tp, fp, thr = tp[keep], fp[keep], thr[keep]
+    fpr = np.r_[0, fp] / curve.num_impostor
+    tpr = np.r_[0, tp] / curve.num_genuine
+    return fpr, tpr, np.r_[np.inf, thr]
+
+
+def tar_at_nearest_far(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float]) -> list[float]:
+    """TAR at each FAR read off the ROC point whose FPR is nearest, as InsightFace's IJB
+    evaluation reads it (no interpolation, no "FPR at most" rule).
+
+    The curve is searched from its high-threshold end backwards (InsightFace flips it), so
+    among points at the same distance the last one wins: at equal FPR the highest TPR, and
+    between two FPRs equally far from the target the larger.
+
+    Args:
+        fpr, tpr: ``[K]`` ROC points in increasing FPR order (:func:`roc_curve_reduced`).
+        fars: target false accept rates.
+    """
+    fpr_back, tpr_back = fpr[::-1], tpr[::-1]
+    return [float(tpr_back[int(np.argmin(np.abs(fpr_back - far)))]) for far in fars]
+
+
+def trapezoid_auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under a ROC given by its points (trapezoid rule, as ``sklearn.metrics.auc``)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
 
 
 @dataclass

@@ -98,6 +98,28 @@ def mean_note(mean: Mapping[str, Any]) -> str:
     return f"{text} (the standard five)"
 
 
+def _grid(
+    first: str,
+    columns: list,
+    results: Mapping[str, Mapping[str, float]],
+    footer: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[str]:
+    """Fixed-width lines: a header, a rule, one row per target, then (after another rule) one
+    row per ``footer`` entry (e.g. the mean over the standard sets)."""
+    footer = footer or {}
+    header = [first] + [c[0] for c in columns]
+    rows = [[name] + [_cell(m, k, f) for _, k, f in columns] for name, m in results.items()]
+    tail = [[name] + [_cell(m, k, f) for _, k, f in columns] for name, m in footer.items()]
+    widths = [max(len(r[i]) for r in [header, *rows, *tail]) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if tail:
+        lines.append(rule)
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in tail]
+    return lines
+
+
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """A fixed-width results table, one row per target, then the mean over the standard sets.
 
@@ -108,18 +130,9 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     Args:
         results: ``target -> metric -> value`` (as returned by ``evaluate_targets``).
     """
-    header = ["target"] + [c[0] for c in _COLUMNS]
-    rows = [[name] + [_cell(m, k, f) for _, k, f in _COLUMNS] for name, m in results.items()]
     mean = standard_mean(results)
-    mean_row = []
-    if mean is not None:
-        mean_row = [[mean["label"]] + [_cell(mean["metrics"], k, f) for _, k, f in _COLUMNS]]
-    widths = [max(len(r[i]) for r in [header, *rows, *mean_row]) for i in range(len(header))]
-    rule = "  ".join("-" * w for w in widths)
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), rule]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    if mean_row:
-        lines += [rule, "  ".join(c.ljust(w) for c, w in zip(mean_row[0], widths))]
+    footer = {mean["label"]: mean["metrics"]} if mean is not None else None
+    lines = _grid("target", _COLUMNS, results, footer)
     notes = [mean_note(mean)] if mean is not None else []
     notes += [
         f"n/a: TAR at FAR {far_label(float(k.split('=')[1]))} needs at least "
@@ -134,6 +147,21 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         )
     ]
     return "\n".join(lines + notes)
+
+
+_IJB_COLUMNS = (
+    [("templates", "num_templates", "{:.0f}"), ("pairs", "num_pairs", "{:.0f}")]
+    + [(f"TAR@{f}", f"tar@far={f}", "{:.4f}") for f in ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2")]
+    + [("AUC", "auc", "{:.4f}")]
+    + [(f"rank{k}", f"rank{k}", "{:.4f}") for k in (1, 5, 10)]
+    + [(f"TPIR@{f}", f"tpir@fpir={f}", "{:.4f}") for f in ("1e-4", "1e-3", "1e-2", "1e-1")]
+)
+
+
+def format_ijb_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """The IJB table as papers print it: TAR at FAR 1e-6 ... 1e-2, AUC, rank-1/5/10 and TPIR
+    at FPIR 1e-4 ... 1e-1 (``-`` where 1:N was not run), one row per IJB target."""
+    return "\n".join(_grid("IJB", _IJB_COLUMNS, results))
 
 
 def _clean(value: Any) -> Any:
@@ -173,6 +201,7 @@ def result_dict(result: TargetResult) -> dict[str, Any]:
             }
             for p in result.tar_at_far
         ]
+    out.update(result.details)
     if result.best_f1 is not None:
         b = result.best_f1
         out["best_f1"] = {

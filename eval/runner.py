@@ -2,9 +2,12 @@
 
 Owns the glue used by ``launch/eval.py`` and by the trainer's evaluation hook:
 :func:`load_backbone` (training checkpoint, plain state dict, ``.safetensors`` or ``.onnx``),
-:func:`evaluate_targets` (the flat ``target -> metric -> value`` dict the trainer logs) and
+:func:`evaluate_targets` (the flat ``target -> metric -> value`` dict the trainer logs),
 :func:`evaluate_targets_full` (also the curves, scores and fold thresholds that reports,
-plots and TensorBoard need). It never trains and never writes files.
+plots and TensorBoard need), and for IJB folders :func:`extract_ijb_features` (loose crops
+aligned by their landmarks, both views through the same extraction) and
+:func:`score_ijb` (the scores of :mod:`eval.ijb` as a :class:`TargetResult`). It never trains
+and never writes files.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval import metrics
+from dist_train.data.align import align_face
+from dist_train.data.datasets import DataError, decode_image
+from eval import ijb, metrics
 from eval.extract import extract_embeddings
 from eval.options import EvalOptions
 from eval.targets import TargetError, VerificationTarget, load_target
@@ -187,6 +192,7 @@ class TargetResult:
         best_f1: the best-F1 operating point (labelled targets).
         target: the evaluated target (pair names, paths).
         embeddings: ``[N, D]`` raw embeddings of the target's images.
+        details: further JSON-ready figures for the report (IJB: per-gallery 1:N, switches).
     """
 
     name: str
@@ -198,6 +204,7 @@ class TargetResult:
     best_f1: metrics.BestF1 | None = field(default=None, repr=False)
     target: VerificationTarget | None = field(default=None, repr=False)
     embeddings: np.ndarray | None = field(default=None, repr=False)
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def curves(self) -> dict[str, np.ndarray]:
         """ROC (``fpr``, ``tpr``) and precision–recall arrays for plots (labelled only)."""
@@ -266,8 +273,17 @@ def score_target(
     return result
 
 
-def _as_target(t: str | VerificationTarget) -> VerificationTarget:
-    return t if isinstance(t, VerificationTarget) else load_target(t)
+def load_eval_target(spec: str, images_root: str | None = None):
+    """A target named in ``eval.targets``: an IJB folder (``DIR`` holding ``meta/``, or
+    ``IJBB:DIR`` / ``IJBC:DIR``) as :class:`eval.ijb.IJBMeta`, anything else through
+    :func:`eval.targets.load_target`."""
+    if ijb.is_ijb_spec(spec):
+        return ijb.read_meta_spec(spec)
+    return load_target(spec, images_root)
+
+
+def _as_target(t: str | VerificationTarget | ijb.IJBMeta) -> VerificationTarget | ijb.IJBMeta:
+    return t if isinstance(t, VerificationTarget | ijb.IJBMeta) else load_eval_target(t)
 
 
 def evaluate_targets_full(
@@ -282,7 +298,10 @@ def evaluate_targets_full(
 
     Images are embedded once however many targets use them (matched by a digest of their
     encoded bytes). Under a process group every rank must call this; each embeds a contiguous
-    shard of the images and every rank returns the same results.
+    shard of the images and every rank returns the same results. An IJB folder (a path to it
+    or an :class:`eval.ijb.IJBMeta`) is extracted by :func:`extract_ijb_features` and scored by
+    :func:`score_ijb` with InsightFace's default switches (flip as ``options.flip``); every
+    rank scores it.
 
     Returns:
         ``target name -> TargetResult`` in the order given (a repeated name gets a suffix).
@@ -291,12 +310,13 @@ def evaluate_targets_full(
     transform = options.transform()
     device = torch.device(device)
     loaded = [_as_target(t) for t in targets]
+    verification = [t for t in loaded if isinstance(t, VerificationTarget)]
     # Images shared by several targets (a .bin and the pair list of the same pairs, say) are
     # embedded once: every target's images map to rows of one union, found by content digest.
     union: dict[bytes, int] = {}
     where: list[tuple[VerificationTarget, int]] = []
     rows_of: list[np.ndarray] = []
-    for target in loaded:
+    for target in verification:
         rows = []
         for i, key in enumerate(target.content_keys()):
             if key not in union:
@@ -316,15 +336,22 @@ def evaluate_targets_full(
             )
         return np.concatenate(images)
 
-    emb = extract_embeddings(backbone, load, len(where), options, device=device)
+    if verification:
+        emb = extract_embeddings(backbone, load, len(where), options, device=device)
+    rows_iter = iter(rows_of)
     results: dict[str, TargetResult] = {}
-    for target, rows in zip(loaded, rows_of):
-        name = target.name
+    for target in loaded:
+        if isinstance(target, ijb.IJBMeta):
+            raw = extract_ijb_features(backbone, target, options, device=device)
+            result = score_ijb(target, raw, ijb.IJBSwitches(flip=options.flip))
+        else:
+            rows = next(rows_iter)
+            result = score_target(
+                target, emb.embeddings[rows], emb.norms[rows], n_folds=options.n_folds
+            )
+        name = result.name
         while name in results:
             name += "_"
-        result = score_target(
-            target, emb.embeddings[rows], emb.norms[rows], n_folds=options.n_folds
-        )
         result.name = name
         results[name] = result
     return results
@@ -361,3 +388,86 @@ def evaluate_targets(
     """
     full = evaluate_targets_full(backbone, targets, options, device=device, **overrides)
     return {name: r.metrics for name, r in full.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# IJB folders
+# --------------------------------------------------------------------------------------------
+
+
+def ijb_crop(meta: ijb.IJBMeta, i: int, transform: Any = None) -> np.ndarray:
+    """Image ``i`` of an IJB target: decoded (the training decoder), aligned by its five
+    landmarks onto the ArcFace 112x112 template (``dist_train.data.align.align_face``), then
+    prepared by the evaluation transform; ``[H, W, 3]`` uint8 RGB.
+
+    Raises:
+        TargetError: the file is missing or not an image (names it).
+    """
+    path = meta.image_path(i)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise TargetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        img = decode_image(data, where=path)
+    except DataError as exc:
+        raise TargetError(str(exc)) from None
+    img = align_face(img, meta.landmarks[i])
+    return transform(img) if transform is not None else img
+
+
+def extract_ijb_features(
+    backbone: nn.Module,
+    meta: ijb.IJBMeta,
+    options: EvalOptions | None = None,
+    *,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Raw ``[N, 2D]`` float32 features of an IJB target: each aligned crop, then its mirror.
+
+    The crop and its mirror are two rows of one extraction (:func:`eval.extract.
+    extract_embeddings`, flip TTA off: the mirror is a row of its own), so both views keep
+    their own feature and the flip convention is applied at scoring time
+    (:func:`eval.ijb.image_features`). Under a process group every rank must call this;
+    each embeds a contiguous shard and all return the full array.
+    """
+    options = EvalOptions.with_overrides(options, flip=False)
+    transform = options.transform()
+    n = meta.num_images
+
+    def load(start: int, stop: int) -> np.ndarray:
+        crops: dict[int, np.ndarray] = {}
+        views = []
+        for row in range(start, stop):
+            i, mirrored = divmod(row, 2)
+            if i not in crops:
+                crops[i] = ijb_crop(meta, i, transform)
+            view = crops[i][:, ::-1] if mirrored else crops[i]
+            views.append(view.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.stack(views))
+
+    emb = extract_embeddings(
+        backbone, load, 2 * n, options, device=torch.device(device), progress=meta.target
+    )
+    return emb.embeddings.reshape(n, -1).astype(np.float32, copy=False)
+
+
+def score_ijb(
+    meta: ijb.IJBMeta, raw: np.ndarray, switches: ijb.IJBSwitches | None = None
+) -> TargetResult:
+    """:func:`eval.ijb.evaluate` as a :class:`TargetResult` named after the target (pair
+    scores and labels for the plots, per-gallery 1:N figures and the switches in ``details``)."""
+    switches = switches or ijb.IJBSwitches()
+    res = ijb.evaluate(meta, raw, switches)
+    result = TargetResult(meta.target, res.metrics, res.scores, res.labels)
+    result.details = {
+        "ijb": {
+            "root": meta.root,
+            "flip": switches.flip,
+            "norm_score": switches.norm_score,
+            "detector_score": switches.detector_score,
+            "galleries": res.details(),
+        }
+    }
+    return result
