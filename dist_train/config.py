@@ -297,11 +297,16 @@ class EvalConfig:
 
     targets: list = field(default_factory=list)
     """Verification sets: .bin files and/or labelled pair-list CSVs, and/or IJB folders (``DIR``
-    holding loose_crop/ and meta/, or ``IJBB:DIR`` / ``IJBC:DIR``; slow: see test_targets)."""
+    holding loose_crop/ and meta/, or ``IJBB:DIR`` / ``IJBC:DIR``; slow: see ijb_every_epochs
+    and test_targets)."""
     every_steps: int = 0
     """Evaluate every N optimizer steps (0: only at the end and, if every_epoch, per epoch)."""
     every_epoch: bool = False
     """Evaluate at the end of every epoch."""
+    ijb_every_epochs: int = 0
+    """IJB folders among ``targets`` (minutes of extraction each) are scored at the end of the
+    run and, with N > 0, at the end of every N-th epoch; the other evaluations (at_start,
+    every_steps, every_epoch) leave them out."""
     at_start: bool = False
     """Also evaluate the untrained (or initial) network before the first step, as a baseline."""
     batch_size: int = 128

@@ -96,16 +96,24 @@ class TrainEvaluator:
         if every and self.progress.step % every == 0:
             self.evaluate()
 
+    def evaluate_epoch_end(self) -> None:
+        """The end of an epoch (:attr:`progress` already counts it): ``eval.every_epoch``, and
+        the IJB targets every ``eval.ijb_every_epochs`` epochs."""
+        every_ijb = self.cfg.eval.ijb_every_epochs
+        with_ijb = bool(every_ijb) and self.progress.epoch % every_ijb == 0
+        if self.cfg.eval.every_epoch or (with_ijb and self._has_ijb()):
+            self.evaluate(with_ijb=with_ijb)
+
     def evaluate_final(self) -> None:
-        """The end of the run: evaluates, then rank 0 writes the weights ``model.pt`` and the
-        results ``metrics.json``."""
-        self.evaluate()
+        """The end of the run: evaluates (IJB targets included), then rank 0 writes the weights
+        ``model.pt`` and the results ``metrics.json``."""
+        self.evaluate(with_ijb=True)
         if self.dist.is_main:
             ckpt.atomic_save(cpu_state_dict(self.backbone), self.run_dir / "model.pt")
             with open(self.run_dir / "metrics.json", "w") as f:
                 json.dump(self.last_metrics, f, indent=2)
 
-    def evaluate(self, tag: str = "") -> Results:
+    def evaluate(self, tag: str = "", *, with_ijb: bool = False) -> Results:
         """Evaluates every configured target (all ranks take part); rank 0 logs.
 
         TensorBoard gets every metric as a scalar and the ROC, precision-recall, score and
@@ -113,26 +121,36 @@ class TrainEvaluator:
         With two or more of the standard five sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW) among
         the targets, their mean (``eval.report.standard_mean``) is logged too, as the results'
         ``mean`` entry and the scalars ``eval/mean/<metric>``.
+        IJB folders among the targets take part only ``with_ijb`` (see ``eval.ijb_every_epochs``).
         An untagged evaluation becomes :attr:`last_metrics` and may keep a new best model.
         """
-        results = self._evaluate_targets(tag) if self.cfg.eval.targets else {}
+        results = self._evaluate_targets(tag, with_ijb) if self.cfg.eval.targets else {}
         if self.on_evaluate is not None:
             self.on_evaluate(tag, results)
         return results
 
-    def _evaluate_targets(self, tag: str) -> Results:
+    def _has_ijb(self) -> bool:
+        from eval.ijb import is_ijb_spec
+
+        return any(is_ijb_spec(p) for p in self.cfg.eval.targets)
+
+    def _evaluate_targets(self, tag: str, with_ijb: bool) -> Results:
+        from eval.ijb import IJBMeta
         from eval.report import log_tensorboard
         from eval.runner import load_eval_target
 
         if self._targets is None:
             self._targets = [load_eval_target(p) for p in self.cfg.eval.targets]
+        targets = [t for t in self._targets if with_ijb or not isinstance(t, IJBMeta)]
+        if not targets:
+            return {}
         if self.dist.is_distributed:
             # BatchNorm statistics stay rank-local in training, but each rank embeds a shard of
             # the images: use rank 0's everywhere, so the metrics are those of the weights rank
             # 0 saves (best_model.pt, model.pt).
             for buf in self.backbone.buffers():
                 dist.broadcast(buf, 0)
-        full = self._evaluate(self.backbone, self._targets)
+        full = self._evaluate(self.backbone, targets)
         results = {name: dict(r.metrics) for name, r in full.items()}
         step = self.progress.step
         _log_results(f"eval{f' ({tag})' if tag else ''} step {step}", results, _add_mean(results))

@@ -226,8 +226,7 @@ class Trainer:
         """Moves to the next epoch; evaluates and/or checkpoints if configured."""
         self.progress.epoch += 1
         self.progress.batches_in_epoch = 0
-        if self.cfg.eval.every_epoch:
-            self.evaluator.evaluate()
+        self.evaluator.evaluate_epoch_end()
         if self.cfg.checkpoint.at_epoch_end:
             self.checkpointer.save()
 

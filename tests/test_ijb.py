@@ -732,3 +732,33 @@ def test_training_scores_an_ijb_folder_among_its_test_targets(tiny_data, tmp_pat
     m = doc["metrics"]["IJBC"]
     assert {"tar@far=1e-4", "auc", "rank1", "tpir@fpir=1e-2", "num_templates"} <= set(m)
     assert m["num_images"] == meta.num_images
+
+
+@pytest.mark.slow
+def test_training_scores_ijb_targets_at_the_end_and_every_n_epochs_only(tiny_data, tmp_path):
+    from dist_train.config import load_config
+    from dist_train.distributed import DistInfo
+    from dist_train.trainer import Trainer
+    from tests.conftest import tiny_overrides
+    from tests.eval_helpers import write_targets
+
+    meta, _ = synthetic_layout(tmp_path / "IJBC")
+    _images_for(meta, tmp_path / "IJBC")
+    bin_path = write_targets(str(tmp_path / "bins"), num_ids=3)[0]
+    overrides = {
+        "num_epochs": 3,
+        "eval.targets": f"[{bin_path}, IJBC:{tmp_path / 'IJBC'}]",
+        "eval.at_start": True,
+        "eval.every_epoch": True,
+        "eval.ijb_every_epochs": 2,
+    }
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "run", **overrides))
+    seen: list[tuple[str, list[str]]] = []
+    Trainer(cfg, DistInfo()).fit(on_evaluate=lambda tag, res: seen.append((tag, sorted(res))))
+    # at start, epoch 1: the .bin only; epoch 2 (every 2nd): both; the end of the run: both
+    assert seen == [
+        ("initial", ["val"]),
+        ("", ["val"]),
+        ("", ["IJBC", "val"]),
+        ("", ["IJBC", "val"]),
+    ]
