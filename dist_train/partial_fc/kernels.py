@@ -162,3 +162,188 @@ def _filtered(cos: torch.Tensor, valid: torch.Tensor, col: torch.Tensor, thresho
     dirty = cos > threshold
     _put(dirty, col, valid, torch.zeros_like(valid))
     return dirty
+
+
+CPU_BLOCK_BYTES = 256 * 2**10
+"""Size of the ``[rows, N]`` logits block of :class:`CosineCrossEntropy` on CPU: the block, its
+cosines and its ``[rows, D]`` class rows stay in a core's cache across the elementwise steps."""
+CUDA_BLOCK_BYTES = 256 * 2**20
+"""The same on CUDA: few, large kernels at a bounded memory cost."""
+
+
+def block_rows(device: torch.device, batch: int, itemsize: int) -> int:
+    """Classes per block of :class:`CosineCrossEntropy` for a global batch of ``batch`` rows.
+
+    Any value gives the same result up to the rounding of the blockwise sums.
+    """
+    size = CUDA_BLOCK_BYTES if device.type == "cuda" else CPU_BLOCK_BYTES
+    return max(16, size // (max(batch, 1) * itemsize))
+
+
+def fused(head: Any) -> bool:
+    """True when ``head`` supplies the hooks of :class:`CosineCrossEntropy` (see
+    :mod:`heads.margins`: ``target_logit``, ``nontarget_logits``, ``nontarget_grad_``)."""
+    return all(
+        callable(getattr(head, name, None))
+        for name in ("target_logit", "nontarget_logits", "nontarget_grad_")
+    )
+
+
+def target_cosines(x_hat: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[N]`` cosine of each row with its target class row ``w[target[i]]``; 0 where
+    ``target[i] < 0`` (the class is on another shard). No graph: N dot products."""
+    if w.shape[0] == 0:
+        return x_hat.new_zeros(x_hat.shape[0])
+    rows = w.detach().index_select(0, target.clamp_min(0))
+    cos = torch.linalg.vecdot(x_hat.detach(), rows).div_(rows.norm(dim=1).clamp_min_(1e-12))
+    return torch.where(target >= 0, cos, 0.0)
+
+
+class CosineCrossEntropy(torch.autograd.Function):
+    """Cosines x̂·ŵᵀ, margin and the cross-entropy across class shards, class block by block.
+
+    ``apply(x_hat [N, D], w [S, D], target [N], head, norms [N] or None) -> (loss, cos_t)``:
+    ``loss`` the global mean loss (same value on every rank), ``cos_t [N]`` each row's target
+    cosine (0 on rows whose class is on another shard), differentiable (a penalty on it, such
+    as the intra-class angle, back-propagates into ``x_hat`` and ``w``).
+
+    The logits of a row are ``head.s · head.target_logit(cos_t[, norms])`` at its target column
+    (with autograd on the ``[N]`` target cosines only, so any target logit gets its true
+    gradient, including through ``norms``) and ``head.nontarget_logits(cos)`` elsewhere.
+
+    The classes are processed in blocks of :func:`block_rows` rows: a block's ``[rows, D]``
+    rows, their cosines and logits stay in cache while the block is normalised, transformed,
+    exponentiated and summed (online log-sum-exp: a running max and a rescaled running sum per
+    row), and in backward while the softmax is rebuilt, turned into the gradient and
+    multiplied back by the rows and the embeddings. Memory: one ``[S, N]`` tensor (the cosines,
+    class-major) is kept for backward; the logits, the softmax and the gradient never exist
+    at full size. Collectives: one all-reduce of the row max and one of (sum of exponentials,
+    target logit) per step, as :class:`ShardedCrossEntropy`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, w, target, head, norms):  # type: ignore[override]
+        n = x_hat.shape[0]
+        s = w.shape[0]
+        valid = target >= 0
+        col = target.clamp_min(0)
+        cos_t = target_cosines(x_hat, w, target)
+        with torch.enable_grad():
+            cos_leaf = cos_t.detach().requires_grad_(True)
+            inputs, kw = [cos_leaf], {}
+            if norms is not None:
+                kw["norms"] = norms.detach().requires_grad_(ctx.needs_input_grad[4])
+                if ctx.needs_input_grad[4]:
+                    inputs.append(kw["norms"])
+            value_t = head.s * head.target_logit(cos_leaf, **kw)
+        value = torch.where(valid, value_t.detach(), 0.0)
+        rows = block_rows(x_hat.device, n, x_hat.element_size())
+        cos_all = x_hat.new_empty(s, n)  # class-major: a block of classes is contiguous
+        inv = x_hat.new_empty(s)
+        scratch = x_hat.new_empty(rows + 1, n)  # the extra row takes the other blocks' targets
+        pos = _target_positions(col, valid, s, rows, n)
+        linear = getattr(head, "nontarget_scale", None)
+        run_max = x_hat.new_full((n,), torch.finfo(x_hat.dtype).min)
+        new_max = torch.empty_like(run_max)
+        run_sum = x_hat.new_zeros(n)
+        flat = scratch.view(-1)
+        xt = x_hat.t()
+        for blk, a in enumerate(range(0, s, rows)):
+            b = min(a + rows, s)
+            wb, cb, iv, lb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
+            torch.linalg.vector_norm(wb, dim=1, out=iv).clamp_min_(1e-12).reciprocal_()
+            torch.mm(wb, xt, out=cb).mul_(iv.unsqueeze(1))
+            if linear is not None:
+                torch.mul(cb, linear, out=lb)
+            else:
+                head.nontarget_logits(cb, lb)
+            flat.index_fill_(0, pos[blk], -math.inf)  # the target logits are added below
+            torch.maximum(run_max, lb.amax(dim=0), out=new_max)
+            run_sum.mul_(run_max.sub_(new_max).exp_())
+            run_sum.add_(lb.sub_(new_max).exp_().sum(dim=0))
+            run_max, new_max = new_max, run_max
+        # Across ranks: the row max (the target logit included), then Σ exp(z − max) and the
+        # target's shifted logit in one all-reduce.
+        row_max = torch.where(valid, torch.maximum(run_max, value), run_max)
+        all_reduce(row_max, "max")
+        sums = torch.stack(
+            [
+                run_sum.mul_(run_max.sub_(row_max).exp_()).add_(
+                    torch.where(valid, (value - row_max).exp(), 0.0)
+                ),
+                torch.where(valid, value - row_max, 0.0),
+            ]
+        )
+        all_reduce(sums, "sum")
+        lse = sums[0].log().add_(row_max)
+        loss = (sums[0].log() - sums[1]).mean()
+        ctx.save_for_backward(x_hat, w, cos_all, inv, lse, value, valid, col, pos)
+        ctx.head, ctx.graph, ctx.rows, ctx.consumed = head, (inputs, value_t), rows, False
+        return loss, cos_t
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_cos_t):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("PartialFC's cross-entropy cannot be back-propagated twice")
+        ctx.consumed = True
+        x_hat, w, cos_all, inv, lse, value, valid, col, pos = ctx.saved_tensors
+        head, (inputs, value_t), rows = ctx.head, ctx.graph, ctx.rows
+        ctx.graph = None
+        n, s = x_hat.shape[0], w.shape[0]
+        scale = grad_loss / n
+        # ∂loss/∂(target logit) = (p_target − 1)/N on the rows whose class is here
+        d_value = torch.where(valid, (value - lse).exp().sub_(1.0).mul_(scale), 0.0)
+        with torch.enable_grad():  # a scalar output: no shape check of explicit gradients
+            grads = torch.autograd.grad((value_t * d_value).sum(), inputs, allow_unused=True)
+        if len(grads) > 1 and grads[1] is None:
+            grads = (grads[0], torch.zeros_like(inputs[1]))
+        d_cos_t = grads[0] if grads[0] is not None else torch.zeros_like(d_value)
+        if grad_cos_t is not None:
+            d_cos_t = d_cos_t + grad_cos_t
+        d_cos_t = torch.where(valid, d_cos_t, 0.0)
+        grad_norms = grads[1] if len(grads) > 1 else None
+        grad_x = torch.zeros_like(x_hat) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        if s == 0 or (grad_x is None and grad_w is None):
+            return grad_x, grad_w, None, None, grad_norms
+        # ∂loss/∂(x̂·w_j) at the target columns: the target cosine's gradient / ‖w_j‖
+        d_target = d_cos_t * inv.index_select(0, col)
+        linear = getattr(head, "nontarget_scale", None)
+        scratch = x_hat.new_empty(rows + 1, n)
+        flat = scratch.view(-1)
+        for blk, a in enumerate(range(0, s, rows)):
+            b = min(a + rows, s)
+            wb, cb, iv, gb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
+            if linear is not None:  # softmax · s/N / ‖w_j‖ in one multiply
+                torch.mul(cb, linear, out=gb).sub_(lse).exp_()
+                gb.mul_(iv.mul(scale * linear).unsqueeze(1))
+            else:
+                head.nontarget_logits(cb, gb)
+                gb.sub_(lse).exp_().mul_(scale)
+                head.nontarget_grad_(cb, gb)
+                gb.mul_(iv.unsqueeze(1))
+            flat.index_put_((pos[blk],), d_target)
+            if grad_w is not None:
+                torch.mm(gb, x_hat, out=grad_w[a:b])
+            if grad_x is not None:
+                grad_x.addmm_(gb.t(), wb)
+            if grad_w is not None:
+                # ∂cos_ij/∂w_j = (x̂_i − cos_ij ŵ_j)/‖w_j‖: the radial part, row by row
+                coef = gb.mul_(cb).sum(dim=1).mul_(iv)
+                grad_w[a:b].addcmul_(wb, coef.unsqueeze(1), value=-1.0)
+        return grad_x, grad_w, None, None, grad_norms
+
+
+def _target_positions(
+    col: torch.Tensor, valid: torch.Tensor, s: int, rows: int, n: int
+) -> torch.Tensor:
+    """``[blocks, N]`` flat positions in a ``[rows + 1, N]`` block buffer of each row's target
+    logit: ``(col − block start)·N + i`` in the block holding row i's class, in the spare
+    last row (``rows·N + i``) in every other block."""
+    blocks = max(1, -(-s // rows))
+    i = torch.arange(n, device=col.device)
+    pos = (rows * n + i).expand(blocks, n).clone()
+    blk = torch.where(valid, col // rows, 0)
+    here = torch.where(valid, (col - blk * rows) * n + i, rows * n + i)
+    pos.scatter_(0, blk.unsqueeze(0), here.unsqueeze(0))
+    return pos
