@@ -1,8 +1,11 @@
 """Autograd kernels of Partial FC: cosine logits and the cross-entropy across class shards.
 
-Owns :class:`CosineLinear` (cosines of embeddings with sampled class rows, with a backward that
-keeps only the rows' inverse norms) and :class:`ShardedCrossEntropy` (the mean softmax
-cross-entropy whose columns are split across ranks, with a margin head fused into it). Both run
+Owns :class:`CosineCrossEntropy` (cosines, margin and the sharded cross-entropy in one
+blockwise kernel, for heads with the fusion hooks of :mod:`heads.margins`), and for the other
+cases (sub-centre heads, heads of raw logits) :class:`CosineLinear` (cosines of embeddings
+with sampled class rows, with a backward that keeps only the rows' inverse norms) and
+:class:`ShardedCrossEntropy` (the mean softmax cross-entropy whose columns are split across
+ranks, optionally with a margin head fused into it). Both run
 in the dtype of their inputs; :class:`dist_train.partial_fc.PartialFC` calls them in fp32 with
 autocast off. Does not own the sampling, the weights or their optimizer
 (:mod:`dist_train.partial_fc.module`, :mod:`dist_train.partial_fc.optimizer`), nor the margin
@@ -164,7 +167,7 @@ def _filtered(cos: torch.Tensor, valid: torch.Tensor, col: torch.Tensor, thresho
     return dirty
 
 
-CPU_BLOCK_BYTES = 256 * 2**10
+CPU_BLOCK_BYTES = 512 * 2**10
 """Size of the ``[rows, N]`` logits block of :class:`CosineCrossEntropy` on CPU: the block, its
 cosines and its ``[rows, D]`` class rows stay in a core's cache across the elementwise steps."""
 CUDA_BLOCK_BYTES = 256 * 2**20
@@ -211,14 +214,18 @@ class CosineCrossEntropy(torch.autograd.Function):
     (with autograd on the ``[N]`` target cosines only, so any target logit gets its true
     gradient, including through ``norms``) and ``head.nontarget_logits(cos)`` elsewhere.
 
-    The classes are processed in blocks of :func:`block_rows` rows: a block's ``[rows, D]``
-    rows, their cosines and logits stay in cache while the block is normalised, transformed,
-    exponentiated and summed (online log-sum-exp: a running max and a rescaled running sum per
-    row), and in backward while the softmax is rebuilt, turned into the gradient and
-    multiplied back by the rows and the embeddings. Memory: one ``[S, N]`` tensor (the cosines,
-    class-major) is kept for backward; the logits, the softmax and the gradient never exist
-    at full size. Collectives: one all-reduce of the row max and one of (sum of exponentials,
-    target logit) per step, as :class:`ShardedCrossEntropy`.
+    The classes are processed in blocks of :func:`block_rows` rows, class-major (``[S, N]``),
+    so that a block's ``[rows, D]`` rows, their cosines and logits stay in cache between the
+    matmul and the elementwise steps. Heads whose non-target logit is ``s·cos``
+    (``nontarget_scale``; ArcFace, CosFace, AdaFace, ElasticFace, MagFace, …) take a two-sweep
+    path (:func:`_linear_forward`): 5 elementwise passes over ``[S, N]`` in forward, 1 in
+    backward, the scale and 1/‖w_j‖ folded into one multiply. Other heads (CurricularFace,
+    inter-class filtering) take the general path: in forward, per block, the head's
+    ``nontarget_logits`` and an online log-sum-exp (running max, rescaled running sum); in
+    backward the softmax rebuilt per block, times the head's ``nontarget_grad_``. Memory
+    either way: one ``[S, N]`` tensor kept for backward (logits → exponentials → gradient, or
+    the cosines), plus a block-sized scratch. Collectives: one all-reduce of the row max and
+    one of (sum of exponentials, target logit) per step.
     """
 
     @staticmethod
@@ -238,11 +245,15 @@ class CosineCrossEntropy(torch.autograd.Function):
             value_t = head.s * head.target_logit(cos_leaf, **kw)
         value = torch.where(valid, value_t.detach(), 0.0)
         rows = block_rows(x_hat.device, n, x_hat.element_size())
+        ctx.head, ctx.graph, ctx.rows, ctx.consumed = head, (inputs, value_t), rows, False
+        ctx.linear = getattr(head, "nontarget_scale", None)
+        if ctx.linear is not None:
+            loss = _linear_forward(ctx, x_hat, w, value, valid, col, rows, ctx.linear)
+            return loss, cos_t
         cos_all = x_hat.new_empty(s, n)  # class-major: a block of classes is contiguous
         inv = x_hat.new_empty(s)
         scratch = x_hat.new_empty(rows + 1, n)  # the extra row takes the other blocks' targets
         pos = _target_positions(col, valid, s, rows, n)
-        linear = getattr(head, "nontarget_scale", None)
         run_max = x_hat.new_full((n,), torch.finfo(x_hat.dtype).min)
         new_max = torch.empty_like(run_max)
         run_sum = x_hat.new_zeros(n)
@@ -253,10 +264,7 @@ class CosineCrossEntropy(torch.autograd.Function):
             wb, cb, iv, lb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
             torch.linalg.vector_norm(wb, dim=1, out=iv).clamp_min_(1e-12).reciprocal_()
             torch.mm(wb, xt, out=cb).mul_(iv.unsqueeze(1))
-            if linear is not None:
-                torch.mul(cb, linear, out=lb)
-            else:
-                head.nontarget_logits(cb, lb)
+            head.nontarget_logits(cb, lb)
             flat.index_fill_(0, pos[blk], -math.inf)  # the target logits are added below
             torch.maximum(run_max, lb.amax(dim=0), out=new_max)
             run_sum.mul_(run_max.sub_(new_max).exp_())
@@ -278,7 +286,6 @@ class CosineCrossEntropy(torch.autograd.Function):
         lse = sums[0].log().add_(row_max)
         loss = (sums[0].log() - sums[1]).mean()
         ctx.save_for_backward(x_hat, w, cos_all, inv, lse, value, valid, col, pos)
-        ctx.head, ctx.graph, ctx.rows, ctx.consumed = head, (inputs, value_t), rows, False
         return loss, cos_t
 
     @staticmethod
@@ -286,7 +293,7 @@ class CosineCrossEntropy(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("PartialFC's cross-entropy cannot be back-propagated twice")
         ctx.consumed = True
-        x_hat, w, cos_all, inv, lse, value, valid, col, pos = ctx.saved_tensors
+        x_hat, w, buf, inv, lse, value, valid, col, pos = ctx.saved_tensors
         head, (inputs, value_t), rows = ctx.head, ctx.graph, ctx.rows
         ctx.graph = None
         n, s = x_hat.shape[0], w.shape[0]
@@ -308,20 +315,19 @@ class CosineCrossEntropy(torch.autograd.Function):
             return grad_x, grad_w, None, None, grad_norms
         # ∂loss/∂(x̂·w_j) at the target columns: the target cosine's gradient / ‖w_j‖
         d_target = d_cos_t * inv.index_select(0, col)
-        linear = getattr(head, "nontarget_scale", None)
+        if ctx.linear is not None:
+            _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x, grad_w)
+            return grad_x, grad_w, None, None, grad_norms
+        cos_all = buf
         scratch = x_hat.new_empty(rows + 1, n)
         flat = scratch.view(-1)
         for blk, a in enumerate(range(0, s, rows)):
             b = min(a + rows, s)
             wb, cb, iv, gb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
-            if linear is not None:  # softmax · s/N / ‖w_j‖ in one multiply
-                torch.mul(cb, linear, out=gb).sub_(lse).exp_()
-                gb.mul_(iv.mul(scale * linear).unsqueeze(1))
-            else:
-                head.nontarget_logits(cb, gb)
-                gb.sub_(lse).exp_().mul_(scale)
-                head.nontarget_grad_(cb, gb)
-                gb.mul_(iv.unsqueeze(1))
+            head.nontarget_logits(cb, gb)
+            gb.sub_(lse).exp_().mul_(scale)
+            head.nontarget_grad_(cb, gb)
+            gb.mul_(iv.unsqueeze(1))
             flat.index_put_((pos[blk],), d_target)
             if grad_w is not None:
                 torch.mm(gb, x_hat, out=grad_w[a:b])
@@ -335,15 +341,97 @@ class CosineCrossEntropy(torch.autograd.Function):
 
 
 def _target_positions(
-    col: torch.Tensor, valid: torch.Tensor, s: int, rows: int, n: int
+    col: torch.Tensor, valid: torch.Tensor, s: int, rows: int, n: int, whole: bool = False
 ) -> torch.Tensor:
-    """``[blocks, N]`` flat positions in a ``[rows + 1, N]`` block buffer of each row's target
-    logit: ``(col − block start)·N + i`` in the block holding row i's class, in the spare
-    last row (``rows·N + i``) in every other block."""
+    """``[blocks, N]`` flat positions of each row's target logit, block by block.
+
+    In a ``[rows + 1, N]`` block buffer (``whole=False``): ``(col − block start)·N + i`` in
+    the block holding row i's class, the spare last row (``rows·N + i``) in every other
+    block. In the ``[S + 1, N]`` buffer of all blocks (``whole=True``): ``col·N + i`` in its
+    block, the spare row ``S·N + i`` elsewhere.
+    """
     blocks = max(1, -(-s // rows))
     i = torch.arange(n, device=col.device)
-    pos = (rows * n + i).expand(blocks, n).clone()
+    spare = (s if whole else rows) * n + i
+    pos = spare.expand(blocks, n).clone()
     blk = torch.where(valid, col // rows, 0)
-    here = torch.where(valid, (col - blk * rows) * n + i, rows * n + i)
+    here = torch.where(valid, (col if whole else col - blk * rows) * n + i, spare)
     pos.scatter_(0, blk.unsqueeze(0), here.unsqueeze(0))
     return pos
+
+
+def _linear_forward(ctx, x_hat, w, value, valid, col, rows: int, scale: float) -> torch.Tensor:
+    """Forward of :class:`CosineCrossEntropy` for heads whose non-target logits are ``s·cos``.
+
+    Two sweeps over one ``[S + 1, N]`` buffer: the first writes the logits s·x̂·ŵᵀ block by
+    block (the matmul, then one multiply by s/‖w_j‖ while the block is in cache) and takes
+    the row max; after the max's all-reduce the second turns them into exp(z − max) in place
+    (the targets' entries 0) and sums them. The buffer is kept: backward needs only it.
+    """
+    n, s = x_hat.shape[0], w.shape[0]
+    buf = x_hat.new_empty(s + 1, n)  # the spare last row takes other blocks' targets
+    inv = x_hat.new_empty(s)
+    run_max = x_hat.new_full((n,), torch.finfo(x_hat.dtype).min)
+    xt = x_hat.t()
+    for a in range(0, s, rows):
+        b = min(a + rows, s)
+        wb, lb, iv = w[a:b], buf[a:b], inv[a:b]
+        torch.linalg.vector_norm(wb, dim=1, out=iv).clamp_min_(1e-12).reciprocal_()
+        torch.mm(wb, xt, out=lb).mul_(iv.mul(scale).unsqueeze(1))
+        torch.maximum(run_max, lb.amax(dim=0), out=run_max)
+    # The target entry's s·cos_t is in the max: any shift at or above the row's largest logit
+    # (up to a few units) gives the same loss; then Σ exp(z − max) and the target's shifted
+    # logit in one all-reduce.
+    row_max = torch.where(valid, torch.maximum(run_max, value), run_max)
+    all_reduce(row_max, "max")
+    pos = _target_positions(col, valid, s, rows, n, whole=True)
+    flat = buf.view(-1)
+    flat.index_fill_(0, pos.flatten(), -math.inf)  # the target logits are added below
+    run_sum = x_hat.new_zeros(n)
+    for a in range(0, s, rows):
+        run_sum.add_(buf[a : min(a + rows, s)].sub_(row_max).exp_().sum(dim=0))
+    sums = torch.stack(
+        [
+            run_sum.add_(torch.where(valid, (value - row_max).exp(), 0.0)),
+            torch.where(valid, value - row_max, 0.0),
+        ]
+    )
+    all_reduce(sums, "sum")
+    lse = sums[0].log().add_(row_max)
+    loss = (sums[0].log() - sums[1]).mean()
+    ctx.row_max = row_max
+    ctx.save_for_backward(x_hat, w, buf, inv, lse, value, valid, col, pos)
+    return loss
+
+
+def _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x, grad_w) -> None:
+    """Backward of :func:`_linear_forward`, in place in its buffer.
+
+    The buffer holds e_ij = exp(z_ij − max_i); the gradient wrt x̂·w_j is
+    e_ij · r_i · c_j with r_i = exp(max_i − lse_i) ∈ (0, 1] and c_j = s/(N‖w_j‖): one
+    multiply by c per block, r folded into the embeddings (for the rows' gradient) and applied
+    to the embeddings' gradient once at the end. The radial part of ∂cos/∂w_j needs
+    Σ_i g_ij cos_ij = (w_j · Σ_i g_ij x̂_i)/‖w_j‖: a row dot product of the block's rows and
+    their fresh gradient, both in cache.
+    """
+    s, rows = w.shape[0], ctx.rows
+    row_f = (ctx.row_max - lse).exp_()
+    x_r = x_hat * row_f.unsqueeze(1)
+    col_f = inv * (scale * ctx.linear)
+    t_vals = d_target / row_f
+    acc_x = torch.zeros_like(x_hat) if grad_x is not None else None
+    flat = buf.view(-1)
+    for blk, a in enumerate(range(0, s, rows)):
+        b = min(a + rows, s)
+        wb, gb, iv = w[a:b], buf[a:b], inv[a:b]
+        gb.mul_(col_f[a:b].unsqueeze(1))
+        flat.index_put_((pos[blk],), t_vals)
+        if acc_x is not None:
+            acc_x.addmm_(gb.t(), wb)
+        if grad_w is not None:
+            gw = torch.mm(gb, x_r, out=grad_w[a:b])
+            # Σ_i g_ij cos_ij / ‖w_j‖ = (w_j · Σ_i g_ij x̂_i) / ‖w_j‖²
+            coef = torch.linalg.vecdot(wb, gw).mul_(iv).mul_(iv)
+            gw.addcmul_(wb, coef.unsqueeze(1), value=-1.0)
+    if grad_x is not None:
+        torch.mul(acc_x, row_f.unsqueeze(1), out=grad_x)

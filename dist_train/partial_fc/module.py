@@ -37,15 +37,18 @@ Update semantics (``update=``):
   the step costs O(C_local·D).
 
 Head extensions (:mod:`heads.margins_magnitude`): a head whose ``forward`` takes the keyword
-``norms`` gets the global batch's embedding norms ``‖x_i‖`` (with their graph) and runs
-unfused; a head with ``sub_centers = K > 1`` makes the shard hold K rows per class
-(``[C_local·K, D]``, class-major), samples classes (all K rows of a sampled class) and reduces
-the ``[N, S·K]`` cosines to ``[N, S]`` with the head's ``reduce_sub_centers``. A head with
+``norms`` gets the global batch's embedding norms ``‖x_i‖`` (with their graph), in the fused
+kernel through its ``target_logit(cos_t, norms)``; a head with ``sub_centers = K > 1`` makes
+the shard hold K rows per class (``[C_local·K, D]``, class-major), samples classes (all K
+rows of a sampled class) and reduces the ``[N, S·K]`` cosines to ``[N, S]`` with the head's
+``reduce_sub_centers`` (outside the fused kernel). A head with
 ``has_extra_loss`` (or ``intra_alpha > 0``) adds ``extra_loss_sum`` once per sample.
 
-Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
-cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
-gradient) besides the sampled rows and their gradient. The model per rank is
+Memory: margin heads with the fusion hooks of ``heads.margins`` (every ``MarginHead``,
+CurricularFace, MagFace) run in :class:`~dist_train.partial_fc.kernels.CosineCrossEntropy`,
+which keeps one [N, S] fp32 buffer and a block-sized scratch; the other heads (sub-centres,
+raw logits) hold two (cosines, and logits → softmax → gradient), besides the sampled rows and
+their gradient. The model per rank is
 :func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
 """
 
