@@ -197,6 +197,32 @@ def speed_ratios(num_classes: int, cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sampler_scaling(shards: list[int], sampled: int, batch: int, repeats: int) -> str:
+    """Time of :meth:`PartialFC.sample` (one process, CPU time) on shards of different sizes
+    with the same sampled count: flat when the sampling is O(S)."""
+    import statistics
+
+    lines = [
+        "| shard rows (C_local) | sampled rows | sample() CPU ms (median) |",
+        "|---:|---:|---:|",
+    ]
+    models = []
+    for c_local in shards:
+        pfc = PartialFC(heads.get_head("arcface"), 8, c_local, sample_rate=sampled / c_local)
+        labels = torch.randint(0, c_local, (batch,), generator=torch.Generator().manual_seed(0))
+        models.append((c_local, pfc, labels))
+    times: dict[int, list[float]] = {c: [] for c in shards}
+    for _ in range(repeats):
+        for c_local, pfc, labels in models:
+            t0 = time.thread_time()
+            pfc.sample(labels)
+            times[c_local].append(time.thread_time() - t0)
+    for c_local in shards:
+        med = statistics.median(times[c_local][1:])
+        lines.append(f"| {c_local:,} | {sampled:,} | {med * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def optimizer_scaling(shards: list[int], sampled: int, dim: int, repeats: int) -> str:
     """Sparse and dense optimizer step on shards of different sizes, same sampled rows.
 
@@ -284,7 +310,24 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=7, help="repeats of --ratios-only")
     ap.add_argument("--head", default="arcface", help="margin head of --ratios-only")
+    ap.add_argument(
+        "--sampler-only",
+        action="store_true",
+        help="run only the sampling time against the shard size (appended to --out)",
+    )
     args = ap.parse_args()
+    if args.sampler_only:
+        text = (
+            "\n## Negative sampling against shard size (one process)\n\n"
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/partial_fc.py "
+            f"{' '.join(sys.argv[1:])}`\n\n"
+            + sampler_scaling([500000, 1000000, 5000000], 50000, args.batch, args.scaling_repeats)
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
     if args.ratios_only:
         c = int(float(args.classes.split(",")[0]))
         cfg = {
