@@ -192,12 +192,46 @@ def fused(head: Any) -> bool:
     )
 
 
-def target_cosines(x_hat: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``[N]`` cosine of each row with its target class row ``w[target[i]]``; 0 where
-    ``target[i] < 0`` (the class is on another shard). No graph: N dot products."""
+class ClassRows:
+    """The S class rows of a step in the maths dtype, read a block at a time.
+
+    ``source=None``: views of ``w`` (a materialised ``[S, D]`` tensor). ``source=(weight,
+    index)``: rows ``weight[index[a:b]]`` of the shard (any storage dtype), gathered into one
+    block buffer reused for every block, so the ``[S, D]`` copy of the sampled rows never
+    exists (its write and page faults were a sixth of the matmuls' time on CPU).
+    """
+
+    def __init__(self, w: torch.Tensor, source: tuple | None, rows: int) -> None:
+        self.w, self.source = w, source
+        self.buf = None if source is None else w.new_empty(min(rows, w.shape[0]), w.shape[1])
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``[a, b)``."""
+        if self.source is None:
+            return self.w[a:b]
+        weight, index = self.source
+        out = self.buf[: b - a]
+        if weight.dtype == out.dtype:
+            return torch.index_select(weight, 0, index[a:b], out=out)
+        return out.copy_(weight.index_select(0, index[a:b]))
+
+    def take(self, cols: torch.Tensor) -> torch.Tensor:
+        """Rows at the positions ``cols`` (``[len(cols), D]``, a new tensor)."""
+        if self.source is None:
+            return self.w.detach().index_select(0, cols)
+        weight, index = self.source
+        return weight.index_select(0, index.index_select(0, cols)).to(self.w.dtype)
+
+
+def target_cosines(
+    x_hat: torch.Tensor, w: torch.Tensor, target: torch.Tensor, source: tuple | None = None
+) -> torch.Tensor:
+    """``[N]`` cosine of each row with its target class row ``w[target[i]]`` (the rows as
+    :class:`ClassRows` of ``w``, ``source`` reads them); 0 where ``target[i] < 0`` (the class
+    is on another shard). No graph: N dot products."""
     if w.shape[0] == 0:
         return x_hat.new_zeros(x_hat.shape[0])
-    rows = w.detach().index_select(0, target.clamp_min(0))
+    rows = ClassRows(w, source, 0).take(target.clamp_min(0))
     cos = torch.linalg.vecdot(x_hat.detach(), rows).div_(rows.norm(dim=1).clamp_min_(1e-12))
     return torch.where(target >= 0, cos, 0.0)
 
@@ -205,7 +239,10 @@ def target_cosines(x_hat: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -
 class CosineCrossEntropy(torch.autograd.Function):
     """Cosines x̂·ŵᵀ, margin and the cross-entropy across class shards, class block by block.
 
-    ``apply(x_hat [N, D], w [S, D], target [N], head, norms [N] or None) -> (loss, cos_t)``:
+    ``apply(x_hat [N, D], w [S, D], target [N], head, norms [N] or None, source) ->
+    (loss, cos_t)``; ``source``: ``None`` (the rows are ``w``'s values) or ``(weight,
+    index)``: the rows are ``weight[index]``, read block by block (:class:`ClassRows`), and
+    ``w`` is only the leaf that receives their gradient (its values are not read).
     ``loss`` the global mean loss (same value on every rank), ``cos_t [N]`` each row's target
     cosine (0 on rows whose class is on another shard), differentiable (a penalty on it, such
     as the intra-class angle, back-propagates into ``x_hat`` and ``w``).
@@ -229,12 +266,12 @@ class CosineCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, w, target, head, norms):  # type: ignore[override]
+    def forward(ctx, x_hat, w, target, head, norms, source=None):  # type: ignore[override]
         n = x_hat.shape[0]
         s = w.shape[0]
         valid = target >= 0
         col = target.clamp_min(0)
-        cos_t = target_cosines(x_hat, w, target)
+        cos_t = target_cosines(x_hat, w, target, source)
         with torch.enable_grad():
             cos_leaf = cos_t.detach().requires_grad_(True)
             inputs, kw = [cos_leaf], {}
@@ -247,8 +284,10 @@ class CosineCrossEntropy(torch.autograd.Function):
         rows = block_rows(x_hat.device, n, x_hat.element_size())
         ctx.head, ctx.graph, ctx.rows, ctx.consumed = head, (inputs, value_t), rows, False
         ctx.linear = getattr(head, "nontarget_scale", None)
+        ctx.source = source
+        w_rows = ClassRows(w, source, rows)
         if ctx.linear is not None:
-            loss = _linear_forward(ctx, x_hat, w, value, valid, col, rows, ctx.linear)
+            loss = _linear_forward(ctx, x_hat, w, w_rows, value, valid, col, rows, ctx.linear)
             return loss, cos_t
         cos_all = x_hat.new_empty(s, n)  # class-major: a block of classes is contiguous
         inv = x_hat.new_empty(s)
@@ -261,7 +300,7 @@ class CosineCrossEntropy(torch.autograd.Function):
         xt = x_hat.t()
         for blk, a in enumerate(range(0, s, rows)):
             b = min(a + rows, s)
-            wb, cb, iv, lb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
+            wb, cb, iv, lb = w_rows.block(a, b), cos_all[a:b], inv[a:b], scratch[: b - a]
             torch.linalg.vector_norm(wb, dim=1, out=iv).clamp_min_(1e-12).reciprocal_()
             torch.mm(wb, xt, out=cb).mul_(iv.unsqueeze(1))
             head.nontarget_logits(cb, lb)
@@ -312,18 +351,22 @@ class CosineCrossEntropy(torch.autograd.Function):
         grad_x = torch.zeros_like(x_hat) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         if s == 0 or (grad_x is None and grad_w is None):
-            return grad_x, grad_w, None, None, grad_norms
+            return grad_x, grad_w, None, None, grad_norms, None
         # ∂loss/∂(x̂·w_j) at the target columns: the target cosine's gradient / ‖w_j‖
         d_target = d_cos_t * inv.index_select(0, col)
+        w_rows = ClassRows(w, ctx.source, rows)
+        ctx.source = None
         if ctx.linear is not None:
-            _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x, grad_w)
-            return grad_x, grad_w, None, None, grad_norms
+            _linear_backward(
+                ctx, x_hat, w_rows, buf, inv, lse, pos, d_target, scale, grad_x, grad_w
+            )
+            return grad_x, grad_w, None, None, grad_norms, None
         cos_all = buf
         scratch = x_hat.new_empty(rows + 1, n)
         flat = scratch.view(-1)
         for blk, a in enumerate(range(0, s, rows)):
             b = min(a + rows, s)
-            wb, cb, iv, gb = w[a:b], cos_all[a:b], inv[a:b], scratch[: b - a]
+            wb, cb, iv, gb = w_rows.block(a, b), cos_all[a:b], inv[a:b], scratch[: b - a]
             head.nontarget_logits(cb, gb)
             gb.sub_(lse).exp_().mul_(scale)
             head.nontarget_grad_(cb, gb)
@@ -337,7 +380,7 @@ class CosineCrossEntropy(torch.autograd.Function):
                 # ∂cos_ij/∂w_j = (x̂_i − cos_ij ŵ_j)/‖w_j‖: the radial part, row by row
                 coef = gb.mul_(cb).sum(dim=1).mul_(iv)
                 grad_w[a:b].addcmul_(wb, coef.unsqueeze(1), value=-1.0)
-        return grad_x, grad_w, None, None, grad_norms
+        return grad_x, grad_w, None, None, grad_norms, None
 
 
 def _target_positions(
@@ -360,7 +403,9 @@ def _target_positions(
     return pos
 
 
-def _linear_forward(ctx, x_hat, w, value, valid, col, rows: int, scale: float) -> torch.Tensor:
+def _linear_forward(
+    ctx, x_hat, w, w_rows, value, valid, col, rows: int, scale: float
+) -> torch.Tensor:
     """Forward of :class:`CosineCrossEntropy` for heads whose non-target logits are ``s·cos``.
 
     Two sweeps over one ``[S + 1, N]`` buffer: the first writes the logits s·x̂·ŵᵀ block by
@@ -375,7 +420,7 @@ def _linear_forward(ctx, x_hat, w, value, valid, col, rows: int, scale: float) -
     xt = x_hat.t()
     for a in range(0, s, rows):
         b = min(a + rows, s)
-        wb, lb, iv = w[a:b], buf[a:b], inv[a:b]
+        wb, lb, iv = w_rows.block(a, b), buf[a:b], inv[a:b]
         torch.linalg.vector_norm(wb, dim=1, out=iv).clamp_min_(1e-12).reciprocal_()
         torch.mm(wb, xt, out=lb).mul_(iv.mul(scale).unsqueeze(1))
         torch.maximum(run_max, lb.amax(dim=0), out=run_max)
@@ -404,7 +449,9 @@ def _linear_forward(ctx, x_hat, w, value, valid, col, rows: int, scale: float) -
     return loss
 
 
-def _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x, grad_w) -> None:
+def _linear_backward(
+    ctx, x_hat, w_rows, buf, inv, lse, pos, d_target, scale, grad_x, grad_w
+) -> None:
     """Backward of :func:`_linear_forward`, in place in its buffer.
 
     The buffer holds e_ij = exp(z_ij − max_i); the gradient wrt x̂·w_j is
@@ -414,7 +461,7 @@ def _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x,
     Σ_i g_ij cos_ij = (w_j · Σ_i g_ij x̂_i)/‖w_j‖: a row dot product of the block's rows and
     their fresh gradient, both in cache.
     """
-    s, rows = w.shape[0], ctx.rows
+    s, rows = w_rows.w.shape[0], ctx.rows
     row_f = (ctx.row_max - lse).exp_()
     x_r = x_hat * row_f.unsqueeze(1)
     col_f = inv * (scale * ctx.linear)
@@ -423,7 +470,7 @@ def _linear_backward(ctx, x_hat, w, buf, inv, lse, pos, d_target, scale, grad_x,
     flat = buf.view(-1)
     for blk, a in enumerate(range(0, s, rows)):
         b = min(a + rows, s)
-        wb, gb, iv = w[a:b], buf[a:b], inv[a:b]
+        wb, gb, iv = w_rows.block(a, b), buf[a:b], inv[a:b]
         gb.mul_(col_f[a:b].unsqueeze(1))
         flat.index_put_((pos[blk],), t_vals)
         if acc_x is not None:

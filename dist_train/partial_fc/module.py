@@ -131,7 +131,9 @@ class PartialFC(nn.Module):
         num_rows: ``C_local·K``, the rows of the shard.
         sampled_index: ``[S·K]`` int64, sorted shard rows used by the last forward.
         sampled_weight: ``[S, D]`` leaf of the last forward; its ``.grad`` after backward is
-            the gradient of the global loss with respect to those rows.
+            the gradient of the global loss with respect to those rows. With a fused head
+            and sampling its values are a zero-stride placeholder (the kernel reads the rows
+            from ``weight``); otherwise the rows themselves.
     """
 
     def __init__(
@@ -213,22 +215,23 @@ class PartialFC(nn.Module):
         if self.sub_centers > 1:  # all K rows of each sampled class, class-major
             k = self.sub_centers
             index = (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).flatten()
-        sub = self._sampled_leaf(index, compute_dtype)
+        normalized = getattr(self.margin, "normalized", True)
+        fused = normalized and self.sub_centers == 1 and kernels.fused(self.margin)
+        sub, source = self._sampled_leaf(index, compute_dtype, lazy=fused)
         self.sampled_index, self.sampled_weight = index, sub
 
         with torch.autocast(device_type=device.type, enabled=False):
             x = global_embeddings.to(compute_dtype)
             head_kw = {"norms": x.norm(dim=1)} if self._takes_norms else {}
-            normalized = getattr(self.margin, "normalized", True)
-            if normalized and self.sub_centers == 1 and kernels.fused(self.margin):
+            if fused:
                 # Cosines, margin and cross-entropy in one blockwise kernel; the penalty terms
                 # see the [N] target cosines as an [N, 1] matrix (column 0, or -1 elsewhere).
                 x_hat = F.normalize(x, dim=1)
                 if getattr(self.margin, "batch_inputs", ()):
-                    local_cos = lambda: kernels.target_cosines(x_hat, sub, target)  # noqa: E731
+                    local_cos = lambda: kernels.target_cosines(x_hat, sub, target, source)  # noqa: E731
                     self.margin.prepare_batch(**self._head_inputs(x, local_cos))
                 loss, cos_t = kernels.CosineCrossEntropy.apply(
-                    x_hat, sub, target, self.margin, head_kw.get("norms")
+                    x_hat, sub, target, self.margin, head_kw.get("norms"), source
                 )
                 cosine, extra_target = cos_t.unsqueeze(1), torch.where(target >= 0, 0, -1)
             else:
@@ -370,13 +373,22 @@ class PartialFC(nn.Module):
         column = torch.searchsorted(index, row)
         return index, torch.where(on_shard, column, torch.full_like(local, -1))
 
-    def _sampled_leaf(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _sampled_leaf(
+        self, index: torch.Tensor, dtype: torch.dtype, lazy: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The ``[S, D]`` leaf whose ``.grad`` is the sampled rows' gradient, and where the
+        fused kernel reads the rows (``None``: from the leaf's values).
+
+        ``lazy`` (the fused kernel): the leaf is a zero-stride view, no ``[S, D]`` copy of the
+        rows is made, and the kernel gathers them from the shard block by block.
+        """
         if index.numel() == self.num_rows and self.weight.dtype == dtype:
             # Every row is used: alias the shard instead of copying it (saves C_local·D·4 B).
-            sub = self.weight.detach()
-        else:
-            sub = self.weight.index_select(0, index).to(dtype)
-        return sub.requires_grad_(True)
+            return self.weight.detach().requires_grad_(True), None
+        if lazy:
+            leaf = self.weight.new_zeros((), dtype=dtype).expand(index.numel(), self.embedding_size)
+            return leaf.requires_grad_(True), (self.weight, index)
+        return self.weight.index_select(0, index).to(dtype).requires_grad_(True), None
 
     # ---------------------------------------------------------------- optimizer
     def configure_optimizer(self, name: str = "sgd", **hyperparameters: Any) -> PartialFCOptimizer:
