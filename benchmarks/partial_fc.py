@@ -103,6 +103,126 @@ def _bench_world(rank: int, world: int, num_classes: int, update: str, cfg: dict
     return results
 
 
+def _clocks() -> tuple[float, float]:
+    """(wall, this thread's CPU time): the CPU time is what the shared machine's load moves
+    least (it excludes time spent waiting for the core or for the other rank)."""
+    return time.perf_counter(), time.thread_time()
+
+
+def _ratio_world(rank: int, world: int, num_classes: int, cfg: dict) -> dict:
+    """One rank of the speed ratios: the classifier's forward + backward against the three
+    bare matmuls of the same shapes, and its optimizer step against one streaming pass over
+    the sampled rows' weights and optimizer state, interleaved repeat by repeat."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(1000 + rank)
+    n, d, b_local = cfg["batch"], cfg["dim"], cfg["batch"] // world
+    pfc = PartialFC(heads.get_head(cfg["head"]), d, num_classes, sample_rate=cfg["rate"])
+    opt = pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(b_local, d, generator=gen).mul_(3.0).requires_grad_(True)
+    y = torch.randint(0, num_classes, (b_local,), generator=gen)
+    s = pfc.sample_size(n)
+    # The bare matmuls: logits [N, D]·[D, S], grad wrt embeddings [N, S]·[S, D], grad wrt the
+    # sampled rows [S, N]·[N, D]; fp32 like the classifier's maths.
+    x_hat = F.normalize(torch.randn(n, d, generator=gen), dim=1)
+    w_s = torch.randn(s, d, generator=gen)
+    g_ns = torch.randn(n, s, generator=gen)
+    # The stream: SGD with momentum over contiguous [S, D] tensors of the storage and state
+    # dtypes: m ← g + μ·m (reads g, m; writes m), w ← w − lr·m (reads w, m; writes w).
+    w_c = torch.randn(s, d, generator=gen).to(pfc.weight.dtype)
+    m_c = torch.zeros(s, d, dtype=opt.state_dtype)
+    g_c = torch.randn(s, d, generator=gen)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:
+        w0, c0 = _clocks()
+        fn()
+        w1, c1 = _clocks()
+        times.setdefault(name + "_wall", []).append(w1 - w0)
+        times.setdefault(name + "_cpu", []).append(c1 - c0)
+
+    def fwd_bwd() -> None:
+        pfc(x, y).backward()
+
+    def opt_step() -> None:
+        opt.step()
+        opt.zero_grad()
+        x.grad = None
+
+    def bare() -> None:
+        x_hat @ w_s.t()
+        g_ns @ w_s
+        g_ns.t() @ x_hat
+
+    def stream() -> None:
+        torch.add(g_c, m_c, alpha=0.9, out=m_c)
+        w_c.add_(m_c, alpha=-0.1)
+
+    for step in range(cfg["warmup"] + cfg["repeats"]):
+        dist.barrier()
+        timed("fwd_bwd", fwd_bwd)
+        timed("optimizer", opt_step)
+        timed("matmuls", bare)
+        timed("stream", stream)
+        if step < cfg["warmup"]:
+            times.clear()
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["sampled"] = pfc.sampled_index.numel()
+    return out
+
+
+def speed_ratios(num_classes: int, cfg: dict) -> str:
+    """Markdown lines of the two ratios of issue 16 (slowest rank's medians)."""
+    ranks = run_distributed(_ratio_world, cfg["world"], num_classes, cfg, timeout_s=3600)
+    med = {k: max(r[k] for r in ranks) for k in ranks[0]}
+    lines = [
+        f"C = {num_classes:,}, rate {cfg['rate']}, {cfg['world']} gloo processes, global "
+        f"batch {cfg['batch']}, D {cfg['dim']}, head {cfg['head']}, {med['sampled']:,} sampled "
+        f"rows per rank; median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} "
+        "warm-up, slowest rank:",
+        "",
+        "| clock | fwd+bwd ms | 3 bare matmuls ms | **fwd+bwd / matmuls** | optimizer step ms "
+        "| stream ms | **step / stream** |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clock in ("cpu", "wall"):
+        fb, mm = med[f"fwd_bwd_{clock}"], med[f"matmuls_{clock}"]
+        op, st = med[f"optimizer_{clock}"], med[f"stream_{clock}"]
+        lines.append(
+            f"| {clock} | {fb * 1e3:.1f} | {mm * 1e3:.1f} | **{fb / mm:.2f}×** | "
+            f"{op * 1e3:.1f} | {st * 1e3:.1f} | **{op / st:.2f}×** |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sampler_scaling(shards: list[int], sampled: int, batch: int, repeats: int) -> str:
+    """Time of :meth:`PartialFC.sample` (one process, CPU time) on shards of different sizes
+    with the same sampled count: flat when the sampling is O(S)."""
+    import statistics
+
+    lines = [
+        "| shard rows (C_local) | sampled rows | sample() CPU ms (median) |",
+        "|---:|---:|---:|",
+    ]
+    models = []
+    for c_local in shards:
+        pfc = PartialFC(heads.get_head("arcface"), 8, c_local, sample_rate=sampled / c_local)
+        labels = torch.randint(0, c_local, (batch,), generator=torch.Generator().manual_seed(0))
+        models.append((c_local, pfc, labels))
+    times: dict[int, list[float]] = {c: [] for c in shards}
+    for _ in range(repeats):
+        for c_local, pfc, labels in models:
+            t0 = time.thread_time()
+            pfc.sample(labels)
+            times[c_local].append(time.thread_time() - t0)
+    for c_local in shards:
+        med = statistics.median(times[c_local][1:])
+        lines.append(f"| {c_local:,} | {sampled:,} | {med * 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def optimizer_scaling(shards: list[int], sampled: int, dim: int, repeats: int) -> str:
     """Sparse and dense optimizer step on shards of different sizes, same sampled rows.
 
@@ -182,7 +302,53 @@ def main() -> None:
         help="run only the interleaved optimizer-step scaling comparison (appended to --out)",
     )
     ap.add_argument("--scaling-repeats", type=int, default=11)
+    ap.add_argument(
+        "--ratios-only",
+        action="store_true",
+        help="run only the speed ratios (fwd+bwd / bare matmuls, optimizer step / stream) at "
+        "the first --classes and --rates values (appended to --out)",
+    )
+    ap.add_argument("--repeats", type=int, default=7, help="repeats of --ratios-only")
+    ap.add_argument("--head", default="arcface", help="margin head of --ratios-only")
+    ap.add_argument(
+        "--sampler-only",
+        action="store_true",
+        help="run only the sampling time against the shard size (appended to --out)",
+    )
     args = ap.parse_args()
+    if args.sampler_only:
+        text = (
+            "\n## Negative sampling against shard size (one process)\n\n"
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/partial_fc.py "
+            f"{' '.join(sys.argv[1:])}`\n\n"
+            + sampler_scaling([500000, 1000000, 5000000], 50000, args.batch, args.scaling_repeats)
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
+    if args.ratios_only:
+        c = int(float(args.classes.split(",")[0]))
+        cfg = {
+            "rate": float(args.rates.split(",")[0]),
+            "batch": args.batch,
+            "dim": args.dim,
+            "world": args.world,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "head": args.head,
+        }
+        text = (
+            "\n## Speed against the hardware: fwd+bwd / bare matmuls, step / stream\n\n"
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/partial_fc.py "
+            f"{' '.join(sys.argv[1:])}`\n\n" + speed_ratios(c, cfg)
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
     if args.scaling_only:
         text = (
             "\n## Optimizer step against shard size (interleaved, one process)\n\n"

@@ -14,6 +14,16 @@ Interface shared by every head here (``kind == "margin"``):
 - ``normalized``: ``True`` when ``cosine`` must be the cosine between the L2-normalised
   embedding and class centre; ``False`` (plain softmax) when it is the raw dot product W·x.
 - ``s``: the scale.
+- Fusion hooks (Partial FC's blockwise kernel calls these instead of ``forward``; every
+  ``MarginHead`` has them, :class:`heads.margins_adaptive.CurricularFace` and
+  :class:`heads.margins_magnitude.MagFace` too): ``target_logit(cos_t [N])`` the un-scaled
+  target logit of each row (differentiable; MagFace also takes ``norms=``);
+  ``nontarget_logits(cos, out)`` writes the logits of non-target cosines into ``out`` and
+  ``nontarget_grad_(cos, grad)`` multiplies ``grad`` (∂loss/∂logit) in place by ∂logit/∂cos,
+  both elementwise on a ``[K, N]`` block (K classes, the N rows of the batch along the *last*
+  dimension, so per-row parameters broadcast as ``[N]``); ``nontarget_scale``: ``s`` when the
+  non-target logit is exactly ``s·cos`` (the kernel then folds the scale into its own
+  multiplies), else ``None``.
 - ``extra_loss_sum(cosine, labels) -> scalar``: the *sum over this call's rows with a label*
   of any per-sample loss term added to the cross-entropy (the intra-class angle penalty);
   zero for most heads. The caller divides by the global batch size and, when the columns are
@@ -65,9 +75,9 @@ class MarginHead(nn.Module):
     """Common part of the normalised margin heads: scale, filtering, intra-class penalty.
 
     Subclasses override :meth:`target_logit` (the un-scaled target logit from cos θ_y), not
-    ``forward``: Partial FC fuses ``MarginHead``s into its cross-entropy and calls only
-    ``target_logit``, ``s`` and ``interclass_threshold`` (the tests check that the fused path
-    equals ``forward``).
+    ``forward``: Partial FC fuses ``MarginHead``s into its cross-entropy and calls only the
+    fusion hooks (``target_logit``, ``nontarget_logits``, ``nontarget_grad_``,
+    ``nontarget_scale``, ``s``; the tests check that the fused path equals ``forward``).
 
     Args:
         s: scale applied to every logit.
@@ -96,6 +106,25 @@ class MarginHead(nn.Module):
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
         """Un-scaled logit of the target class from its cosine; identity (NormFace) here."""
         return cos_target
+
+    @property
+    def nontarget_scale(self) -> float | None:
+        """``s`` when every non-target logit is ``s·cos`` (no inter-class filtering)."""
+        return None if self.interclass_threshold > 0 else self.s
+
+    def nontarget_logits(self, cos: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ← the non-target logits of ``cos``: ``s·cos``, 0 where filtered."""
+        torch.mul(cos, self.s, out=out)
+        if self.interclass_threshold > 0:
+            out.masked_fill_(cos > self.interclass_threshold, 0.0)
+        return out
+
+    def nontarget_grad_(self, cos: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` ·= ∂logit/∂cos of the non-target logits: ``s``, 0 where filtered."""
+        grad.mul_(self.s)
+        if self.interclass_threshold > 0:
+            grad.masked_fill_(cos > self.interclass_threshold, 0.0)
+        return grad
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits with the margin on each labelled row's target column.

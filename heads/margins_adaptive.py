@@ -281,8 +281,10 @@ class CurricularFace(nn.Module):
 
     Both t and the thresholds T_i need every row's target cosine, which lives on the one shard
     holding its class: ``batch_inputs = ("target_cosine",)``, the caller gathers it over the
-    global batch, and every shard modulates its own hard negatives. Not a :class:`MarginHead`:
-    the modulation touches non-target logits, so Partial FC calls ``forward`` (not fused).
+    global batch, and every shard modulates its own hard negatives. Not a :class:`MarginHead`
+    (the modulation touches non-target logits), but it has the fusion hooks of
+    :mod:`heads.margins`: Partial FC applies the modulation inside its blockwise
+    cross-entropy (:meth:`nontarget_logits`, :meth:`nontarget_grad_`), no extra ``[N, C]`` pass.
 
     Args:
         s: scale (paper 64).
@@ -342,6 +344,30 @@ class CurricularFace(nn.Module):
             hard.scatter_(1, col, hard.gather(1, col) & ~valid.unsqueeze(1))
         target = self.s * self.target_logit(cos_t)
         return _CurricularLogits.apply(cosine, hard, self.t.to(cosine), self.s, col, valid, target)
+
+    nontarget_scale = None  # the hard negatives are not s·cos
+
+    def _hard_threshold(self, cos: torch.Tensor) -> torch.Tensor:
+        """T_i of the prepared batch for a ``[K, N]`` block (rows along the last dimension)."""
+        if self._threshold is None or self._threshold.shape[0] != cos.shape[-1]:
+            raise RuntimeError(
+                f"CurricularFace: call prepare_batch(target_cosine) with the global batch of "
+                f"{cos.shape[-1]} rows first"
+            )
+        return self._threshold.to(cos)
+
+    def nontarget_logits(self, cos: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ← s·cos, s·cos·(t + cos) where cos > T_i; ``cos`` is ``[K, N]`` (K classes,
+        the N rows of the batch last)."""
+        hard = cos > self._hard_threshold(cos)
+        torch.mul(cos, self.s, out=out)
+        return out.mul_(torch.where(hard, cos + self.t.to(cos), 1.0))
+
+    def nontarget_grad_(self, cos: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` ·= s, or s·(t + 2·cos) where cos > T_i (``[K, N]`` as above)."""
+        hard = cos > self._hard_threshold(cos)
+        grad.mul_(self.s)
+        return grad.mul_(torch.where(hard, cos.mul(2.0).add_(self.t.to(cos)), 1.0))
 
     def extra_loss_sum(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """α/π · Σ θ_y over the labelled rows, as :meth:`MarginHead.extra_loss_sum`."""

@@ -9,6 +9,7 @@ largest over its sub-centres). Both are ``kind == "margin"`` heads called by
 - ``norms``: a head whose ``forward`` (and ``extra_loss_sum``) accepts the keyword ``norms``
   receives ``norms [B]``, the L2 norms of the (global batch's) *un-normalised* embeddings, with
   their autograd graph: the margin's gradient flows into the norm. :func:`takes_norms` tells.
+  Its fusion hook ``target_logit(cos_t, norms)`` takes them too.
 - ``sub_centers``: a head with ``sub_centers = K > 1`` makes Partial FC keep K rows per class
   (contiguous, class-major: row ``c·K + k`` is sub-centre k of class c) and reduce the cosines
   with :meth:`SubCenterArcFace.reduce_sub_centers` before the margin.
@@ -90,6 +91,26 @@ class MagFace(nn.Module):
     def regularizer(self, a: torch.Tensor) -> torch.Tensor:
         """The regulariser g(a) = 1/a + a/u_a² for norms already clipped to [l_a, u_a]."""
         return 1.0 / a + a / (self.u_a**2)
+
+    def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """ψ(θ_y + m(a_i)), un-scaled, for the ``[N]`` target cosines and norms of every row
+        (the fusion hook of :mod:`heads.margins`; differentiable in both)."""
+        a = self._norms(norms, cos_target.shape[0])
+        theta = torch.arccos(cos_target.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+        return monotone_cos(theta + self.margin(a))
+
+    @property
+    def nontarget_scale(self) -> float:
+        """The non-target logits are s·cos."""
+        return self.s
+
+    def nontarget_logits(self, cos: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ← s·cos (fusion hook)."""
+        return torch.mul(cos, self.s, out=out)
+
+    def nontarget_grad_(self, cos: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` ·= s (fusion hook)."""
+        return grad.mul_(self.s)
 
     def forward(
         self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None

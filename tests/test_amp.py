@@ -145,15 +145,15 @@ def test_scaler_state_is_checkpointed_and_restored(tiny_data, tmp_path):
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtype):
     seen = []
-    original = pfc_module.kernels.ShardedCrossEntropy
+    original = pfc_module.kernels.CosineCrossEntropy
 
     class Recording(original):
         @staticmethod
-        def apply(logits, target, margin):
-            seen.append(logits.dtype)
-            return original.apply(logits, target, margin)
+        def apply(x_hat, w, target, margin, norms, source):
+            seen.append(torch.promote_types(x_hat.dtype, w.dtype))
+            return original.apply(x_hat, w, target, margin, norms, source)
 
-    monkeypatch.setattr(pfc_module.kernels, "ShardedCrossEntropy", Recording)
+    monkeypatch.setattr(pfc_module.kernels, "CosineCrossEntropy", Recording)
     torch.manual_seed(0)
     net = TinyConvNet(16)
     pfc = PartialFC(
@@ -164,7 +164,7 @@ def test_partial_fc_logits_are_fp32_under_autocast(monkeypatch, amp, weight_dtyp
         embeddings = net(x)
         assert embeddings.dtype == amp  # low precision reaches the classifier...
         loss = pfc(embeddings, y)
-    assert seen == [torch.float32]  # ...but its logits and softmax are fp32
+    assert seen == [torch.float32]  # ...but its cosines, logits and softmax are fp32
     assert loss.dtype == torch.float32
     loss.backward()
     assert pfc.sampled_weight.grad.dtype == torch.float32

@@ -18,8 +18,10 @@ from dist_train.partial_fc import (
     PartialFC,
     export_class_centers,
     init_rows,
+    kernels,
     merge_state_dicts,
 )
+from dist_train.partial_fc.module import candidate_draws
 from heads.margins_magnitude import takes_norms
 
 D = 8
@@ -66,6 +68,32 @@ def test_single_process_matches_full_softmax(name):
     _assert_matches_full_softmax(make(name, init_std=0.5))
 
 
+@pytest.mark.parametrize("name", heads.HEADS.names(kind="margin"))
+def test_blockwise_kernel_matches_full_softmax_across_blocks(monkeypatch, name):
+    # 11 classes in blocks of 3: four blocks, the last one partial, targets in each
+    monkeypatch.setattr(kernels, "block_rows", lambda *args: 3)
+    _assert_matches_full_softmax(make(name, init_std=0.5))
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("arcface", {"interclass_threshold": 0.05, "intra_alpha": 0.3}),
+        ("curricularface", {"intra_alpha": 0.3}),
+    ],
+)
+def test_blockwise_kernel_filtering_and_penalty(monkeypatch, name, params):
+    monkeypatch.setattr(kernels, "block_rows", lambda *args: 3)
+    pfc = PartialFC(build_head(name, params, 11), D, 11, weight_dtype=torch.float64, init_std=0.5)
+    _assert_matches_full_softmax(pfc)
+
+
+def test_fused_heads_take_the_blockwise_kernel():
+    fused = {n for n in heads.HEADS.names(kind="margin") if kernels.fused(build_head(n, {}, 11))}
+    assert {"arcface", "cosface", "curricularface", "magface", "adaface"} <= fused
+    assert "softmax" not in fused
+
+
 def test_cosine_linear_gradcheck():
     gen = torch.Generator().manual_seed(3)
     x = F.normalize(torch.randn(4, 5, generator=gen, dtype=torch.float64)).requires_grad_(True)
@@ -101,7 +129,7 @@ def test_wrong_shapes_raise():
         pfc(torch.zeros(3, D), torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("rate,c", [(0.1, 1000), (0.3, 1000), (0.05, 57)])
+@pytest.mark.parametrize("rate,c", [(0.1, 1000), (0.3, 1000), (0.05, 57), (0.02, 5000)])
 def test_sampling_count_positives_and_target_columns(rate, c):
     pfc = make(c=c, rate=rate)
     for seed in range(5):
@@ -114,9 +142,14 @@ def test_sampling_count_positives_and_target_columns(rate, c):
         assert torch.equal(index[target], labels)
 
 
-def test_negatives_are_uniform():
-    c, rate, trials = 200, 0.25, 2000
+@pytest.mark.parametrize(
+    "c,rate,draws",
+    [(200, 0.25, False), (2000, 0.05, True)],  # every row scored; O(S) draws (candidate_draws)
+)
+def test_negatives_are_uniform(c, rate, draws):
+    trials = 2000
     pfc = make(c=c, rate=rate)
+    assert (candidate_draws(c, pfc.sample_size(4)) is not None) == draws
     labels = torch.tensor([3, 7, 7, 150])
     counts = torch.zeros(c)
     for _ in range(trials):

@@ -4,8 +4,9 @@ A package by job, each module readable alone:
 
 - :mod:`~dist_train.partial_fc.module`: :class:`PartialFC` (the shard, the sampling, the
   forward) and :func:`build_partial_fc`;
-- :mod:`~dist_train.partial_fc.kernels`: the autograd kernels (:class:`CosineLinear`,
-  :class:`ShardedCrossEntropy`, the softmax cross-entropy across shards);
+- :mod:`~dist_train.partial_fc.kernels`: the autograd kernels (:class:`CosineCrossEntropy`,
+  the blockwise cosine + margin + cross-entropy across shards; :class:`CosineLinear`,
+  :class:`ShardedCrossEntropy` for the heads it does not take);
 - :mod:`~dist_train.partial_fc.optimizer`: the row-wise optimizer :class:`PartialFCOptimizer`;
 - :mod:`~dist_train.partial_fc.state`: the world-size-free state (built by
   :meth:`PartialFC.shard_state`, :func:`merge_state_dicts`, :func:`export_class_centers`,
@@ -24,7 +25,7 @@ from dist_train.partial_fc.dtypes import (
     master_dtype,
     stochastic_round_bf16,
 )
-from dist_train.partial_fc.kernels import CosineLinear, ShardedCrossEntropy
+from dist_train.partial_fc.kernels import CosineCrossEntropy, CosineLinear, ShardedCrossEntropy
 from dist_train.partial_fc.memory import estimate_memory_bytes
 from dist_train.partial_fc.module import INIT_BLOCK_ROWS, PartialFC, build_partial_fc, init_rows
 from dist_train.partial_fc.optimizer import STEP_CHUNK_ROWS, PartialFCOptimizer, step_chunk_rows
@@ -40,6 +41,7 @@ __all__ = [
     "INIT_BLOCK_ROWS",
     "STEP_CHUNK_ROWS",
     "WEIGHT_DTYPES",
+    "CosineCrossEntropy",
     "CosineLinear",
     "PartialFC",
     "PartialFCOptimizer",

@@ -37,22 +37,27 @@ Update semantics (``update=``):
   the step costs O(C_local·D).
 
 Head extensions (:mod:`heads.margins_magnitude`): a head whose ``forward`` takes the keyword
-``norms`` gets the global batch's embedding norms ``‖x_i‖`` (with their graph) and runs
-unfused; a head with ``sub_centers = K > 1`` makes the shard hold K rows per class
-(``[C_local·K, D]``, class-major), samples classes (all K rows of a sampled class) and reduces
-the ``[N, S·K]`` cosines to ``[N, S]`` with the head's ``reduce_sub_centers``. A head with
+``norms`` gets the global batch's embedding norms ``‖x_i‖`` (with their graph), in the fused
+kernel through its ``target_logit(cos_t, norms)``; a head with ``sub_centers = K > 1`` makes
+the shard hold K rows per class (``[C_local·K, D]``, class-major), samples classes (all K
+rows of a sampled class) and reduces the ``[N, S·K]`` cosines to ``[N, S]`` with the head's
+``reduce_sub_centers`` (outside the fused kernel). A head with
 ``has_extra_loss`` (or ``intra_alpha > 0``) adds ``extra_loss_sum`` once per sample.
 
-Memory: margin heads derived from ``heads.margins.MarginHead`` are fused into the
-cross-entropy, so a step holds two [N, S] fp32 buffers (cosines, and logits → softmax →
-gradient) besides the sampled rows and their gradient. The model per rank is
+Memory: margin heads with the fusion hooks of ``heads.margins`` (every ``MarginHead``,
+CurricularFace, MagFace) run in :class:`~dist_train.partial_fc.kernels.CosineCrossEntropy`,
+which keeps one [N, S] fp32 buffer and a block-sized scratch; the other heads (sub-centres,
+raw logits) hold two (cosines, and logits → softmax → gradient), besides the sampled rows and
+their gradient. The model per rank is
 :func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,7 +131,9 @@ class PartialFC(nn.Module):
         num_rows: ``C_local·K``, the rows of the shard.
         sampled_index: ``[S·K]`` int64, sorted shard rows used by the last forward.
         sampled_weight: ``[S, D]`` leaf of the last forward; its ``.grad`` after backward is
-            the gradient of the global loss with respect to those rows.
+            the gradient of the global loss with respect to those rows. With a fused head
+            and sampling its values are a zero-stride placeholder (the kernel reads the rows
+            from ``weight``); otherwise the rows themselves.
     """
 
     def __init__(
@@ -208,25 +215,41 @@ class PartialFC(nn.Module):
         if self.sub_centers > 1:  # all K rows of each sampled class, class-major
             k = self.sub_centers
             index = (index.unsqueeze(1) * k + torch.arange(k, device=index.device)).flatten()
-        sub = self._sampled_leaf(index, compute_dtype)
+        normalized = getattr(self.margin, "normalized", True)
+        fused = normalized and self.sub_centers == 1 and kernels.fused(self.margin)
+        sub, source = self._sampled_leaf(index, compute_dtype, lazy=fused)
         self.sampled_index, self.sampled_weight = index, sub
 
         with torch.autocast(device_type=device.type, enabled=False):
             x = global_embeddings.to(compute_dtype)
-            if getattr(self.margin, "normalized", True):
-                cosine = kernels.CosineLinear.apply(F.normalize(x, dim=1), sub)
-            else:
-                cosine = x @ sub.t()
-            if self.sub_centers > 1:
-                cosine = self.margin.reduce_sub_centers(cosine)
-            if getattr(self.margin, "batch_inputs", ()):
-                self.margin.prepare_batch(**self._head_inputs(x, cosine, target))
             head_kw = {"norms": x.norm(dim=1)} if self._takes_norms else {}
-            if isinstance(self.margin, MarginHead) and not head_kw:
-                loss = kernels.ShardedCrossEntropy.apply(cosine, target, self.margin)
+            if fused:
+                # Cosines, margin and cross-entropy in one blockwise kernel; the penalty terms
+                # see the [N] target cosines as an [N, 1] matrix (column 0, or -1 elsewhere).
+                x_hat = F.normalize(x, dim=1)
+                if getattr(self.margin, "batch_inputs", ()):
+                    local_cos = lambda: kernels.target_cosines(x_hat, sub, target, source)  # noqa: E731
+                    self.margin.prepare_batch(**self._head_inputs(x, local_cos))
+                loss, cos_t = kernels.CosineCrossEntropy.apply(
+                    x_hat, sub, target, self.margin, head_kw.get("norms"), source
+                )
+                cosine, extra_target = cos_t.unsqueeze(1), torch.where(target >= 0, 0, -1)
             else:
-                logits = self.margin(cosine, target, **head_kw)
-                loss = kernels.ShardedCrossEntropy.apply(logits, target, None)
+                if normalized:
+                    cosine = kernels.CosineLinear.apply(F.normalize(x, dim=1), sub)
+                else:
+                    cosine = x @ sub.t()
+                if self.sub_centers > 1:
+                    cosine = self.margin.reduce_sub_centers(cosine)
+                if getattr(self.margin, "batch_inputs", ()):
+                    local_cos = lambda: _gather_target(cosine.detach(), target)  # noqa: E731
+                    self.margin.prepare_batch(**self._head_inputs(x, local_cos))
+                if isinstance(self.margin, MarginHead) and not head_kw:
+                    loss = kernels.ShardedCrossEntropy.apply(cosine, target, self.margin)
+                else:
+                    logits = self.margin(cosine, target, **head_kw)
+                    loss = kernels.ShardedCrossEntropy.apply(logits, target, None)
+                extra_target = target
             extra_fn = getattr(self.margin, "extra_loss_sum", None)
             if extra_fn is not None and (
                 getattr(self.margin, "has_extra_loss", False)
@@ -234,7 +257,7 @@ class PartialFC(nn.Module):
             ):
                 # The per-sample penalty of sample i lives on the one shard holding its class:
                 # the local part carries the gradient, the all-reduced total gives the value.
-                local_extra = extra_fn(cosine, target, **head_kw) / x.shape[0]
+                local_extra = extra_fn(cosine, extra_target, **head_kw) / x.shape[0]
                 total_extra = all_reduce(local_extra.detach().clone(), "sum")
                 loss = loss + local_extra + (total_extra - local_extra.detach())
         if self.optimizer is not None:
@@ -243,7 +266,7 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------- per-batch inputs of adaptive margin heads
     def _head_inputs(
-        self, x: torch.Tensor, cosine: torch.Tensor, target: torch.Tensor
+        self, x: torch.Tensor, local_target_cosine: Callable[[], torch.Tensor]
     ) -> dict[str, Any]:
         """What the margin head lists in ``batch_inputs``, over the *global* batch.
 
@@ -264,12 +287,8 @@ class PartialFC(nn.Module):
             elif name == "norms":
                 out[name] = x.norm(dim=1)
             elif name == "target_cosine":
-                local = cosine.new_zeros(x.shape[0])
-                if cosine.shape[1]:  # a shard without classes only joins the all-reduce
-                    valid = target >= 0
-                    mine = cosine.detach().gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
-                    local = torch.where(valid, mine, local)
-                out[name] = all_reduce(local, "sum")
+                # ``local_target_cosine()``: [N] this shard's target cosines, 0 elsewhere
+                out[name] = all_reduce(local_target_cosine(), "sum")
             else:
                 raise ValueError(
                     f"PartialFC: margin head {type(self.margin).__name__} asks for the batch "
@@ -319,6 +338,11 @@ class PartialFC(nn.Module):
         Args:
             global_labels: ``[N]`` int64 class ids of the global batch.
 
+        The negatives cost O(S), not O(C_local), where S is a small part of the shard
+        (:func:`candidate_draws`): random rows are drawn with replacement, and the first
+        distinct ones in draw order that are not positives fill the sample (sequential
+        sampling without replacement, hence a uniform subset). No host read either way.
+
         Returns:
             ``index``: ``[S]`` sorted int64 shard rows, S = :meth:`sample_size` of N, every
             positive included, the other rows a uniform random subset of the negatives;
@@ -332,23 +356,39 @@ class PartialFC(nn.Module):
         if num >= self.num_local:
             index = torch.arange(self.num_local, device=device)
             return index, torch.where(on_shard, local, torch.full_like(local, -1))
-        # Uniform scores in [0, 1) with positives forced to 2 (a max-scatter: other shards'
-        # samples point at row 0 with a 0 that changes nothing): the top-S are the positives
-        # plus a uniformly random subset of the negatives, found without a host read.
-        score = torch.rand(self.num_local, device=device, generator=self._generator(device))
         row = local.clamp(0, self.num_local - 1)
-        score.scatter_reduce_(0, row, on_shard.to(score.dtype).mul_(2.0), reduce="amax")
-        index = torch.topk(score, num, sorted=False).indices.sort().values
+        draws = candidate_draws(self.num_local, num)
+        if draws is not None:
+            index = _sample_by_draws(
+                row, on_shard, self.num_local, num, draws, self._generator(device)
+            )
+        else:
+            # Uniform scores in [0, 1) with positives forced to 2 (a max-scatter: other shards'
+            # samples point at row 0 with a 0 that changes nothing): the top-S are the
+            # positives plus a uniformly random subset of the negatives. O(C_local): used
+            # where S is a large part of the shard anyway (see candidate_draws).
+            score = torch.rand(self.num_local, device=device, generator=self._generator(device))
+            score.scatter_reduce_(0, row, on_shard.to(score.dtype).mul_(2.0), reduce="amax")
+            index = torch.topk(score, num, sorted=False).indices.sort().values
         column = torch.searchsorted(index, row)
         return index, torch.where(on_shard, column, torch.full_like(local, -1))
 
-    def _sampled_leaf(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _sampled_leaf(
+        self, index: torch.Tensor, dtype: torch.dtype, lazy: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The ``[S, D]`` leaf whose ``.grad`` is the sampled rows' gradient, and where the
+        fused kernel reads the rows (``None``: from the leaf's values).
+
+        ``lazy`` (the fused kernel): the leaf is a zero-stride view, no ``[S, D]`` copy of the
+        rows is made, and the kernel gathers them from the shard block by block.
+        """
         if index.numel() == self.num_rows and self.weight.dtype == dtype:
             # Every row is used: alias the shard instead of copying it (saves C_local·D·4 B).
-            sub = self.weight.detach()
-        else:
-            sub = self.weight.index_select(0, index).to(dtype)
-        return sub.requires_grad_(True)
+            return self.weight.detach().requires_grad_(True), None
+        if lazy:
+            leaf = self.weight.new_zeros((), dtype=dtype).expand(index.numel(), self.embedding_size)
+            return leaf.requires_grad_(True), (self.weight, index)
+        return self.weight.index_select(0, index).to(dtype).requires_grad_(True), None
 
     # ---------------------------------------------------------------- optimizer
     def configure_optimizer(self, name: str = "sgd", **hyperparameters: Any) -> PartialFCOptimizer:
@@ -450,6 +490,84 @@ class PartialFC(nn.Module):
             f"sample_rate={self.sample_rate}, update={self.update}, "
             f"weight_dtype={self.weight_dtype}"
         )
+
+
+SAMPLING_TAIL = 50.0
+"""The draws of :func:`candidate_draws` fall short of S distinct rows with probability at most
+exp(−SAMPLING_TAIL) ≈ 2e-22 per step."""
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_draws(num_rows: int, num: int) -> int | None:
+    """Draws T (with replacement) that hold ``num`` distinct rows of ``num_rows`` but for a
+    probability below exp(−:data:`SAMPLING_TAIL`); ``None`` where T + ``num`` exceeds half
+    the rows (then scoring every row costs no more).
+
+    The draws needed for k distinct rows are a sum of geometric variables with success
+    probabilities (n − i)/n, mean μ = Σ_{i<k} n/(n − i); Janson's tail bound gives
+    P(W > λμ) ≤ exp(−p·μ·(λ − 1 − ln λ)), p = (n − k + 1)/n. Positives only lower the number
+    of negatives to find and the mean, so k = ``num`` bounds every batch.
+    """
+    n, k = num_rows, num
+    if k <= 0 or k >= n:
+        return None
+    mu = n * math.log((n + 0.5) / (n - k + 0.5))  # Σ n/(n − i), to O(k/n²)
+    p = (n - k + 1) / n
+    lo, hi = 1.0, 2.0
+    while p * mu * (hi - 1 - math.log(hi)) < SAMPLING_TAIL:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p * mu * (mid - 1 - math.log(mid)) < SAMPLING_TAIL else (lo, mid)
+    draws = math.ceil(hi * mu * 1.001) + 1
+    return draws if draws + k <= n // 2 else None
+
+
+def _sample_by_draws(
+    row: torch.Tensor,
+    on_shard: torch.Tensor,
+    n: int,
+    num: int,
+    draws: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """``[num]`` sorted distinct rows of ``[0, n)``: the positives ``row[on_shard]``, then the
+    first distinct non-positive rows of ``draws`` uniform draws, in draw order.
+
+    Fixed shapes, no host read: every candidate gets a priority key (positives 0, the j-th
+    draw 1 + j, the rest excluded), one sort by (row, key) keeps the smallest key of each row,
+    and the ``num`` smallest keys win: O(S log S) whatever C_local. The rows ``[0, num)`` take
+    part last (keys after every draw), so ``num`` distinct rows exist even in the (< 2e-22)
+    case of too few distinct draws.
+    """
+    device = row.device
+    cand = torch.randint(n, (draws,), device=device, generator=gen)
+    excluded = 2 + draws + num
+    values = torch.cat([row, cand, torch.arange(num, device=device)])
+    keys = torch.cat(
+        [
+            torch.where(on_shard, 0, excluded),
+            torch.arange(1, draws + 1, device=device),
+            torch.arange(draws + 1, draws + 1 + num, device=device),
+        ]
+    )
+    order = torch.sort(values * (excluded + 1) + keys).values  # by row, then by key
+    values, keys = order // (excluded + 1), order % (excluded + 1)
+    repeat = torch.zeros_like(keys, dtype=torch.bool)
+    repeat[1:] = values[1:] == values[:-1]
+    keys.masked_fill_(repeat, excluded)
+    # exactly `num` keys are <= the num-th smallest (the keys below `excluded` are distinct
+    # but for the positives' 0, all chosen); in row order already
+    last = torch.kthvalue(keys, num).values
+    return values.index_select(0, torch.nonzero_static(keys <= last, size=num).squeeze(1))
+
+
+def _gather_target(cosine: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[N]`` ``cosine[i, target[i]]``, 0 where ``target[i] < 0`` or the shard is empty."""
+    if cosine.shape[1] == 0:  # a shard without classes only joins the all-reduce
+        return cosine.new_zeros(cosine.shape[0])
+    mine = cosine.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(target >= 0, mine, 0.0)
 
 
 def build_partial_fc(
