@@ -214,6 +214,10 @@ class PartialFCConfig:
     """"sparse": only sampled rows change; "dense": partial_fc_v2 semantics."""
     weight_dtype: str = "float32"
     """Storage dtype of the weight shard: "float32", "bfloat16" or "float16"."""
+    state_dtype: str = "float32"
+    """Storage dtype of the classifier's optimizer rows (SGD momentum, Adam/AdamW moments):
+    "float32", "bfloat16" or "float16" (SGD only: Adam's second moment underflows fp16).
+    Half precision is updated in fp32 a chunk at a time, stochastically rounded back."""
     lr_scale: float = 1.0
     """Learning rate of the classifier relative to optim.lr."""
 
@@ -221,9 +225,10 @@ class PartialFCConfig:
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {self.sample_rate}")
         check_choice("partial_fc.update", self.update, ("sparse", "dense"))
-        check_choice(
-            "partial_fc.weight_dtype", self.weight_dtype, ("float32", "bfloat16", "float16")
-        )
+        for key in ("weight_dtype", "state_dtype"):
+            check_choice(
+                f"partial_fc.{key}", getattr(self, key), ("float32", "bfloat16", "float16")
+            )
 
 
 @dataclass
@@ -448,6 +453,11 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("one of num_epochs or max_steps must be > 0")
+        if self.partial_fc.state_dtype == "float16" and self.optim.name != "sgd":
+            raise ConfigError(
+                f"partial_fc.state_dtype=float16 is refused with optim.name={self.optim.name}: "
+                "Adam's second moment (g² ≈ 1e-8 … 1e-12) underflows fp16; use bfloat16"
+            )
 
 
 # --------------------------------------------------------------------------------------------
