@@ -61,11 +61,15 @@ CENTER_LOSS_PARAMS: dict[str, type] = {
     "center_loss_update": str,  # one of CENTER_LOSS_UPDATES
     "center_loss_alpha": float,  # rate α of the "alpha" update rule
     "center_loss_lr_scale": float,  # centres' learning rate relative to optim.lr ("gradient")
+    "center_loss_centers_dtype": str,  # storage of the centres, as partial_fc.weight_dtype
+    "center_loss_state_dtype": str,  # storage of their optimizer state, as partial_fc.state_dtype
 }
 """Keys of ``head.params`` read by :mod:`dist_train.losses` (the center loss), not passed to the
 head builder, with their types."""
 CENTER_LOSS_UPDATES = ("gradient", "alpha")
 """Values of ``head.params.center_loss_update``."""
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+"""Values of ``partial_fc.weight_dtype``/``state_dtype`` and the center loss's dtype keys."""
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 """Values of ``optim.name``: the rules of :func:`dist_train.optim.make_optimizer`."""
 AMP_MODES = ("none", "bf16", "fp16")
@@ -202,6 +206,9 @@ class HeadConfig:
                 self.params["center_loss_update"],
                 CENTER_LOSS_UPDATES,
             )
+        for key in ("center_loss_centers_dtype", "center_loss_state_dtype"):
+            if key in self.params:
+                check_choice(f"head.params.{key}", self.params[key], STORAGE_DTYPES)
 
 
 @dataclass
@@ -226,9 +233,7 @@ class PartialFCConfig:
             raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {self.sample_rate}")
         check_choice("partial_fc.update", self.update, ("sparse", "dense"))
         for key in ("weight_dtype", "state_dtype"):
-            check_choice(
-                f"partial_fc.{key}", getattr(self, key), ("float32", "bfloat16", "float16")
-            )
+            check_choice(f"partial_fc.{key}", getattr(self, key), STORAGE_DTYPES)
 
 
 @dataclass
