@@ -31,6 +31,8 @@ WEIGHT_DTYPES = {
 }
 """Storage dtypes of a shard or its optimizer rows, by config name (float64 for tests)."""
 
+FP16_PIECE = 1 << 20
+"""Values :func:`stochastic_round_fp16` rounds at once (its temporaries are ~4 MB each)."""
 FP16_MAX = float(torch.finfo(torch.float16).max)
 """Largest finite fp16 value (65504): the bound fp16 momentum is checked against."""
 
@@ -89,15 +91,20 @@ def stochastic_round_fp16(x: torch.Tensor) -> torch.Tensor:
     probabilities that make the expectation ``x`` exactly (subnormals included, so values far
     below fp16's normal range keep their expected value too). Values beyond ±65504 become ±inf.
     """
-    x = x.float()
-    r = x.to(torch.float16)
-    err = x - r.float()
+    flat = x.float().reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float16, device=x.device)
     inf = torch.tensor(float("inf"), dtype=torch.float16, device=x.device)
-    other = torch.nextafter(r, torch.where(err >= 0, inf, -inf))
-    # |err| ≤ half the gap, so p ∈ [0, 0.5]; an inf gap (r = ±65504 or inf) gives p = 0 or NaN
-    # (never taken): overflow stays the nearest value.
-    p = err.abs_().div_(other.float().sub_(r.float()).abs_())
-    return torch.where(torch.rand_like(x) < p, other, r)
+    # Pieces of 2^20 values bound the half-dozen temporaries to a few MB each.
+    for a in range(0, flat.numel(), FP16_PIECE):
+        v = flat[a : a + FP16_PIECE]
+        r = v.to(torch.float16)
+        err = v - r.float()
+        other = torch.nextafter(r, torch.where(err >= 0, inf, -inf))
+        # |err| ≤ half the gap, so p ∈ [0, 0.5]; an inf gap (r = ±65504 or inf) gives p = 0
+        # or NaN (never taken): overflow stays the nearest value.
+        p = err.abs_().div_(other.float().sub_(r.float()).abs_())
+        torch.where(torch.rand_like(v) < p, other, r, out=out[a : a + FP16_PIECE])
+    return out.view(x.shape)
 
 
 def store_rounded(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = True) -> torch.Tensor:
