@@ -62,7 +62,7 @@ class PartialFCOptimizer(torch.optim.Optimizer):
     into ``math_dtype`` (fp32; fp64 when either storage is fp64) buffers, updates them and
     writes both back, stochastically rounded into half storage (``pfc.stochastic_rounding``).
     fp16 momentum is checked against fp16's range at every step (one host read; the step
-    raises ``FloatingPointError`` rather than store an inf). It is saved by
+    raises ``FloatingPointError`` rather than train on with an inf). It is saved by
     :meth:`PartialFC.shard_state`, not by this optimizer's own ``state_dict`` (which keeps
     only the hyper-parameters).
 
