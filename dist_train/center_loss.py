@@ -4,9 +4,12 @@ Owns :class:`ShardedCenterLoss`: the centre matrix ``[C, D]`` split into contigu
 ranges exactly like the Partial FC weights (:func:`dist_train.distributed.shard_range`), the
 loss over the global batch, the two centre-update rules, and a world-size-free state in the
 class-sharded format of :mod:`dist_train.sharded_state` (:meth:`ShardedCenterLoss.shard_state`,
-:meth:`ShardedCenterLoss.load_shard_pieces`; format tag ``"center_loss"``). Does not own the
-softmax/margin term it is added to (Partial FC does), the optimizer rules
-(:mod:`dist_train.optim`) or the backbone's gradient sync (the trainer's DDP hook does).
+:meth:`ShardedCenterLoss.load_shard_pieces`; format tag ``"center_loss"``), and
+:class:`HalfRowsOptimizer`, the optimizer of centres or optimizer state stored in half precision.
+Does not own the softmax/margin term it is added to (Partial FC does), the optimizer rules
+(:mod:`dist_train.optim`), the storage dtypes and their rounding
+(:mod:`dist_train.partial_fc.dtypes`) or the backbone's gradient sync (the trainer's DDP hook
+does).
 
 The loss, with ``λ = weight`` and ``N = B_global``::
 
@@ -36,6 +39,15 @@ Centre updates (``update=``):
   (``n_j`` = samples of class j in the global batch; classes absent from the batch do not
   move). Centres are then a buffer without gradient and there is no optimizer.
 
+Precision (``dtype``, ``state_dtype``, the names and rules of Partial FC's ``weight_dtype`` and
+``state_dtype``): centres and their optimizer state may be stored in bfloat16 (or float16;
+fp16 state for SGD momentum only). With both in fp32 the optimizer is ``torch.optim``'s; with
+either in half precision it is :class:`HalfRowsOptimizer`: the same rule
+(:func:`dist_train.optim.update_rows`) in fp32 a chunk of rows at a time, written back with
+stochastic rounding, no fp32 master copy. The centres' gradient is in the centres' dtype
+(autograd rounds it to nearest once). The ``"alpha"`` rule also updates in fp32 and rounds
+stochastically. A state of any dtype loads into any other.
+
 Keep this module out of DDP: its centre gradients are already exact per shard and must not be
 summed or averaged over ranks.
 """
@@ -51,7 +63,14 @@ from torch import nn
 
 from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
-from dist_train.optim import OptimSpec, make_optimizer
+from dist_train.optim import OptimSpec, make_optimizer, row_state_names, update_rows
+from dist_train.partial_fc.dtypes import (
+    FP16_MAX,
+    as_dtype,
+    check_state_dtype,
+    master_dtype,
+    store_rounded,
+)
 from dist_train.sharded_state import (
     Source,
     StoredState,
@@ -85,7 +104,11 @@ class ShardedCenterLoss(nn.Module):
         update: ``"gradient"`` (own optimizer) or ``"alpha"`` (the paper's rule).
         alpha: rate α of the ``"alpha"`` rule (the paper uses 0.5).
         weight: factor λ of the loss.
-        dtype: storage dtype of the centres (the loss is computed in at least float32).
+        dtype: storage dtype of the centres (the loss is computed in at least float32):
+            float32, bfloat16, float16 (float64 for tests), a dtype or its name.
+        state_dtype: storage dtype of the optimizer state (``"gradient"`` mode); default: the
+            maths dtype (fp32, fp64 for fp64 centres). fp16 only for SGD momentum.
+        stochastic_rounding: round updates into half-precision storage stochastically.
         device: device of the centres (default: CPU; pass ``DistInfo.device``).
 
     Attributes:
@@ -102,7 +125,9 @@ class ShardedCenterLoss(nn.Module):
         update: str = "gradient",
         alpha: float = 0.5,
         weight: float = 1.0,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
+        state_dtype: torch.dtype | str | None = None,
+        stochastic_rounding: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -118,6 +143,13 @@ class ShardedCenterLoss(nn.Module):
         self.update = update
         self.alpha = float(alpha)
         self.weight = float(weight)
+        dtype = as_dtype(dtype, "center loss dtype")
+        self.state_dtype = (
+            master_dtype(dtype)
+            if state_dtype is None
+            else as_dtype(state_dtype, "center loss state_dtype")
+        )
+        self.stochastic_rounding = bool(stochastic_rounding)
         self.rank, self.world_size = get_rank(), get_world_size()
         self.start, self.stop = shard_range(self.num_classes, self.rank, self.world_size)
         shard = torch.zeros(self.stop - self.start, embedding_size, dtype=dtype, device=device)
@@ -140,7 +172,8 @@ class ShardedCenterLoss(nn.Module):
                 the others are :data:`DEFAULT_OPTIM`'s.
 
         Returns:
-            The optimizer (also stored as ``self.optimizer``).
+            The optimizer (also stored as ``self.optimizer``): ``torch.optim``'s when centres
+            and state are stored in their maths dtype, otherwise a :class:`HalfRowsOptimizer`.
         """
         if self.update != "gradient":
             raise ValueError(
@@ -148,7 +181,13 @@ class ShardedCenterLoss(nn.Module):
                 "updates the centres itself"
             )
         spec = dataclasses.replace(DEFAULT_OPTIM, name=name, **hyperparameters)
-        opt = make_optimizer([self.centers_shard], spec)
+        maths = master_dtype(self.centers_shard.dtype)
+        if self.centers_shard.dtype == maths and self.state_dtype == maths:
+            opt = make_optimizer([self.centers_shard], spec)
+        else:
+            opt = HalfRowsOptimizer(
+                self.centers_shard, spec, self.state_dtype, self.stochastic_rounding
+            )
         self.optimizer = opt
         if self._pending_optimizer_state is not None:
             self._load_optimizer(self._pending_optimizer_state)
@@ -208,7 +247,11 @@ class ShardedCenterLoss(nn.Module):
         counts = x.new_zeros(shard.shape[0]).index_add_(0, rows, weight)[:, None]
         sums = x.new_zeros(shard.shape).index_add_(0, rows, x * weight[:, None])
         delta = (counts * shard.to(x.dtype) - sums) / (1.0 + counts)
-        shard.sub_((self.alpha * delta).to(shard.dtype))
+        if shard.dtype == x.dtype:
+            shard.sub_(self.alpha * delta)
+        else:  # half storage: the new centres in fp32, rounded stochastically
+            new = shard.to(x.dtype).sub_(self.alpha * delta)
+            shard.copy_(store_rounded(new, shard.dtype, self.stochastic_rounding))
 
     # ---- world-size-free state ----
 
@@ -309,7 +352,10 @@ class ShardedCenterLoss(nn.Module):
         param_state.update(
             {k: v.clone() if torch.is_tensor(v) else v for k, v in saved["scalars"].items()}
         )
-        groups = [dict(g, params=[0]) for g in saved["param_groups"]]
+        # keys one optimizer class has and the other lacks (torch's SGD "dampening", …) keep
+        # the configured optimizer's values: a state of either class loads into the other
+        current = self.optimizer.state_dict()["param_groups"]
+        groups = [{**c, **g, "params": [0]} for c, g in zip(current, saved["param_groups"])]
         self.optimizer.load_state_dict(
             {"state": {0: param_state} if param_state else {}, "param_groups": groups}
         )
@@ -318,8 +364,98 @@ class ShardedCenterLoss(nn.Module):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"classes=[{self.start}, {self.stop}), update={self.update!r}, alpha={self.alpha}, "
-            f"weight={self.weight}"
+            f"weight={self.weight}, dtype={self.centers_shard.dtype}, "
+            f"state_dtype={self.state_dtype}"
         )
+
+
+class HalfRowsOptimizer(torch.optim.Optimizer):
+    """SGD (momentum, Nesterov) / Adam / AdamW over one ``[C_local, D]`` centre shard whose
+    values or state are stored in half precision.
+
+    The rule is :func:`dist_train.optim.update_rows` (the one Partial FC uses), applied in the
+    maths dtype (fp32) to :data:`CHUNK_ROWS` rows at a time and written back with stochastic
+    rounding (``stochastic_rounding``) into the shard's and the state's dtypes; nothing of
+    the shard's size is kept in fp32. Every row is updated every step, like ``torch.optim``'s
+    dense step (rows of absent classes have a zero gradient). The state has
+    ``torch.optim``'s layout (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq`` and a scalar
+    ``step``), so the centre state saves and loads the same way whichever optimizer wrote
+    it; :meth:`load_state_dict` casts loaded rows to ``state_dtype``. fp16 momentum is
+    checked against fp16's range at every step (one host read).
+    """
+
+    CHUNK_ROWS = 8192
+    """Rows updated at once (temporaries of ~16 MB at D = 512)."""
+
+    def __init__(
+        self,
+        param: torch.Tensor,
+        spec: OptimSpec,
+        state_dtype: torch.dtype,
+        stochastic_rounding: bool = True,
+    ) -> None:
+        check_state_dtype(state_dtype, spec.name, key="center loss state_dtype")
+        super().__init__([param], spec.hyperparameters())
+        self.name = spec.name
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self._rows = [k for k in row_state_names(spec) if k != "step"]
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            for key in self._rows:
+                state[key] = torch.zeros_like(p, dtype=self.state_dtype)
+            if self.name != "sgd":
+                state["step"] = torch.tensor(0.0)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        (p,) = group["params"]
+        if p.grad is None:
+            return loss
+        state = self._state(p)
+        maths = master_dtype(torch.promote_types(p.dtype, self.state_dtype))
+        overflow = None
+        for a in range(0, p.shape[0], self.CHUNK_ROWS):
+            b = min(a + self.CHUNK_ROWS, p.shape[0])
+            w = p[a:b].to(maths, copy=True)
+            rows = {k: state[k][a:b].to(maths, copy=True) for k in self._rows}
+            if "step" in state:  # per-row counts of update_rows: every row has the same
+                rows["step"] = torch.full((b - a,), int(state["step"]), dtype=torch.int32)
+            update_rows(self.name, w, p.grad[a:b].to(maths, copy=True), rows, group)
+            p[a:b].copy_(store_rounded(w, p.dtype, self.stochastic_rounding))
+            for k in self._rows:
+                if self.state_dtype == torch.float16 and rows[k].numel():
+                    big = rows[k].abs().amax() > FP16_MAX
+                    overflow = big if overflow is None else overflow | big
+                state[k][a:b].copy_(
+                    store_rounded(rows[k], self.state_dtype, self.stochastic_rounding)
+                )
+        if "step" in state:
+            state["step"] += 1
+        if overflow is not None and bool(overflow):
+            raise FloatingPointError(
+                "center loss: SGD momentum exceeds fp16's range (65504); set "
+                "head.params.center_loss_state_dtype to bfloat16 or float32"
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads hyper-parameters and state of any optimizer of the same rule and any dtype."""
+        saved = state_dict["state"].get(0, {})
+        super().load_state_dict({**state_dict, "state": {}})
+        (p,) = self.param_groups[0]["params"]
+        self.state[p] = {
+            k: v.to(p.device, self.state_dtype) if k != "step" else v.clone()
+            for k, v in saved.items()
+        }
 
 
 def _from_legacy(state: dict[str, Any], num_classes: int, embedding_size: int) -> dict[str, Any]:

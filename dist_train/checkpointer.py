@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 # Config keys that may differ between two starts of the same run: the directory itself, the
 # run's length, how the global batch is split over processes and micro-steps (a restart may
-# have another number of GPUs), and settings that do not change what is trained (checkpoint
-# schedule, logging, loader processes). Any other difference makes it another run.
+# have another number of GPUs), how the class-sharded rows are stored (a state of any dtype
+# loads into any other: a restart on fewer or smaller GPUs may need half precision), and
+# settings that do not change what is trained (checkpoint schedule, logging, loader
+# processes). Any other difference makes it another run.
 RESTART_KEYS = frozenset(
     {
         "output_dir",
@@ -57,6 +59,10 @@ RESTART_KEYS = frozenset(
         "checkpoint.keep_last",
         "data.num_workers",
         "data.prefetch_factor",
+        "partial_fc.weight_dtype",
+        "partial_fc.state_dtype",
+        "head.params.center_loss_centers_dtype",
+        "head.params.center_loss_state_dtype",
     }
 )
 

@@ -61,11 +61,15 @@ CENTER_LOSS_PARAMS: dict[str, type] = {
     "center_loss_update": str,  # one of CENTER_LOSS_UPDATES
     "center_loss_alpha": float,  # rate α of the "alpha" update rule
     "center_loss_lr_scale": float,  # centres' learning rate relative to optim.lr ("gradient")
+    "center_loss_centers_dtype": str,  # storage of the centres, as partial_fc.weight_dtype
+    "center_loss_state_dtype": str,  # storage of their optimizer state, as partial_fc.state_dtype
 }
 """Keys of ``head.params`` read by :mod:`dist_train.losses` (the center loss), not passed to the
 head builder, with their types."""
 CENTER_LOSS_UPDATES = ("gradient", "alpha")
 """Values of ``head.params.center_loss_update``."""
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+"""Values of ``partial_fc.weight_dtype``/``state_dtype`` and the center loss's dtype keys."""
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 """Values of ``optim.name``: the rules of :func:`dist_train.optim.make_optimizer`."""
 AMP_MODES = ("none", "bf16", "fp16")
@@ -202,6 +206,9 @@ class HeadConfig:
                 self.params["center_loss_update"],
                 CENTER_LOSS_UPDATES,
             )
+        for key in ("center_loss_centers_dtype", "center_loss_state_dtype"):
+            if key in self.params:
+                check_choice(f"head.params.{key}", self.params[key], STORAGE_DTYPES)
 
 
 @dataclass
@@ -214,6 +221,10 @@ class PartialFCConfig:
     """"sparse": only sampled rows change; "dense": partial_fc_v2 semantics."""
     weight_dtype: str = "float32"
     """Storage dtype of the weight shard: "float32", "bfloat16" or "float16"."""
+    state_dtype: str = "float32"
+    """Storage dtype of the classifier's optimizer rows (SGD momentum, Adam/AdamW moments):
+    "float32", "bfloat16" or "float16" (SGD only: Adam's second moment underflows fp16).
+    Half precision is updated in fp32 a chunk at a time, stochastically rounded back."""
     lr_scale: float = 1.0
     """Learning rate of the classifier relative to optim.lr."""
 
@@ -221,9 +232,8 @@ class PartialFCConfig:
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"partial_fc.sample_rate must be in (0, 1], got {self.sample_rate}")
         check_choice("partial_fc.update", self.update, ("sparse", "dense"))
-        check_choice(
-            "partial_fc.weight_dtype", self.weight_dtype, ("float32", "bfloat16", "float16")
-        )
+        for key in ("weight_dtype", "state_dtype"):
+            check_choice(f"partial_fc.{key}", getattr(self, key), STORAGE_DTYPES)
 
 
 @dataclass
@@ -456,6 +466,11 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.num_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("one of num_epochs or max_steps must be > 0")
+        if self.partial_fc.state_dtype == "float16" and self.optim.name != "sgd":
+            raise ConfigError(
+                f"partial_fc.state_dtype=float16 is refused with optim.name={self.optim.name}: "
+                "Adam's second moment (g² ≈ 1e-8 … 1e-12) underflows fp16; use bfloat16"
+            )
 
 
 # --------------------------------------------------------------------------------------------

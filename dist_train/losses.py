@@ -39,7 +39,8 @@ class TrainLoss(nn.Module):
     ``head.params`` may hold, besides the head's own arguments, the center-loss keys of
     :data:`dist_train.config.CENTER_LOSS_PARAMS`: ``center_loss_weight`` (λ of a sharded center
     loss added to the objective; 0 disables), ``center_loss_update`` (``"gradient"`` or
-    ``"alpha"``), ``center_loss_alpha`` and ``center_loss_lr_scale``.
+    ``"alpha"``), ``center_loss_alpha``, ``center_loss_lr_scale``, and the storage dtypes
+    ``center_loss_centers_dtype`` and ``center_loss_state_dtype`` (default float32).
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
@@ -86,6 +87,8 @@ class TrainLoss(nn.Module):
                 update=update,
                 alpha=float(hp.get("center_loss_alpha", 0.5)),
                 weight=center_weight,
+                dtype=str(hp.get("center_loss_centers_dtype", "float32")),
+                state_dtype=str(hp.get("center_loss_state_dtype", "float32")),
                 device=device,
             )
             if update == "gradient":

@@ -180,3 +180,134 @@ def test_bfloat16_embeddings_give_float32_loss():
     m = ShardedCenterLoss(4, 3)
     loss = m(torch.randn(6, 3).bfloat16(), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ---- half-precision centres and optimizer state ----
+
+HALF_CASES = [
+    (torch.bfloat16, torch.bfloat16, "sgd"),
+    (torch.float16, torch.float16, "sgd"),
+    (torch.float32, torch.bfloat16, "sgd"),
+    (torch.bfloat16, torch.bfloat16, "adamw"),
+    (torch.bfloat16, torch.float32, "adam"),
+]
+
+
+def _half_module(dtype, state_dtype, sr=False, c=40, d=6):
+    m = ShardedCenterLoss(c, d, dtype=dtype, state_dtype=state_dtype, stochastic_rounding=sr)
+    with torch.no_grad():
+        m.centers_shard.copy_(torch.randn(c, d, generator=torch.Generator().manual_seed(3)))
+    return m
+
+
+@pytest.mark.parametrize("dtype,state_dtype,name", HALF_CASES)
+def test_half_centres_follow_the_torch_rule_on_the_stored_values(dtype, state_dtype, name):
+    from dist_train.center_loss import HalfRowsOptimizer
+
+    m = _half_module(dtype, state_dtype)
+    kw = {"momentum": 0.9, "weight_decay": 1e-3} if name == "sgd" else {"weight_decay": 1e-2}
+    opt = m.configure_optimizer(name, lr=0.2, **kw)
+    assert isinstance(opt, HalfRowsOptimizer)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-20}
+    ref_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    for step in range(4):
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(step))
+        labels = torch.arange(16) % 40
+        # torch.optim's rule in fp32 on the stored values (no master copy), rounded to nearest
+        p = m.centers_shard.detach().float().clone().requires_grad_(True)
+        ref = ref_cls[name]([p], lr=0.2, **kw)
+        if opt.state:
+            ref.state[p] = {k: v.float().clone() for k, v in opt.state[m.centers_shard].items()}
+        _step(m, x, labels)
+        p.grad = m.centers_shard.grad.float()
+        ref.step()
+        torch.testing.assert_close(m.centers_shard.float(), p.detach().to(dtype).float(),
+                                   rtol=ulp[dtype], atol=0)  # fmt: skip
+        for key, value in opt.state[m.centers_shard].items():
+            assert value.dtype == (state_dtype if key != "step" else torch.float32)
+            if key != "step":
+                want = ref.state[p][key].to(state_dtype).float()
+                torch.testing.assert_close(value.float(), want, rtol=ulp[state_dtype], atol=1e-30)
+
+
+def test_half_state_refusals_and_config_keys():
+    from dist_train.config import load_config
+    from dist_train.losses import build_loss
+
+    with pytest.raises(ValueError, match="center loss state_dtype=float16 is refused for adam"):
+        _half_module(torch.bfloat16, torch.float16).configure_optimizer("adam", lr=0.1)
+    cfg = load_config(
+        None,
+        ["head.params={center_loss_weight: 0.1, center_loss_centers_dtype: bfloat16, "
+         "center_loss_state_dtype: bfloat16}"],
+    )  # fmt: skip
+    loss = build_loss(cfg, 10, torch.device("cpu"))
+    assert loss.center.centers_shard.dtype == torch.bfloat16
+    assert loss.center.state_dtype == torch.bfloat16
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="head.params.center_loss_state_dtype"):
+        load_config(None, ["head.params={center_loss_weight: 0.1, center_loss_state_dtype: x}"])
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)),
+        ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)),
+        ((torch.float16, torch.float16), (torch.bfloat16, torch.float32)),
+    ],
+)
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_half_state_loads_into_any_other_dtype_and_continues(src, dst, name):
+    import io
+
+    if name == "adamw" and torch.float16 in src:
+        src = (src[0], torch.bfloat16)
+    kw = {"momentum": 0.9} if name == "sgd" else {}
+    a = _half_module(*src, sr=True)
+    a.configure_optimizer(name, lr=0.2, **kw)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(7))
+    labels = torch.arange(16) % 40
+    for _ in range(2):
+        _step(a, x, labels)
+    buf = io.BytesIO()
+    torch.save(a.shard_state(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["pieces"][0]["centers"].dtype == src[0]
+    b = _half_module(*dst)
+    b.load_shard_pieces(state)
+    b.configure_optimizer(name, lr=0.2, **kw)
+    assert torch.equal(b.centers_shard, a.centers_shard.detach().to(dst[0]))
+    for key, value in a.optimizer.state[a.centers_shard].items():
+        got = b.optimizer.state[b.centers_shard][key]
+        assert torch.equal(got, value.to(got.dtype)), key
+        assert key == "step" or got.dtype == dst[1]
+    for m in (a, b):
+        _step(m, x, labels)
+    torch.testing.assert_close(
+        b.centers_shard.float(), a.centers_shard.float(), rtol=2e-2, atol=1e-2
+    )
+
+
+def test_alpha_rule_on_bf16_centres_is_unbiased():
+    x, labels, _ = _problem(seed=2, n=64, c=4, d=3)
+    means = {}
+    for sr in (True, False):
+        torch.manual_seed(0)
+        m = ShardedCenterLoss(4, 3, update="alpha", alpha=1e-3, dtype="bfloat16",
+                              stochastic_rounding=sr)  # fmt: skip
+        with torch.no_grad():
+            m.centers_shard.fill_(1.0)
+        for _ in range(50):
+            m(x.float(), labels)
+        means[sr] = m.centers_shard.float()
+    ref = ShardedCenterLoss(4, 3, update="alpha", alpha=1e-3, dtype=torch.float64)
+    with torch.no_grad():
+        ref.centers_shard.fill_(1.0)
+    for _ in range(50):
+        ref(x, labels)
+    moved = (ref.centers_shard - 1.0).abs().mean().item()  # ~1e-2: under half a bf16 ulp/step
+    err_sr = (means[True].double() - ref.centers_shard).abs().mean().item()
+    err_nearest = (means[False].double() - ref.centers_shard).abs().mean().item()
+    assert err_sr < 0.25 * moved < err_nearest

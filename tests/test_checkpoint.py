@@ -118,6 +118,12 @@ def test_the_same_run_continues_with_auto_and_restart_keys_may_change(tmp_path):
     start = decide_run_start(cfg)
     assert start.resume == "auto"
     assert "max_steps: 0 -> 99" in start.note and "checkpoint.every_steps: 0 -> 7" in start.note
+    cfg.partial_fc.state_dtype = "bfloat16"  # a checkpoint loads into any storage dtype
+    cfg.partial_fc.weight_dtype = "float16"
+    start = decide_run_start(cfg)
+    assert (
+        start.resume == "auto" and "partial_fc.state_dtype: 'float32' -> 'bfloat16'" in start.note
+    )
 
 
 def test_another_run_stops_naming_the_directory_and_the_ways_out(tmp_path):

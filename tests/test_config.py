@@ -121,6 +121,8 @@ def test_params_accept_builder_keywords_and_center_loss_keys():
         "center_loss_update",
         "center_loss_alpha",
         "center_loss_lr_scale",
+        "center_loss_centers_dtype",
+        "center_loss_state_dtype",
     }
 
 

@@ -162,7 +162,9 @@ def test_apply_backend_flags_sets_the_process_flags(tf32, deterministic):
 
 
 def test_step_chunk_rows_per_device():
-    assert step_chunk_rows(torch.device("cpu"), 512) == STEP_CHUNK_ROWS == 8192
+    assert step_chunk_rows(torch.device("cpu"), 512) == 128  # 256 KiB: cache-sized
+    assert step_chunk_rows(torch.device("cpu"), 512, 8) == 64
+    assert step_chunk_rows(torch.device("cpu"), 65536) == 16  # a floor
     assert step_chunk_rows(torch.device("cuda", 0), 512, 4) == 131072
     assert step_chunk_rows(torch.device("cuda", 0), 512, 8) == 65536
     assert step_chunk_rows(torch.device("cuda", 0), 65536, 4) == STEP_CHUNK_ROWS  # a floor
@@ -174,7 +176,7 @@ def _train_pfc(chunk_rows, *, c, rate, update, dtype, opt, accum):
         head, 8, c, sample_rate=rate, update=update, weight_dtype=dtype, stochastic_rounding=False
     )
     optimizer = pfc.configure_optimizer(**opt)
-    assert optimizer.chunk_rows == STEP_CHUNK_ROWS  # the CPU default
+    assert optimizer.chunk_rows == step_chunk_rows(torch.device("cpu"), 8)  # the CPU default
     if chunk_rows is not None:
         optimizer.chunk_rows = chunk_rows
     gen = torch.Generator().manual_seed(1)

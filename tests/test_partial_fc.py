@@ -169,11 +169,12 @@ def test_negatives_are_uniform(c, rate, draws):
     assert abs(chi2 - dof) < 5 * math.sqrt(2 * dof)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "opt", [dict(name="sgd", momentum=0.9, weight_decay=5e-4), dict(name="adamw", weight_decay=0.1)]
 )
-def test_sparse_update_leaves_unsampled_rows_and_state_bit_identical(opt):
-    pfc = make(c=500, rate=0.1, dtype=torch.float32)
+def test_sparse_update_leaves_unsampled_rows_and_state_bit_identical(opt, state_dtype):
+    pfc = make(c=500, rate=0.1, dtype=torch.float32, state_dtype=state_dtype)
     pfc.configure_optimizer(lr=0.1, **opt)
     for step in range(3):
         weight0 = pfc.weight.clone()
@@ -319,15 +320,16 @@ def test_init_rows_do_not_depend_on_the_split():
     assert torch.equal(full[60000:140000], part)
 
 
-def test_state_dict_round_trip_and_errors():
-    pfc = make(c=11, update="sparse")
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_state_dict_round_trip_and_errors(state_dtype):
+    pfc = make(c=11, update="sparse", state_dtype=state_dtype)
     pfc.configure_optimizer("adamw", lr=0.01)
     x, y = batch()
     pfc(x, y).backward()
     pfc.optimizer.step()
     state = pfc.shard_state()
     assert state["pieces"][0]["start"] == 0 and state["pieces"][0]["stop"] == 11
-    other = make(c=11, seed=9)
+    other = make(c=11, seed=9, state_dtype=state_dtype)
     other.load_shard_pieces(state)  # rows wait for the optimizer
     other.configure_optimizer("adamw", lr=0.01)
     assert torch.equal(other.weight, pfc.weight)

@@ -8,9 +8,12 @@ import torch
 from tests.test_partial_fc import batch, make
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("update", ["sparse", "dense"])
-def test_two_micro_steps_equal_one_big_batch_at_rate_one(update):
-    big, small = make(c=11, update=update), make(c=11, update=update)
+def test_two_micro_steps_equal_one_big_batch_at_rate_one(update, state_dtype):
+    # half state rounds to nearest here: both runs round the same fp64 values
+    kw = {"update": update, "state_dtype": state_dtype, "stochastic_rounding": False}
+    big, small = make(c=11, **kw), make(c=11, **kw)
     for pfc in (big, small):
         pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=0.01)
     x, y = batch(n=8, c=11, seed=1)

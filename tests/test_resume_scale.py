@@ -2,7 +2,8 @@
 
 Fast tests pin the selection and the chunked, memory-mapped reading of
 :mod:`dist_train.sharded_state` and :class:`dist_train.checkpoint.ShardFile`. Slow tests run
-real gloo processes: checkpoints of 2 and 3 ranks load into 1, 2 and 3 ranks through the files;
+real gloo processes: checkpoints of 2 and 3 ranks (bf16 and fp32 storage) load into 1, 2 and 3
+ranks (fp32, bf16 and fp16 storage) through the files;
 a rank never opens a file outside its classes; and a 2,000,000-identity checkpoint of 2 ranks
 resumes into 2 and 3 ranks with each rank's peak resident memory about its own shard.
 """
@@ -174,10 +175,28 @@ def test_main_file_with_a_wrong_number_of_ranges_raises_naming_the_key(tmp_path)
 # ------------------------------------------------------------------ gloo processes
 
 
-def _cfg(d: int):
+# Storage dtypes (Partial FC rows, its momentum, the centres) of each world size: checkpoints
+# are written at 2 ranks in bf16 and at 3 in fp32, and read into fp32 (1 rank), bf16 (2) and
+# fp16 (3). The written rows (small multiples of 1/4) are exact in every one of them.
+DTYPES = {
+    1: ("float32", "float32", "float32"),
+    2: ("bfloat16", "bfloat16", "bfloat16"),
+    3: ("float16", "float16", "float16"),
+}
+WRITE_DTYPES = {2: DTYPES[2], 3: DTYPES[1]}
+
+
+def _cfg(d: int, dtypes=DTYPES[1]):
     """Arcface in Partial FC (SGD with momentum rows) plus a sharded center loss."""
+    weight, state, centers = dtypes
     return load_config(
-        None, [f"backbone.embedding_size={d}", "head.params={center_loss_weight: 0.1}"]
+        None,
+        [
+            f"backbone.embedding_size={d}",
+            f"head.params={{center_loss_weight: 0.1, center_loss_centers_dtype: {centers}}}",
+            f"partial_fc.weight_dtype={weight}",
+            f"partial_fc.state_dtype={state}",
+        ],
     )
 
 
@@ -200,9 +219,9 @@ def _loaded(loss) -> dict[str, torch.Tensor]:
     }
 
 
-def _write_worker(rank: int, world: int, run_dir: str, c: int, d: int) -> None:
+def _write_worker(rank: int, world: int, run_dir: str, c: int, d: int, dtypes=DTYPES[1]) -> None:
     """Fills this rank's rows with :func:`_expected`, then saves as the Checkpointer does."""
-    loss = build_loss(_cfg(d), c, torch.device("cpu"))
+    loss = build_loss(_cfg(d, dtypes), c, torch.device("cpu"))
     with torch.no_grad():
         for key, value in _expected(loss).items():
             _loaded(loss)[key].copy_(value)
@@ -218,10 +237,11 @@ def _write_worker(rank: int, world: int, run_dir: str, c: int, d: int) -> None:
 
 
 def _read_worker(rank: int, world: int, run_dirs: list[str], c: int, d: int) -> list:
-    """Per run directory: (rows equal the written ones, which files were opened) or the error."""
+    """Per run directory: (rows equal the written ones in the reader's :data:`DTYPES`, which
+    files were opened) or the error."""
     out = []
     for run_dir in run_dirs:
-        loss = build_loss(_cfg(d), c, torch.device("cpu"))
+        loss = build_loss(_cfg(d, DTYPES[world]), c, torch.device("cpu"))
         main = ckpt.checkpoint_path(run_dir, 1)
         files = ckpt.load_shards(main, ckpt.load_checkpoint(main))
         try:
@@ -230,7 +250,10 @@ def _read_worker(rank: int, world: int, run_dirs: list[str], c: int, d: int) -> 
             out.append(str(exc))
             continue
         want, got = _expected(loss), _loaded(loss)
-        out.append(({k: torch.equal(got[k], want[k]) for k in want}, [f.opened for f in files]))
+        dtypes = [getattr(torch, name) for name in DTYPES[world]]
+        equal = {k: got[k].dtype == t and torch.equal(got[k].float(), want[k])
+                 for k, t in zip(want, dtypes)}  # fmt: skip
+        out.append((equal, [f.opened for f in files]))
     return out
 
 
@@ -251,7 +274,7 @@ def written(tmp_path_factory):
     out = {}
     for world in (2, 3):
         run_dir = tmp_path_factory.mktemp(f"w{world}")
-        run_distributed(_write_worker, world, str(run_dir), C_SMALL, D_SMALL)
+        run_distributed(_write_worker, world, str(run_dir), C_SMALL, D_SMALL, WRITE_DTYPES[world])
         out[world] = run_dir
     return out
 

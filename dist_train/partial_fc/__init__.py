@@ -12,7 +12,8 @@ A package by job, each module readable alone:
   :meth:`PartialFC.shard_state`, :func:`merge_state_dicts`, :func:`export_class_centers`,
   :func:`checkpoint_class_centers`);
 - :mod:`~dist_train.partial_fc.memory`: the memory model :func:`estimate_memory_bytes`;
-- :mod:`~dist_train.partial_fc.dtypes`: storage dtypes and bf16 stochastic rounding.
+- :mod:`~dist_train.partial_fc.dtypes`: storage dtypes of rows and optimizer state, and the
+  stochastic rounding into bf16/fp16.
 
 Does not own the margin maths (``heads.margins``), the optimizer rules (:mod:`dist_train.optim`),
 the state layout shared with the center loss (:mod:`dist_train.sharded_state`), the backbone or
@@ -22,8 +23,11 @@ its optimizer. Every public name is importable from here.
 from dist_train.partial_fc.dtypes import (
     WEIGHT_DTYPES,
     as_dtype,
+    check_state_dtype,
     master_dtype,
     stochastic_round_bf16,
+    stochastic_round_fp16,
+    store_rounded,
 )
 from dist_train.partial_fc.kernels import CosineCrossEntropy, CosineLinear, ShardedCrossEntropy
 from dist_train.partial_fc.memory import estimate_memory_bytes
@@ -47,6 +51,7 @@ __all__ = [
     "PartialFCOptimizer",
     "ShardedCrossEntropy",
     "as_dtype",
+    "check_state_dtype",
     "build_partial_fc",
     "estimate_memory_bytes",
     "checkpoint_class_centers",
@@ -56,4 +61,6 @@ __all__ = [
     "merge_state_dicts",
     "step_chunk_rows",
     "stochastic_round_bf16",
+    "stochastic_round_fp16",
+    "store_rounded",
 ]

@@ -1,15 +1,28 @@
 """Memory model of one rank's Partial FC classifier.
 
 Owns :func:`estimate_memory_bytes`, the bytes a rank holds for its shard, its optimizer rows
-and one step's transient buffers; ``docs/partial_fc.md`` checks it against measured peaks
-(``benchmarks/partial_fc.py``). Does not measure anything itself.
+and one step's transient buffers, for every storage dtype of the rows (``weight_dtype``) and
+of their optimizer state (``state_dtype``) and for K sub-centres per class;
+``docs/partial_fc.md`` checks it against measured peaks (``benchmarks/partial_fc.py``,
+``benchmarks/partial_fc_capacity.py``). Does not measure anything itself.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_train.partial_fc.dtypes import as_dtype
+from dist_train.partial_fc.dtypes import as_dtype, master_dtype
+from dist_train.partial_fc.optimizer import step_chunk_rows
+
+
+def state_bytes_per_row(
+    embedding_size: int, state_dtype: torch.dtype, optimizer: str = "sgd", momentum: float = 0.9
+) -> int:
+    """Bytes of one row's optimizer state: SGD momentum ``D``, Adam/AdamW ``2·D`` values
+    (+ a 4-byte step count), in ``state_dtype``; 0 for SGD without momentum."""
+    if optimizer == "sgd":
+        return embedding_size * state_dtype.itemsize if momentum > 0 else 0
+    return 2 * embedding_size * state_dtype.itemsize + 4
 
 
 def estimate_memory_bytes(
@@ -20,35 +33,61 @@ def estimate_memory_bytes(
     global_batch: int = 256,
     sample_rate: float = 1.0,
     weight_dtype: torch.dtype | str = torch.float32,
+    state_dtype: torch.dtype | str | None = None,
     optimizer: str = "sgd",
     momentum: float = 0.9,
+    sub_centers: int = 1,
+    fused: bool = True,
+    device: str = "cpu",
 ) -> dict[str, int]:
     """Memory model of one rank's classifier (see docs/partial_fc.md), in bytes.
 
-    Persistent: the shard (C_local·D·bytes of the storage dtype) and the optimizer rows
-    (fp32: D·4 for SGD momentum, D·8 + 4 for Adam/AdamW). Transient, per sampled row: the
-    fp32 copy of the row (not made at rate 1 with fp32 storage, where the shard is used in
-    place), its fp32 gradient, and two [N, S] fp32 buffers (cosines kept for backward; logits
-    → softmax → gradient, one buffer) = 8·N bytes. Both update modes need the same memory.
+    Persistent, per class: K rows of ``D`` values in ``weight_dtype`` and their optimizer
+    state (:func:`state_bytes_per_row`, in ``state_dtype``; default fp32, as
+    :class:`~dist_train.partial_fc.PartialFC`). There is no fp32 master copy: bf16 rows with
+    bf16 momentum are ``D·4`` bytes per class.
+
+    Transient, per sampled class (S of them, K rows each), in the maths dtype (fp32). With
+    ``fused`` and K = 1 (the blockwise kernel
+    :class:`~dist_train.partial_fc.kernels.CosineCrossEntropy`, which every registered margin
+    head but ``softmax`` takes): the row's gradient and one ``[S, N]`` buffer (logits →
+    exponentials → gradient); the rows are read from the shard a block at a time, so no copy.
+    Otherwise: each row's copy (not made at rate 1 when the storage is the maths dtype,
+    where the shard is used in place) and its gradient, the ``[N, S·K]`` cosines, and the
+    ``[N, S]`` logits buffer of the cross-entropy (logits → softmax → gradient); K > 1 adds the
+    ``[N, S]`` reduced cosines and their int64 arg-max. Plus the optimizer's maths-dtype chunk
+    buffers (rows, gradient and each ``[rows, D]`` state: ``min(chunk, S·K)`` rows each).
+    Both update modes need the same memory.
+
+    Args:
+        sub_centers: K rows per class (Sub-center ArcFace's ``k``; 1 for other heads).
+        fused: the head takes the fused kernel (``kernels.fused(head)``; False for
+            ``softmax``). Only matters for K = 1.
+        device: ``"cpu"`` or ``"cuda"``: the optimizer's chunk size
+            (:func:`~dist_train.partial_fc.optimizer.step_chunk_rows`).
 
     Returns:
         ``{"persistent", "transient", "total"}``; the process's own baseline (interpreter,
         torch, batch) is not included.
     """
-    dtype = as_dtype(weight_dtype)
+    weight = as_dtype(weight_dtype)
+    state = master_dtype(weight) if state_dtype is None else as_dtype(state_dtype, "state_dtype")
+    maths = master_dtype(torch.promote_types(weight, state))
     c_local = -(-num_classes // world_size)  # the largest shard
-    d = embedding_size
-    storage = dtype.itemsize
-    state = 4 if dtype != torch.float64 else 8
-    per_row = d * storage
-    if optimizer == "sgd":
-        per_row += d * state if momentum > 0 else 0
-    else:
-        per_row += 2 * d * state + 4
-    # S of PartialFC.sample_size: the rate's rows, at least one per sample of the batch
+    d, k, n = embedding_size, sub_centers, global_batch
+    per_class = k * (d * weight.itemsize + state_bytes_per_row(d, state, optimizer, momentum))
+    # S of PartialFC.sample_size: the rate's classes, at least one per sample of the batch
     sampled = min(c_local, max(int(sample_rate * c_local), 1, global_batch))
-    copy = 0 if (sampled >= c_local and dtype in (torch.float32, torch.float64)) else d * state
-    transient_row = copy + d * state + 2 * global_batch * state
-    persistent = c_local * per_row
-    transient = sampled * transient_row
+    if fused and k == 1:
+        per_sampled = (d + n) * maths.itemsize
+    else:
+        copy = 0 if (sampled >= c_local and weight == maths) else d * maths.itemsize
+        per_sampled = k * (copy + d * maths.itemsize + n * maths.itemsize) + n * maths.itemsize
+        if k > 1:
+            per_sampled += n * (maths.itemsize + 8)
+    state_2d = 0 if optimizer == "sgd" and momentum == 0 else (1 if optimizer == "sgd" else 2)
+    chunk = min(step_chunk_rows(torch.device(device), d, maths.itemsize), sampled * k)
+    buffers = (2 + state_2d) * chunk * d * maths.itemsize
+    persistent = c_local * per_class
+    transient = sampled * per_sampled + buffers
     return {"persistent": persistent, "transient": transient, "total": persistent + transient}

@@ -118,10 +118,16 @@ class PartialFC(nn.Module):
             (:meth:`sample_size`; every positive is among them).
         update: ``"sparse"`` or ``"dense"`` (see the module docstring).
         weight_dtype: storage of the shard: float32, bfloat16 or float16 (float64 for tests).
-            The maths and the optimizer state are fp32 (fp64 for float64) in every case.
+        state_dtype: storage of the optimizer rows: float32, bfloat16, float16 (SGD momentum
+            only; Adam's second moment underflows it) or float64; default: fp32 (fp64 for
+            float64 weights). The maths are fp32 (fp64 with float64 storage) in every case;
+            half-precision rows and state are updated a chunk at a time in fp32 and written
+            back with stochastic rounding: no fp32 master copy (``dist_train.partial_fc.dtypes``
+            says why each combination is safe).
         init_std: standard deviation of the initial rows.
         seed: seeds the initial rows (world-size independent) and the sampling (per rank).
-        stochastic_rounding: round updates into bf16 storage stochastically.
+        stochastic_rounding: round updates into bf16/fp16 storage (rows and optimizer
+            state) stochastically; off: round to nearest.
 
     Attributes:
         weight: ``[C_local·K, D]`` the shard (a buffer: not a ``Parameter``, the optimizer of
@@ -144,6 +150,7 @@ class PartialFC(nn.Module):
         sample_rate: float = 1.0,
         update: str = "sparse",
         weight_dtype: torch.dtype | str = torch.float32,
+        state_dtype: torch.dtype | str | None = None,
         *,
         init_std: float = 0.01,
         seed: int = 0,
@@ -166,6 +173,11 @@ class PartialFC(nn.Module):
         self.sample_rate = float(sample_rate)
         self.update = update
         self.weight_dtype = as_dtype(weight_dtype)
+        self.state_dtype = (
+            master_dtype(self.weight_dtype)
+            if state_dtype is None
+            else as_dtype(state_dtype, "state_dtype")
+        )
         self.stochastic_rounding = stochastic_rounding
         self.seed = int(seed)
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -488,7 +500,7 @@ class PartialFC(nn.Module):
             f"classes=[{self.class_start}, {self.class_stop}) of {self.num_classes}, "
             f"D={self.embedding_size}, sub_centers={self.sub_centers}, "
             f"sample_rate={self.sample_rate}, update={self.update}, "
-            f"weight_dtype={self.weight_dtype}"
+            f"weight_dtype={self.weight_dtype}, state_dtype={self.state_dtype}"
         )
 
 
@@ -585,7 +597,7 @@ def build_partial_fc(
     Args:
         margin: the margin head (for a ``kind == "combined"`` head, pass ``head.margin``).
         pfc_cfg: a :class:`dist_train.config.PartialFCConfig` (sample_rate, update,
-            weight_dtype, lr_scale).
+            weight_dtype, state_dtype, lr_scale).
         optim_cfg: a :class:`dist_train.config.OptimConfig`; the classifier's learning rate is
             ``optim_cfg.lr * pfc_cfg.lr_scale`` (the trainer rescales it with the schedule).
         embedding_size, num_classes: D and C.
@@ -599,6 +611,7 @@ def build_partial_fc(
         sample_rate=pfc_cfg.sample_rate,
         update=pfc_cfg.update,
         weight_dtype=pfc_cfg.weight_dtype,
+        state_dtype=pfc_cfg.state_dtype,
         seed=seed,
     ).to(device)
     # The optimizer rows are allocated on the shard's device: create it after the move.
