@@ -478,26 +478,27 @@ def _real_layout(root: Path) -> tuple[Path, dict]:
     return root, {"people": num, "images": len(names), "templates": tid, "pairs": len(pairs)}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not MFN.is_file(), reason=f"real face data not found at {REAL}")
-def test_real_faces_end_to_end_with_cache_reuse(tmp_path):
+@pytest.fixture
+def flushed_denormals():
+    """The imported weights give denormal activations, which make CPU convolutions ~8x slower;
+    flushing them keeps a test short (the figures do not change at the printed precision)."""
     import torch
 
-    root, info = _real_layout(tmp_path / "IJBC")
-    # The imported weights give denormal activations, which make CPU convolutions ~8x slower;
-    # flushing them keeps this test short (the figures do not change at the printed precision).
     flush = torch.set_flush_denormal(True)
-    try:
-        _end_to_end(tmp_path, root, info)
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
+    yield
+    if flush:
+        torch.set_flush_denormal(False)
 
 
-def _end_to_end(tmp_path: Path, root: Path, info: dict) -> None:
+@pytest.mark.slow
+@pytest.mark.skipif(not MFN.is_file(), reason=f"real face data not found at {REAL}")
+@pytest.mark.usefixtures("flushed_denormals")
+def test_real_faces_end_to_end_with_cache_reuse(tmp_path):
     from backbones.importers import import_weights, write_weights
     from eval.cli import main as eval_main
     from eval.runner import extract_ijb_features
+
+    root, info = _real_layout(tmp_path / "IJBC")
 
     weights = write_weights(
         import_weights(MFN, "mobilefacenet").model, tmp_path / "mfn.safetensors"
