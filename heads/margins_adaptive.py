@@ -331,16 +331,12 @@ class CurricularFace(nn.Module):
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits of one shard's ``cosine [N, C]``; ``labels [N]`` target column or −1."""
         _check_batch(cosine, labels)
-        if self._threshold is None or self._threshold.shape[0] != cosine.shape[0]:
-            raise RuntimeError(
-                f"CurricularFace: call prepare_batch(target_cosine) with the global batch of "
-                f"{cosine.shape[0]} rows first"
-            )
+        threshold = self._hard_threshold(cosine.T)  # raises without prepare_batch
         if cosine.shape[1] == 0:
             return cosine * self.s
         valid, col, cos_t = _take_target(cosine, labels)
         with torch.no_grad():
-            hard = cosine > self._threshold.to(cosine).unsqueeze(1)
+            hard = cosine > threshold.unsqueeze(1)
             hard.scatter_(1, col, hard.gather(1, col) & ~valid.unsqueeze(1))
         target = self.s * self.target_logit(cos_t)
         return _CurricularLogits.apply(cosine, hard, self.t.to(cosine), self.s, col, valid, target)
