@@ -427,27 +427,45 @@ def import_arcface_torch(
         for prefix in _ARCFACE_PREFIXES:
             key = key.removeprefix(prefix)
         clean[key] = value
+    _check_keys(
+        name, model, clean, place_hint=" (wrong --network?)",
+        fit_hint="wrong --network or --embedding-size?",
+    )  # fmt: skip
+    model.load_state_dict(clean)
+    mapped = sum(1 for k in state if not k.endswith("num_batches_tracked"))
+    return ImportResult(model.eval(), "arcface_torch", mapped, seconds=time.perf_counter() - start)
+
+
+def _check_keys(
+    name: str,
+    model: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    skip: tuple[str, ...] = (),
+    place_hint: str = "",
+    fit_hint: str,
+) -> None:
+    """Checks a state dict against ``model``'s keys and shapes (keys starting with ``skip`` stay
+    as initialised); adds the zero ``num_batches_tracked`` counters the source lacks. The first
+    unknown, misshapen or missing key raises, naming the file."""
     own = model.state_dict()
-    for key, value in clean.items():
-        if key not in own:
+    for key, value in state.items():
+        if key not in own or key.startswith(skip):
             raise ValueError(
                 f"{name}: key {key!r} {_shape(value)} has no place in "
-                f"{type(model).__name__} (wrong --network?)"
+                f"{type(model).__name__}{place_hint}"
             )
         if _shape(value) != _shape(own[key]):
             raise ValueError(
                 f"{name}: key {key!r} {_shape(value)} does not fit {key} {_shape(own[key])} "
-                "(wrong --network or --embedding-size?)"
+                f"({fit_hint})"
             )
     for key in own:
-        if key not in clean:
+        if key not in state and not key.startswith(skip):
             if key.endswith("num_batches_tracked"):
-                clean[key] = torch.zeros_like(own[key])
+                state[key] = torch.zeros_like(own[key])
             else:
                 raise ValueError(f"{name}: model key {key!r} {_shape(own[key])} is missing")
-    model.load_state_dict(clean)
-    mapped = sum(1 for k in state if not k.endswith("num_batches_tracked"))
-    return ImportResult(model.eval(), "arcface_torch", mapped, seconds=time.perf_counter() - start)
 
 
 def import_torchvision(
@@ -465,22 +483,7 @@ def import_torchvision(
     own = model.state_dict()
     head = ("fc.", "features.")
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    for key, value in body.items():
-        if key not in own or key.startswith(head):
-            raise ValueError(
-                f"{name}: key {key!r} {_shape(value)} has no place in {type(model).__name__}"
-            )
-        if _shape(value) != _shape(own[key]):
-            raise ValueError(
-                f"{name}: key {key!r} {_shape(value)} does not fit {key} {_shape(own[key])} "
-                "(wrong --network?)"
-            )
-    for key in own:
-        if key not in body and not key.startswith(head):
-            if key.endswith("num_batches_tracked"):
-                body[key] = torch.zeros_like(own[key])
-            else:
-                raise ValueError(f"{name}: model key {key!r} {_shape(own[key])} is missing")
+    _check_keys(name, model, body, skip=head, fit_hint="wrong --network?")
     model.load_state_dict(body, strict=False)
     rest = [k for k in own if k.startswith(head)]
     return ImportResult(
