@@ -63,14 +63,14 @@ from torch import nn
 
 from dist_train.collectives import all_gather_no_grad, all_gather_with_grad, check_local_batch
 from dist_train.distributed import all_reduce, get_rank, get_world_size, shard_range
-from dist_train.optim import OptimSpec, make_optimizer, row_state_names, update_rows
+from dist_train.optim import OptimSpec, make_optimizer, row_state_names
 from dist_train.partial_fc.dtypes import (
-    FP16_MAX,
     as_dtype,
     check_state_dtype,
     master_dtype,
     store_rounded,
 )
+from dist_train.partial_fc.optimizer import update_stored_rows
 from dist_train.sharded_state import (
     Source,
     StoredState,
@@ -425,19 +425,15 @@ class HalfRowsOptimizer(torch.optim.Optimizer):
         overflow = None
         for a in range(0, p.shape[0], self.CHUNK_ROWS):
             b = min(a + self.CHUNK_ROWS, p.shape[0])
-            w = p[a:b].to(maths, copy=True)
-            rows = {k: state[k][a:b].to(maths, copy=True) for k in self._rows}
+            rows = {k: state[k][a:b] for k in self._rows}
             if "step" in state:  # per-row counts of update_rows: every row has the same
                 rows["step"] = torch.full((b - a,), int(state["step"]), dtype=torch.int32)
-            update_rows(self.name, w, p.grad[a:b].to(maths, copy=True), rows, group)
-            p[a:b].copy_(store_rounded(w, p.dtype, self.stochastic_rounding))
-            for k in self._rows:
-                if self.state_dtype == torch.float16 and rows[k].numel():
-                    big = rows[k].abs().amax() > FP16_MAX
-                    overflow = big if overflow is None else overflow | big
-                state[k][a:b].copy_(
-                    store_rounded(rows[k], self.state_dtype, self.stochastic_rounding)
-                )
+            big = update_stored_rows(
+                self.name, p[a:b], p.grad[a:b].to(maths, copy=True), rows, group, maths,
+                self.stochastic_rounding,
+            )  # fmt: skip
+            if big is not None:
+                overflow = big if overflow is None else overflow | big
         if "step" in state:
             state["step"] += 1
         if overflow is not None and bool(overflow):

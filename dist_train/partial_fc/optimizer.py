@@ -49,6 +49,43 @@ def step_chunk_rows(device: torch.device, embedding_size: int, math_itemsize: in
     return max(STEP_CHUNK_ROWS, CUDA_CHUNK_BYTES // (embedding_size * math_itemsize))
 
 
+def update_stored_rows(
+    name: str,
+    stored: torch.Tensor,
+    grad: torch.Tensor,
+    stored_state: dict[str, torch.Tensor],
+    group: dict[str, Any],
+    math_dtype: torch.dtype,
+    stochastic_rounding: bool = True,
+) -> torch.Tensor | None:
+    """One :func:`dist_train.optim.update_rows` step of rows kept in any storage dtype.
+
+    ``stored`` (rows) and ``stored_state`` (their state rows, int32 step counts included) are
+    views into the storage, updated in place: directly where they already are in
+    ``math_dtype``, else through a ``math_dtype`` copy written back by
+    :func:`~dist_train.partial_fc.dtypes.store_rounded`. ``grad`` (``math_dtype``) is consumed
+    as scratch. Returns whether fp16 state left fp16's range (a device bool; None without fp16
+    state), for the caller to check once per step.
+    """
+    w = stored if stored.dtype == math_dtype else stored.to(math_dtype)
+    state = {
+        k: v if v.dtype in (math_dtype, torch.int32) else v.to(math_dtype)
+        for k, v in stored_state.items()
+    }
+    update_rows(name, w, grad, state, group)
+    if w is not stored:
+        stored.copy_(store_rounded(w, stored.dtype, stochastic_rounding))
+    overflow = None
+    for k, v in state.items():
+        if v is stored_state[k]:
+            continue
+        if stored_state[k].dtype == torch.float16 and v.numel():
+            big = v.abs().amax() > FP16_MAX
+            overflow = big if overflow is None else overflow | big
+        stored_state[k].copy_(store_rounded(v, stored_state[k].dtype, stochastic_rounding))
+    return overflow
+
+
 class PartialFCOptimizer(torch.optim.Optimizer):
     """Row-wise SGD (momentum, Nesterov) / Adam / AdamW for a :class:`PartialFC` shard.
 
@@ -304,17 +341,10 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         n = weight.shape[0]
         for a in range(0, n, self.chunk_rows):
             b = min(a + self.chunk_rows, n)
-            view = weight[a:b]
-            w = view if view.dtype == self.math_dtype else view.to(self.math_dtype)
-            # views, updated in place; half-precision state goes through a maths-dtype copy
             views = {k: v[a:b] for k, v in self.rows.items()}
-            state = {
-                k: v if v.dtype in (self.math_dtype, torch.int32) else v.to(self.math_dtype)
-                for k, v in views.items()
-            }
-            update_rows(self.name, w, block_grad(a, b), state, group)
-            if w is not view:
-                self._store(view, None, w)
-            for k, v in state.items():
-                if v is not views[k]:
-                    self._store(views[k], None, v, state=True)
+            big = update_stored_rows(
+                self.name, weight[a:b], block_grad(a, b), views, group, self.math_dtype,
+                self._pfc.stochastic_rounding,
+            )  # fmt: skip
+            if big is not None:
+                self._overflow = big if self._overflow is None else self._overflow | big
