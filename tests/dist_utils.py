@@ -70,3 +70,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
         if errors:
             raise RuntimeError("\n".join(errors))
         return [results[r] for r in range(world_size)]
+
+
+def proc_status(key: str) -> int:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)

@@ -13,17 +13,10 @@ import torch
 
 import heads
 from dist_train.partial_fc import PartialFC, estimate_memory_bytes
+from tests.dist_utils import proc_status as _status
 from tests.dist_utils import run_distributed
 
 C, D, B_GLOBAL, RATE = 2_000_000, 512, 256, 0.1
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _scale_worker(rank: int, world: int) -> dict:

@@ -22,6 +22,7 @@ from dist_train.distributed import all_gather_object, barrier
 from dist_train.losses import build_loss
 from dist_train.partial_fc import PartialFC
 from dist_train.sharded_state import StoredState, make_state, owned_chunks, select_owned
+from tests.dist_utils import proc_status as _status
 from tests.dist_utils import run_distributed
 
 
@@ -331,14 +332,6 @@ C_BIG, D_BIG = 2_000_000, 16
 SLACK = 48 * 2**20
 """Allowed beyond 1.3 × the own shard: one read chunk (CHUNK_BYTES) plus the allocator's and
 the unpickler's small change."""
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def _tensor_bytes(obj) -> int:
