@@ -101,6 +101,9 @@ def exit_process(code: int) -> NoReturn:
     if code == 0:
         sys.exit(0)
     logging.shutdown()  # flushes train.log
+    # torch's DataLoader SIGCHLD handler would raise here when a killed worker's exit arrives
+    with contextlib.suppress(ValueError, AttributeError):  # not the main thread / no POSIX
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         # SIGKILL: loader workers ignore SIGTERM (see ``data.loader.worker_init``), and a
         # forked worker holds this rank's inherited gloo sockets open, so the peers would not
