@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 import heads  # noqa: E402
 from dist_train.distributed import all_gather_object  # noqa: E402
-from dist_train.partial_fc import PartialFC, estimate_memory_bytes  # noqa: E402
+from dist_train.partial_fc import PartialFC, estimate_memory_bytes, native  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
 
@@ -119,7 +119,15 @@ def _ratio_world(rank: int, world: int, num_classes: int, cfg: dict) -> dict:
 
     gen = torch.Generator().manual_seed(1000 + rank)
     n, d, b_local = cfg["batch"], cfg["dim"], cfg["batch"] // world
-    pfc = PartialFC(heads.get_head(cfg["head"]), d, num_classes, sample_rate=cfg["rate"])
+    weight_dtype, state_dtype = cfg["dtypes"].split("/")
+    pfc = PartialFC(
+        heads.get_head(cfg["head"]),
+        d,
+        num_classes,
+        sample_rate=cfg["rate"],
+        weight_dtype=weight_dtype,
+        state_dtype=state_dtype,
+    )
     opt = pfc.configure_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(b_local, d, generator=gen).mul_(3.0).requires_grad_(True)
     y = torch.randint(0, num_classes, (b_local,), generator=gen)
@@ -148,6 +156,13 @@ def _ratio_world(rank: int, world: int, num_classes: int, cfg: dict) -> dict:
 
     def opt_step() -> None:
         opt.step()
+
+    def opt_step_torch() -> None:
+        # the same gradient once more through the torch path (gather, update, scatter in
+        # chunks), which the compiled kernel replaces on CPU: both in one run
+        opt.use_native = False
+        opt.step()
+        opt.use_native = True
         opt.zero_grad()
         x.grad = None
 
@@ -164,12 +179,14 @@ def _ratio_world(rank: int, world: int, num_classes: int, cfg: dict) -> dict:
         dist.barrier()
         timed("fwd_bwd", fwd_bwd)
         timed("optimizer", opt_step)
+        timed("optimizer_torch", opt_step_torch)
         timed("matmuls", bare)
         timed("stream", stream)
         if step < cfg["warmup"]:
             times.clear()
     out = {k: statistics.median(v) for k, v in times.items()}
     out["sampled"] = pfc.sampled_index.numel()
+    out["compiled"] = float(native.library() is not None)
     return out
 
 
@@ -177,22 +194,26 @@ def speed_ratios(num_classes: int, cfg: dict) -> str:
     """Markdown lines of the two ratios of issue 16 (slowest rank's medians)."""
     ranks = run_distributed(_ratio_world, cfg["world"], num_classes, cfg, timeout_s=3600)
     med = {k: max(r[k] for r in ranks) for k in ranks[0]}
+    path = "compiled kernel" if med["compiled"] else "torch path (no C compiler)"
     lines = [
         f"C = {num_classes:,}, rate {cfg['rate']}, {cfg['world']} gloo processes, global "
-        f"batch {cfg['batch']}, D {cfg['dim']}, head {cfg['head']}, {med['sampled']:,} sampled "
-        f"rows per rank; median of {cfg['repeats']} interleaved repeats after {cfg['warmup']} "
-        "warm-up, slowest rank:",
+        f"batch {cfg['batch']}, D {cfg['dim']}, head {cfg['head']}, weights/state "
+        f"{cfg['dtypes']}, {med['sampled']:,} sampled rows per rank; median of "
+        f"{cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up, slowest rank; "
+        f"optimizer step through the {path}, and through the torch path:",
         "",
         "| clock | fwd+bwd ms | 3 bare matmuls ms | **fwd+bwd / matmuls** | optimizer step ms "
-        "| stream ms | **step / stream** |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| stream ms | **step / stream** | torch-path step ms | torch-path step / stream |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for clock in ("cpu", "wall"):
         fb, mm = med[f"fwd_bwd_{clock}"], med[f"matmuls_{clock}"]
         op, st = med[f"optimizer_{clock}"], med[f"stream_{clock}"]
+        ot = med[f"optimizer_torch_{clock}"]
         lines.append(
             f"| {clock} | {fb * 1e3:.1f} | {mm * 1e3:.1f} | **{fb / mm:.2f}×** | "
-            f"{op * 1e3:.1f} | {st * 1e3:.1f} | **{op / st:.2f}×** |"
+            f"{op * 1e3:.1f} | {st * 1e3:.1f} | **{op / st:.2f}×** | {ot * 1e3:.1f} | "
+            f"{ot / st:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -311,6 +332,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="repeats of --ratios-only")
     ap.add_argument("--head", default="arcface", help="margin head of --ratios-only")
     ap.add_argument(
+        "--dtypes",
+        default="float32/float32",
+        help="weight/state storage dtypes of --ratios-only (e.g. bfloat16/bfloat16)",
+    )
+    ap.add_argument(
         "--sampler-only",
         action="store_true",
         help="run only the sampling time against the shard size (appended to --out)",
@@ -338,6 +364,7 @@ def main() -> None:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "head": args.head,
+            "dtypes": args.dtypes,
         }
         text = (
             "\n## Speed against the hardware: fwd+bwd / bare matmuls, step / stream\n\n"

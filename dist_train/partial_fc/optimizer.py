@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_train.optim import OptimSpec, row_state_names, update_rows
+from dist_train.partial_fc import native
 from dist_train.partial_fc.dtypes import FP16_MAX, check_state_dtype, master_dtype, store_rounded
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class PartialFCOptimizer(torch.optim.Optimizer):
         # rows updated at once; any value gives the same result (tests set small ones)
         self.chunk_rows = step_chunk_rows(device, pfc.embedding_size, self.math_dtype.itemsize)
         self._overflow: torch.Tensor | None = None  # fp16 momentum's range check
+        # SGD with momentum on CPU in fp32/bf16 storage: the compiled kernel where it builds
+        # (the torch path below gives the same result up to rounding; tests compare the two)
+        self.use_native = True
         placeholder = torch.zeros(0, pfc.embedding_size, device=device, requires_grad=True)
         super().__init__([placeholder], spec.hyperparameters())
         self.name = spec.name
@@ -236,13 +240,33 @@ class PartialFCOptimizer(torch.optim.Optimizer):
             grad.index_add_(0, inverse, torch.cat([g.to(self.math_dtype) for _, g in parts]))
         if grad.shape != (index.numel(), self._pfc.embedding_size):
             raise RuntimeError(f"gradient {tuple(grad.shape)} does not match {index.numel()} rows")
-        if self._pfc.update == "sparse":
-            self._sparse_step(index, grad, group)
-        else:
-            self._dense_step(index, grad, group)
+        if not self._native_step(index, grad, group):
+            if self._pfc.update == "sparse":
+                self._sparse_step(index, grad, group)
+            else:
+                self._dense_step(index, grad, group)
         self._check_range()
         self._stepped = True  # the next forward starts a new step even without zero_grad
         return loss
+
+    def _native_step(self, index: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
+        """SGD with momentum through the compiled CPU kernel (:mod:`dist_train.partial_fc.native`:
+        each row read and written once); False where it does not apply (other rules, fp16 or
+        fp64 storage, CUDA, no compiler, ``use_native`` off)."""
+        if not self.use_native or self.name != "sgd":
+            return False
+        weight = self._pfc.weight
+        every = index.numel() == weight.shape[0]  # sorted and unique: index = arange
+        dense = self._pfc.update != "sparse" and not every
+        return native.sgd_step(
+            weight,
+            self.rows.get("momentum_buffer"),
+            index if dense or not every else None,
+            grad,
+            group,
+            self._pfc.stochastic_rounding,
+            dense=dense,
+        )
 
     def _store(
         self, dst: torch.Tensor, rows: torch.Tensor | None, w: torch.Tensor, state: bool = False
