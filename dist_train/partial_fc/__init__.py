@@ -8,6 +8,7 @@ A package by job, each module readable alone:
   the blockwise cosine + margin + cross-entropy across shards; :class:`CosineLinear`,
   :class:`ShardedCrossEntropy` for the heads it does not take);
 - :mod:`~dist_train.partial_fc.optimizer`: the row-wise optimizer :class:`PartialFCOptimizer`;
+- :mod:`~dist_train.partial_fc.native`: its compiled CPU step (SGD with momentum, ``rows.c``);
 - :mod:`~dist_train.partial_fc.state`: the world-size-free state (built by
   :meth:`PartialFC.shard_state`, :func:`merge_state_dicts`, :func:`export_class_centers`,
   :func:`checkpoint_class_centers`);

@@ -105,7 +105,7 @@ def library() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(compiler)))
             i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
             args = [ctypes.c_int, ptr, ctypes.c_int, ptr, ptr]
-            tail = [i64, f32, f32, f32, ctypes.c_int, ctypes.c_int, ctypes.c_uint32]
+            tail = [i64, f32, f32, f32, ctypes.c_int, ctypes.c_int, ptr]
             lib.sgd_rows.argtypes = args + [i64, i64, ptr] + tail
             lib.sgd_dense.argtypes = args + [i64, ptr, i64, i64] + tail
             lib.sgd_rows.restype = lib.sgd_dense.restype = ctypes.c_int
@@ -186,15 +186,19 @@ def sgd_step(
     grad = grad.contiguous()
     idx = None if index is None else index.to(torch.int64).contiguous()
     # The hash key of the stochastic rounding: drawn from torch's generator, so a seeded run
-    # repeats exactly.
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic else 0
+    # repeats exactly; the kernel reads it from the tensor (no Python int, no host read).
+    seed = (
+        torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        if stochastic
+        else torch.zeros(1, dtype=torch.int64)
+    )
     common = (
         ctypes.c_float(group["lr"]),
         ctypes.c_float(group["momentum"]),
         ctypes.c_float(group["weight_decay"]),
         int(bool(group["nesterov"])),
         int(stochastic),
-        seed,
+        seed.data_ptr(),
     )
     head = (KINDS[weight.dtype], weight.data_ptr(), KINDS[momentum.dtype], momentum.data_ptr())
     d = weight.shape[1]

@@ -2,7 +2,9 @@
 
 Owns :class:`PartialFCOptimizer`: which rows a step updates (the sampled rows, or every row in
 ``"dense"`` mode), the per-class optimizer rows, gradient accumulation over several forwards,
-the chunked gather/update/scatter that bounds its temporaries (chunk size per device), and
+which path a step takes (SGD with momentum on CPU in fp32/bf16 storage: the compiled kernel of
+:mod:`dist_train.partial_fc.native`; everything else: the torch path here), the torch path's
+chunked gather/update/scatter that bounds its temporaries (chunk size per device), and
 the write-back of rows and optimizer rows into their storage dtypes (fp32 maths per chunk,
 stochastic rounding into bf16/fp16, no fp32 master copy; the fp16-momentum range check).
 The update rule itself (SGD, Adam, AdamW on rows) and the optimizer names and

@@ -115,10 +115,10 @@ static void row(int wkind, void *w, int mkind, void *m, int64_t r, const float *
  * ([K, d] fp32, contiguous). Rows must be unique. Returns 0, or -1 on a bad storage kind. */
 int sgd_rows(int wkind, void *w, int mkind, void *m, const int64_t *index, int64_t k0,
              int64_t k1, const float *grad, int64_t d, float lr, float mu, float wd, int nesterov,
-             int stochastic, uint32_t seed) {
+             int stochastic, const int64_t *seed) {
     if ((wkind != KIND_F32 && wkind != KIND_BF16) || (mkind != KIND_F32 && mkind != KIND_BF16))
         return -1;
-    const sgd_args a = {lr, mu, wd, nesterov, stochastic, seed};
+    const sgd_args a = {lr, mu, wd, nesterov, stochastic, (uint32_t)*seed};
     for (int64_t k = k0; k < k1; ++k)
         row(wkind, w, mkind, m, index ? index[k] : k, grad + k * d, d, &a);
     return 0;
@@ -128,10 +128,10 @@ int sgd_rows(int wkind, void *w, int mkind, void *m, const int64_t *index, int64
  * gradient row k of grad, the others a zero gradient (momentum and weight decay still act). */
 int sgd_dense(int wkind, void *w, int mkind, void *m, const int64_t *index, int64_t n,
               const float *grad, int64_t r0, int64_t r1, int64_t d, float lr, float mu, float wd,
-              int nesterov, int stochastic, uint32_t seed) {
+              int nesterov, int stochastic, const int64_t *seed) {
     if ((wkind != KIND_F32 && wkind != KIND_BF16) || (mkind != KIND_F32 && mkind != KIND_BF16))
         return -1;
-    const sgd_args a = {lr, mu, wd, nesterov, stochastic, seed};
+    const sgd_args a = {lr, mu, wd, nesterov, stochastic, (uint32_t)*seed};
     int64_t lo = 0, hi = n; /* first k with index[k] >= r0 */
     while (lo < hi) {
         const int64_t mid = lo + (hi - lo) / 2;
