@@ -205,6 +205,7 @@ class PartialFC(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending_rows: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._pending_optimizer: str | None = None
+        self._workspace = kernels.Workspace()
 
     # ------------------------------------------------------------------ forward
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -243,7 +244,7 @@ class PartialFC(nn.Module):
                     local_cos = lambda: kernels.target_cosines(x_hat, sub, target, source)  # noqa: E731
                     self.margin.prepare_batch(**self._head_inputs(x, local_cos))
                 loss, cos_t = kernels.CosineCrossEntropy.apply(
-                    x_hat, sub, target, self.margin, head_kw.get("norms"), source
+                    x_hat, sub, target, self.margin, head_kw.get("norms"), source, self._workspace
                 )
                 cosine, extra_target = cos_t.unsqueeze(1), torch.where(target >= 0, 0, -1)
             else:
