@@ -205,9 +205,11 @@ def _held(buf: torch.Tensor) -> bool:
     return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2
 
 
-CPU_BLOCK_BYTES = 512 * 2**10
-"""Size of the ``[rows, N]`` logits block of :class:`CosineCrossEntropy` on CPU: the block, its
-cosines and its ``[rows, D]`` class rows stay in a core's cache across the elementwise steps."""
+CPU_BLOCK_BYTES = 2**20
+"""Size of the ``[rows, N]`` logits block of :class:`CosineCrossEntropy` on CPU: the block and
+its ``[rows, D]`` class rows stay in a core's L2/L3 across the elementwise steps. At N = 256,
+D = 512 (2 MiB L2 per core) 1 MiB beat 256 KiB, 512 KiB and 2 MiB by 0.02–0.03× the matmuls'
+time: fewer, larger matmuls and fewer per-block dispatches."""
 CUDA_BLOCK_BYTES = 256 * 2**20
 """The same on CUDA: few, large kernels at a bounded memory cost."""
 
