@@ -46,10 +46,12 @@ rows of a sampled class) and reduces the ``[N, S·K]`` cosines to ``[N, S]`` wit
 
 Memory: margin heads with the fusion hooks of ``heads.margins`` (every ``MarginHead``,
 CurricularFace, MagFace) run in :class:`~dist_train.partial_fc.kernels.CosineCrossEntropy`,
-which keeps one [N, S] fp32 buffer and a block-sized scratch; the other heads (sub-centres,
-raw logits) hold two (cosines, and logits → softmax → gradient), besides the sampled rows and
-their gradient. The model per rank is
-:func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
+which keeps one [N, S] fp32 buffer and a block-sized scratch (on CPU that buffer and the rows'
+gradient are kept across steps in the module's
+:class:`~dist_train.partial_fc.kernels.Workspace`); the other heads (sub-centres, raw logits)
+hold two (cosines, and logits → softmax → gradient), besides the sampled rows and their
+gradient. The model per rank is :func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks
+it against measured peaks.
 """
 
 from __future__ import annotations
