@@ -70,8 +70,10 @@ def test_single_process_matches_full_softmax(name):
 
 @pytest.mark.parametrize("name", heads.HEADS.names(kind="margin"))
 def test_blockwise_kernel_matches_full_softmax_across_blocks(monkeypatch, name):
-    # 11 classes in blocks of 3: four blocks, the last one partial, targets in each
+    # 11 classes in blocks of 3: four blocks, the last one partial, targets in each; the rows'
+    # gradient in sub-blocks of 2 (the last one of each block partial)
     monkeypatch.setattr(kernels, "block_rows", lambda *args: 3)
+    monkeypatch.setattr(kernels, "RADIAL_ROWS", 2)
     _assert_matches_full_softmax(make(name, init_std=0.5))
 
 

@@ -46,10 +46,12 @@ rows of a sampled class) and reduces the ``[N, S·K]`` cosines to ``[N, S]`` wit
 
 Memory: margin heads with the fusion hooks of ``heads.margins`` (every ``MarginHead``,
 CurricularFace, MagFace) run in :class:`~dist_train.partial_fc.kernels.CosineCrossEntropy`,
-which keeps one [N, S] fp32 buffer and a block-sized scratch; the other heads (sub-centres,
-raw logits) hold two (cosines, and logits → softmax → gradient), besides the sampled rows and
-their gradient. The model per rank is
-:func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks it against measured peaks.
+which keeps one [N, S] fp32 buffer and a block-sized scratch (on CPU that buffer and the rows'
+gradient are kept across steps in the module's
+:class:`~dist_train.partial_fc.kernels.Workspace`); the other heads (sub-centres, raw logits)
+hold two (cosines, and logits → softmax → gradient), besides the sampled rows and their
+gradient. The model per rank is :func:`estimate_memory_bytes`; ``docs/partial_fc.md`` checks
+it against measured peaks.
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class PartialFC(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending_rows: list[tuple[int, int, dict[str, torch.Tensor]]] = []
         self._pending_optimizer: str | None = None
+        self._workspace = kernels.Workspace()
 
     # ------------------------------------------------------------------ forward
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -243,7 +246,7 @@ class PartialFC(nn.Module):
                     local_cos = lambda: kernels.target_cosines(x_hat, sub, target, source)  # noqa: E731
                     self.margin.prepare_batch(**self._head_inputs(x, local_cos))
                 loss, cos_t = kernels.CosineCrossEntropy.apply(
-                    x_hat, sub, target, self.margin, head_kw.get("norms"), source
+                    x_hat, sub, target, self.margin, head_kw.get("norms"), source, self._workspace
                 )
                 cosine, extra_target = cos_t.unsqueeze(1), torch.where(target >= 0, 0, -1)
             else:
