@@ -61,11 +61,8 @@ def cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     """The library's path, compiled first if this source/compiler/flags have no build yet."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((CFLAGS, compiler, platform.machine())).encode()).hexdigest()[
-        :16
-    ]
-    out = cache_dir() / f"pfc_rows-{key}.so"
+    ident = SOURCE.read_bytes() + repr((CFLAGS, compiler, platform.machine())).encode()
+    out = cache_dir() / f"pfc_rows-{hashlib.sha256(ident).hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +149,8 @@ def _run(calls: list) -> None:
         if _pool is None or _pool._max_workers < len(calls):  # noqa: SLF001
             _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="pfc_rows")
         rc = list(_pool.map(lambda f: f(), calls))
-    if any(rc):
-        raise RuntimeError("Partial FC: the compiled SGD step rejected its storage dtypes")
+    if any(rc):  # -1: a storage kind rows.c lacks (supports() rules it out), -2: no memory
+        raise RuntimeError(f"Partial FC: the compiled SGD step failed (codes {rc})")
 
 
 def sgd_step(
